@@ -1,0 +1,1 @@
+"""The contract the gateway and the workers speak: request models, errors, audio formats, cache key."""

@@ -1,0 +1,1 @@
+"""The worker: loads one engine, warms it, and streams audio with bounded admission."""

@@ -1,0 +1,26 @@
+"""Engine registry: a name maps to a factory. Nothing outside this package names an engine class."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from worker.engines.base import Engine
+
+# name -> "module:factory"; the factory takes the engine's options as keyword arguments.
+ENGINES: dict[str, str] = {
+    "piper": "worker.engines.piper:create_engine",
+}
+
+
+def create_engine(name: str, **options: Any) -> Engine:
+    """Build the named engine; modules are imported only when chosen, so heavy deps stay optional."""
+    try:
+        target = ENGINES[name]
+    except KeyError:
+        known = ", ".join(sorted(ENGINES))
+        raise ValueError(f"Unknown engine {name!r}; known engines: {known}") from None
+    module_name, factory_name = target.split(":")
+    factory: Callable[..., Engine] = getattr(importlib.import_module(module_name), factory_name)
+    return factory(**options)
