@@ -1,0 +1,1 @@
+"""Helpers that start real processes on free loopback ports and wait until they are ready."""
