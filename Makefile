@@ -2,7 +2,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv test lint
+# Local cluster: `make up WORKERS=3 GATEWAYS=2 ENGINE=piper` (or the same as environment variables).
+WORKERS ?= 2
+GATEWAYS ?= 1
+ENGINE ?= piper
+
+.PHONY: venv test lint system-deps up down status logs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,3 +23,19 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy contract gateway worker cluster
+
+# Debian's nginx, redis-server and python3-venv, when missing (installs as root; else says how).
+system-deps:
+	@cluster/system-deps.sh
+
+up: system-deps venv
+	$(PY) -m cluster up --workers $(WORKERS) --gateways $(GATEWAYS) --engine $(ENGINE)
+
+down:
+	$(PY) -m cluster down
+
+status:
+	$(PY) -m cluster status
+
+logs:
+	$(PY) -m cluster logs

@@ -1,0 +1,1 @@
+"""The local cluster launcher behind `make up`: Redis, workers, nginx and gateways."""

@@ -1,0 +1,246 @@
+"""nginx's rules, checked against stand-in upstreams: retries, busy, limits, ids, exposure, h2c.
+
+The configuration is the one the launcher renders from nginx/cluster.conf.template; only the
+gateways and workers are replaced by tests/e2e/stub_upstream.py, so that each rule can be
+provoked on purpose (a refused connection, a 503, a held stream).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cluster import nginx_config, probes, processes
+from cluster.processes import ProcessRecord
+from cluster.settings import REPO_ROOT, ClusterSettings
+from tests.e2e.conftest import free_port_block
+from tests.support.processes import free_port
+
+HEX_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class Stack:
+    settings: ClusterSettings
+    gateways: list[ProcessRecord]
+    workers: list[ProcessRecord]
+
+    @property
+    def public(self) -> str:
+        return self.settings.public_url
+
+    @property
+    def internal(self) -> str:
+        return self.settings.internal_url
+
+
+def _start(name: str, argv: list[str], port: int, settings: ClusterSettings) -> ProcessRecord:
+    return processes.spawn(
+        name,
+        argv,
+        env={"PATH": "/usr/bin:/bin:/usr/sbin"},
+        cwd=REPO_ROOT,
+        log_path=settings.log_dir / f"{name}.log",
+        port=port,
+        pid_dir=settings.pid_dir,
+    )
+
+
+def _wait(check: object, record: ProcessRecord, timeout: float = 30.0) -> None:
+    import time
+
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert record.alive(), Path(record.log_path).read_text()
+        assert time.monotonic() < deadline, f"{record.name} not ready"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def stack(run_dir: Path) -> Iterator[Stack]:
+    settings = ClusterSettings(
+        run_dir=run_dir,
+        gateways=2,
+        workers=2,
+        public_port=free_port(),
+        h2c_port=free_port(),
+        internal_port=free_port(),
+        gateway_base_port=free_port_block(2),
+        worker_base_port=free_port_block(2),
+        rate_per_addr="10r/s",
+        burst_per_addr=20,
+        rate_per_key="10r/s",
+        burst_per_key=3,
+        max_body="1m",
+        nginx_worker_processes="1",
+    )
+    stub = [sys.executable, "-m", "tests.e2e.stub_upstream"]
+    records: list[ProcessRecord] = []
+    try:
+        gateways = [
+            _start(f"gateway-{i}", [*stub, str(port), "ok"], port, settings)
+            for i, port in enumerate(settings.gateway_ports())
+        ]
+        modes = ["ok", "busy"]
+        workers = [
+            _start(f"worker-{i}", [*stub, str(port), modes[i]], port, settings)
+            for i, port in enumerate(settings.worker_ports())
+        ]
+        records = [*gateways, *workers]
+        paths = nginx_config.write_config(settings)
+        nginx = _start("nginx", nginx_config.nginx_command(paths), settings.public_port, settings)
+        records.append(nginx)
+        for record in records:
+            url = (
+                f"{settings.public_url}/healthz"
+                if record.name == "nginx"
+                else f"http://127.0.0.1:{record.port}/readyz"
+            )
+            _wait(lambda url=url: probes.http_ready(url), record)
+        yield Stack(settings=settings, gateways=gateways, workers=workers)
+    finally:
+        for record in reversed(records):
+            processes.stop(record)
+
+
+def test_request_id_is_generated_and_echoed_once(stack: Stack) -> None:
+    response = httpx.post(f"{stack.public}/v1/audio/speech", json={})
+    assert response.status_code == 200
+    ids = response.headers.get_list("X-Request-ID")
+    assert len(ids) == 1
+    assert HEX_ID.match(ids[0])
+    assert response.json()["request_id"] == ids[0]
+
+
+def test_request_id_from_the_client_is_passed_through(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.public}/synthesize", headers={"X-Request-ID": "client-id.42:a_b"}
+    )
+    assert response.headers["X-Request-ID"] == "client-id.42:a_b"
+    assert response.json()["request_id"] == "client-id.42:a_b"
+
+
+@pytest.mark.parametrize(
+    "hostile", ["a b", "x" * 129, "<script>", "id;drop", "id%0d%0aSet-Cookie:x=1"]
+)
+def test_unsafe_request_ids_are_replaced(stack: Stack, hostile: str) -> None:
+    response = httpx.post(f"{stack.public}/synthesize", headers={"X-Request-ID": hostile})
+    assert HEX_ID.match(response.headers["X-Request-ID"])
+    assert response.json()["request_id"] == response.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/metrics", "/v1/synthesize", "/v1/info", "/livez", "/nginx_status", "/x"]
+)
+def test_internal_routes_are_not_public(stack: Stack, path: str) -> None:
+    for method in ("GET", "POST"):
+        response = httpx.request(method, f"{stack.public}{path}")
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+
+
+def test_internal_listener_reaches_workers(stack: Stack) -> None:
+    response = httpx.get(f"{stack.internal}/metrics")
+    assert response.status_code in (200, 503)
+
+
+def test_oversized_body_gets_413_json(stack: Stack) -> None:
+    response = httpx.post(f"{stack.public}/synthesize", content=b"\0" * (2 * 1024 * 1024))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_worker_busy_is_passed_on_and_never_marks_the_worker_down(stack: Stack) -> None:
+    statuses = [
+        httpx.post(f"{stack.internal}/v1/synthesize", json={}).status_code for _ in range(12)
+    ]
+    assert set(statuses) == {200, 503}
+    # Were a 503 counted as a failure, the busy worker would be skipped after its first one.
+    assert statuses.count(503) >= 3, statuses
+
+
+def test_busy_answer_keeps_retry_after_and_json(stack: Stack) -> None:
+    for _ in range(6):
+        response = httpx.post(f"{stack.internal}/v1/synthesize", json={})
+        if response.status_code == 503:
+            assert response.headers["Retry-After"] == "1"
+            assert response.json()["error"]["code"] == "busy"
+            return
+    pytest.fail("the busy worker never answered")
+
+
+def test_stream_is_not_buffered(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.public, timeout=20) as client:
+        # /stream is not a public route: go through the internal listener to a stub.
+        with client.stream("GET", f"{stack.internal}/stream") as response:
+            if response.status_code == 503:
+                pytest.skip("landed on the busy stub")
+            assert response.headers.get("transfer-encoding") == "chunked"
+            chunks = response.iter_raw()
+            assert next(chunks) == b"first"
+            httpx.get(f"http://127.0.0.1:{stack.workers[0].port}/release")
+            assert b"".join(chunks) == b"second"
+
+
+def test_http2_prior_knowledge(stack: Stack) -> None:
+    version = nginx_config.nginx_version(nginx_config.nginx_binary())
+    port = (
+        stack.settings.public_port
+        if version >= nginx_config.HTTP2_DIRECTIVE_SINCE
+        else stack.settings.h2c_port
+    )
+    with httpx.Client(http1=False, http2=True) as client:
+        response = client.post(f"http://127.0.0.1:{port}/v1/audio/speech", json={})
+    assert response.http_version == "HTTP/2"
+    assert response.status_code == 200
+
+
+def test_rate_limit_per_address_answers_429_json(stack: Stack) -> None:
+    transport = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(transport=transport) as client:
+        responses = [client.get(f"{stack.public}/v1/models") for _ in range(60)]
+    limited = [r for r in responses if r.status_code == 429]
+    assert limited, [r.status_code for r in responses]
+    assert limited[0].json()["error"]["code"] == "rate_limited"
+    assert limited[0].headers["Retry-After"] == "1"
+    # Health checks are never limited.
+    with httpx.Client(transport=transport) as client:
+        assert client.get(f"{stack.public}/healthz").status_code == 200
+
+
+def test_rate_limit_per_key(stack: Stack) -> None:
+    transport = httpx.HTTPTransport(local_address="127.0.0.3")
+    with httpx.Client(transport=transport) as client:
+        keyed = [
+            client.get(
+                f"{stack.public}/v1/models", headers={"Authorization": "Bearer key-1"}
+            ).status_code
+            for _ in range(10)
+        ]
+        other_key = client.get(
+            f"{stack.public}/v1/models", headers={"Authorization": "Bearer key-2"}
+        )
+    assert 429 in keyed
+    assert other_key.status_code == 200
+
+
+def test_killed_gateway_requests_go_to_the_other(stack: Stack) -> None:
+    processes.stop(stack.gateways[1])
+    for _ in range(10):
+        response = httpx.post(f"{stack.public}/v1/audio/speech", json={"input": "x"})
+        assert response.status_code == 200
+        assert response.json()["port"] == stack.gateways[0].port
+
+
+def test_all_gateways_down_gives_502_json(stack: Stack) -> None:
+    processes.stop(stack.gateways[0])
+    response = httpx.post(f"{stack.public}/v1/audio/speech", json={})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unavailable"
