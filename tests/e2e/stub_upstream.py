@@ -2,7 +2,7 @@
 
 `python -m tests.e2e.stub_upstream PORT MODE` serves HTTP/1.1 with keep-alive:
 - MODE "ok": every route answers 200 JSON describing the request it received;
-- MODE "busy": every route but /readyz answers 503 "busy" with Retry-After;
+- MODE "busy": every route but /readyz, /stream and /release answers 503 "busy";
 - GET /stream sends one chunk, then the rest only after GET /release.
 """
 
@@ -21,7 +21,7 @@ class Handler(BaseHTTPRequestHandler):
     mode = "ok"
     port = 0
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         sys.stderr.write(f"{self.command} {self.path}\n")
 
     def _read_body(self) -> bytes:
@@ -44,17 +44,17 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/readyz":
             self._json(200, {"ready": True})
             return
-        if self.mode == "busy":
-            self._json(
-                503, {"error": {"code": "busy", "message": "full"}}, {"Retry-After": "1"}
-            )
-            return
         if self.path == "/release":
             RELEASE.set()
             self._json(200, {"released": True})
             return
         if self.path == "/stream":
             self._stream()
+            return
+        if self.mode == "busy":
+            self._json(
+                503, {"error": {"code": "busy", "message": "full"}}, {"Retry-After": "1"}
+            )
             return
         self._json(
             200,
@@ -71,6 +71,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Stub-Port", str(self.port))
         self.end_headers()
         for chunk in (b"first", b"second"):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
