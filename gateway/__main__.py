@@ -1,0 +1,61 @@
+"""`python -m gateway`: serve the gateway with Hypercorn on uvloop, settings from GATEWAY_*."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+import uvloop
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings, load_settings
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: GatewaySettings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+
+
+async def run(settings: GatewaySettings) -> None:
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.accesslog = None
+    config.keep_alive_timeout = 75
+    config.graceful_timeout = 5
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(create_app(settings), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings)
+    uvloop.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

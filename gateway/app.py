@@ -1,0 +1,110 @@
+"""`create_app(settings)`: the gateway's FastAPI app, its shared objects and its lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway import routes_health, routes_openai, routes_synthesize, routes_voices
+from gateway.auth import ApiKeyMiddleware
+from gateway.cache import AudioCache
+from gateway.errors import install_error_handlers
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import RequestContextMiddleware
+from gateway.service import SpeechService
+from gateway.settings import GatewaySettings
+from gateway.single_flight import SingleFlight
+from gateway.state import GatewayState
+from gateway.upstream import Upstream
+from gateway.voices import VoiceStore
+from gateway.workers import WorkerDirectory
+
+VOICE_STORE_TIMEOUT_S = 2.0
+
+
+def redis_client(url: str, timeout_s: float) -> Redis:
+    """An async Redis client that fails fast: bounded socket waits, no hidden retries."""
+    client: Redis = Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return client
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    redis: Redis | None = None,
+) -> FastAPI:
+    """Build the app. `upstream_transport` and `redis` replace the real ones in unit tests."""
+    metrics = GatewayMetrics()
+    cache_redis = redis or redis_client(settings.redis_url, settings.cache_budget_s)
+    voice_redis = redis or redis_client(settings.redis_url, VOICE_STORE_TIMEOUT_S)
+    upstream = Upstream(settings, metrics, transport=upstream_transport)
+    directory = WorkerDirectory(upstream, metrics, settings.info_refresh_s)
+    cache = AudioCache(
+        cache_redis,
+        metrics=metrics,
+        ttl_s=settings.cache_ttl_s,
+        max_entry_bytes=settings.cache_max_entry_bytes,
+        budget_s=settings.cache_budget_s,
+        retry_after_s=settings.cache_retry_after_s,
+    )
+    voices = VoiceStore(voice_redis, VOICE_STORE_TIMEOUT_S)
+    flights = SingleFlight()
+    speech = SpeechService(
+        cache=cache,
+        flights=flights,
+        upstream=upstream,
+        directory=directory,
+        voices=voices,
+        metrics=metrics,
+        openai_voices=settings.openai_voices,
+        max_text_chars=settings.max_text_chars,
+        deadline_s=settings.request_deadline_s,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        directory.start()
+        try:
+            yield
+        finally:
+            await directory.stop()
+            await flights.aclose()
+            await upstream.aclose()
+            await cache_redis.aclose()
+            if voice_redis is not cache_redis:
+                await voice_redis.aclose()
+
+    app = FastAPI(
+        title="cosyvoice-serve gateway",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.gateway = GatewayState(
+        settings=settings,
+        metrics=metrics,
+        cache=cache,
+        directory=directory,
+        voices=voices,
+        speech=speech,
+    )
+    install_error_handlers(app)
+    for module in (routes_openai, routes_synthesize, routes_voices, routes_health):
+        app.include_router(module.router)
+    if settings.api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,64 @@
+"""Plain ASGI middleware for every request: the request id, and the request counter.
+
+The id arrives in `X-Request-ID` (nginx sets it) or is made here; it is echoed on the
+response and forwarded to the worker.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from contract.requests import REQUEST_ID_HEADER
+from gateway.errors import ERROR_CODE_SCOPE_KEY
+from gateway.metrics import GatewayMetrics
+
+REQUEST_ID_SCOPE_KEY = "gateway.request_id"
+_REQUEST_ID_HEADER = REQUEST_ID_HEADER.lower().encode()
+_MAX_REQUEST_ID = 128
+
+
+def request_id_of(scope: Scope) -> str:
+    value = scope.get(REQUEST_ID_SCOPE_KEY)
+    return value if isinstance(value, str) else ""
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        request_id = _incoming_id(scope) or uuid.uuid4().hex
+        scope[REQUEST_ID_SCOPE_KEY] = request_id
+        echoed = (_REQUEST_ID_HEADER, request_id.encode())
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), echoed]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            code = scope.get(ERROR_CODE_SCOPE_KEY, "") if status >= 400 else ""
+            self._metrics.requests.labels(route=path, status=str(status), code=code).inc()
+
+
+def _incoming_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == _REQUEST_ID_HEADER:
+            text: str = value.decode("latin-1")
+            if 0 < len(text) <= _MAX_REQUEST_ID and text.isprintable():
+                return text
+            return None
+    return None

@@ -1,0 +1,53 @@
+"""Request-body parsing shared by the routes: content type, JSON into a model, audio format."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from contract.audio import AudioFormat
+from contract.errors import ErrorCode, ServiceError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def require_content_type(request: Request, *accepted: str) -> None:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in accepted:
+        raise ServiceError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type must be {' or '.join(accepted)}.",
+        )
+
+
+def parse_model(model: type[M], body: bytes | dict[str, Any] | Any) -> M:
+    """Validate JSON bytes (or an already decoded object) into `model`, with contract errors."""
+    try:
+        if isinstance(body, bytes):
+            return model.model_validate_json(body)
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise validation_error(error) from error
+
+
+def validation_error(error: ValidationError) -> ServiceError:
+    items = error.errors()
+    if any(item["type"] == "json_invalid" for item in items):
+        return ServiceError(ErrorCode.INVALID_JSON, "The body is not valid JSON.")
+    parts = []
+    for item in items[:5]:
+        location = ".".join(str(part) for part in item["loc"])
+        parts.append(f"{location or 'body'}: {item['msg']}")
+    return ServiceError(ErrorCode.INVALID_REQUEST, "; ".join(parts))
+
+
+def audio_format(name: str) -> AudioFormat:
+    try:
+        return AudioFormat(name)
+    except ValueError:
+        known = ", ".join(item.value for item in AudioFormat)
+        raise ServiceError(
+            ErrorCode.UNSUPPORTED_FORMAT, f"Format {name!r} is not supported; use one of {known}."
+        ) from None

@@ -1,0 +1,246 @@
+"""The synthesis path every audio route shares: validate, key, cache lookup, single flight, relay.
+
+Everything a request can get wrong is checked in `prepare`, before any worker is contacted.
+`serve` answers a hit from Redis, or joins or starts the one synthesis for its key; it returns
+once the worker has accepted (so its errors still reach the client as JSON), with the audio
+headers and a stream of the body. The cache is written by the flight's producer only after the
+worker's stream ended cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+from contract.audio import CONTENT_TYPES, AudioFormat, output_sample_rate, stream_headers
+from contract.cache_key import CanonicalRequest
+from contract.errors import ErrorCode, ServiceError
+from contract.requests import SynthesisRequest, check_speed, check_text, seed_from_digest
+from gateway.cache import AudioCache, CachedAudio
+from gateway.metrics import GatewayMetrics
+from gateway.prompt import PromptAudio
+from gateway.single_flight import Flight, SingleFlight
+from gateway.upstream import Upstream
+from gateway.voices import VoiceStore, resolve_voice
+from gateway.workers import WorkerDirectory
+
+CACHE_HEADER = "X-Cache"
+CACHE_KEY_HEADER = "X-Cache-Key"
+
+
+class CacheMode(Enum):
+    USE = "use"  # read the cache, write it after a miss
+    REFRESH = "refresh"  # Cache-Control: no-cache -> synthesize afresh, store the result
+    NO_STORE = "no_store"  # Cache-Control: no-store -> neither read nor write
+
+
+def cache_mode(cache_control: str | None) -> CacheMode:
+    """The cache mode a request's Cache-Control header asks for."""
+    if not cache_control:
+        return CacheMode.USE
+    directives = {part.split("=")[0].strip().lower() for part in cache_control.split(",")}
+    if "no-store" in directives:
+        return CacheMode.NO_STORE
+    if "no-cache" in directives:
+        return CacheMode.REFRESH
+    return CacheMode.USE
+
+
+@dataclass(frozen=True)
+class SpeechInput:
+    """One utterance as a public route parsed it (strings not yet checked)."""
+
+    text: str
+    format: AudioFormat
+    voice: str | None = None
+    instruction: str | None = None
+    prompt: PromptAudio | None = None
+    prompt_text: str | None = None
+    speed: float = 1.0
+    cache_mode: CacheMode = CacheMode.USE
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    key: str
+    synthesis: SynthesisRequest
+    cache_mode: CacheMode
+    request_id: str
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class AudioResult:
+    """Audio ready to send: the whole body (hit) or a stream (miss), and its headers."""
+
+    cache: str
+    key: str
+    headers: dict[str, str]
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+
+    def response_headers(self) -> dict[str, str]:
+        return {**self.headers, CACHE_HEADER: self.cache, CACHE_KEY_HEADER: self.key}
+
+
+class SpeechService:
+    def __init__(
+        self,
+        *,
+        cache: AudioCache,
+        flights: SingleFlight,
+        upstream: Upstream,
+        directory: WorkerDirectory,
+        voices: VoiceStore,
+        metrics: GatewayMetrics,
+        openai_voices: dict[str, str],
+        max_text_chars: int,
+        deadline_s: float,
+    ) -> None:
+        self._cache = cache
+        self._flights = flights
+        self._upstream = upstream
+        self._directory = directory
+        self._voices = voices
+        self._metrics = metrics
+        self._openai_voices = openai_voices
+        self._max_text_chars = max_text_chars
+        self._deadline_s = deadline_s
+
+    async def prepare(self, given: SpeechInput, request_id: str) -> SpeechJob:
+        """Validate against the engine's capabilities and compute the cache key and seed."""
+        text = check_text(given.text, self._max_text_chars)
+        info = await self._directory.current()
+        speed = check_speed(given.speed, *info.speed_range)
+        instruction = given.instruction.strip() if given.instruction else None
+        if instruction and not info.supports_instructions:
+            raise ServiceError(
+                ErrorCode.INSTRUCTION_UNSUPPORTED,
+                f"Engine {info.engine!r} does not take instructions.",
+            )
+        if given.prompt is not None and not info.supports_cloning:
+            raise ServiceError(
+                ErrorCode.PROMPT_UNSUPPORTED,
+                f"Engine {info.engine!r} cannot clone a voice from a prompt recording.",
+            )
+        voice = await resolve_voice(given.voice, info, self._voices, self._openai_voices)
+        prompt_audio = given.prompt.data if given.prompt is not None else voice.prompt_audio
+        prompt_text = given.prompt_text if given.prompt is not None else voice.prompt_text
+        canonical = CanonicalRequest.build(
+            text=text,
+            instruction=instruction,
+            voice=voice.key_voice,
+            prompt_audio=prompt_audio,
+            prompt_text=prompt_text,
+            speed=speed,
+            format=given.format.value,
+            engine=info.engine,
+            model_version=info.model_version,
+        )
+        synthesis = SynthesisRequest(
+            text=text,
+            voice=voice.worker_voice,
+            instruction=instruction,
+            prompt_audio=prompt_audio,
+            prompt_text=prompt_text or None,
+            speed=speed,
+            format=given.format,
+            seed=seed_from_digest(canonical.digest()),
+        )
+        return SpeechJob(
+            key=canonical.cache_key(),
+            synthesis=synthesis,
+            cache_mode=given.cache_mode,
+            request_id=request_id,
+        )
+
+    async def serve(self, job: SpeechJob) -> AudioResult:
+        """A hit, or a miss whose worker has accepted; worker errors are raised from here."""
+        if job.cache_mode is CacheMode.USE:
+            flight = self._flights.join(job.key)
+            if flight is None:
+                hit = await self._cache.get(job.key)
+                if hit is not None:
+                    self._metrics.cache_lookups.labels(result="hit").inc()
+                    self._metrics.time_to_first_byte.labels(cache="HIT").observe(
+                        time.monotonic() - job.arrived
+                    )
+                    return AudioResult(
+                        cache="HIT", key=job.key, headers=hit.headers, body=hit.audio
+                    )
+                flight = self._flights.join(job.key)
+            else:
+                self._metrics.single_flight_joins.inc()
+            if flight is None:
+                flight = self._flights.start(job.key, lambda f: self._produce(job, f))
+            label = "MISS"
+        else:
+            flight = self._flights.start(None, lambda f: self._produce(job, f))
+            label = "BYPASS"
+        self._metrics.cache_lookups.labels(result=label.lower()).inc()
+        try:
+            headers = await flight.headers()
+        except BaseException:
+            flight.unsubscribe()
+            raise
+        return AudioResult(
+            cache=label, key=job.key, headers=headers, stream=self._relay(flight, job, label)
+        )
+
+    async def collect(self, job: SpeechJob) -> AudioResult:
+        """`serve`, with a miss read to its end: the whole body in memory."""
+        result = await self.serve(job)
+        if result.stream is not None:
+            result.body = b"".join([chunk async for chunk in result.stream])
+            result.stream = None
+        return result
+
+    async def _relay(self, flight: Flight, job: SpeechJob, label: str) -> AsyncIterator[bytes]:
+        first = True
+        try:
+            async for chunk in flight.chunks():
+                if first:
+                    first = False
+                    self._metrics.time_to_first_byte.labels(cache=label).observe(
+                        time.monotonic() - job.arrived
+                    )
+                yield chunk
+        finally:
+            flight.unsubscribe()
+
+    async def _produce(self, job: SpeechJob, flight: Flight) -> None:
+        self._metrics.active_flights.inc()
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                stream = await self._upstream.open_stream(job.synthesis, job.request_id)
+                try:
+                    headers = _audio_headers(stream.headers, job.synthesis.format)
+                    flight.set_headers(headers)
+                    async for chunk in stream.chunks():
+                        flight.append(chunk)
+                finally:
+                    await stream.aclose()
+        except TimeoutError as error:
+            raise ServiceError(
+                ErrorCode.DEADLINE_EXCEEDED, "The synthesis ran past the request deadline."
+            ) from error
+        finally:
+            self._metrics.active_flights.dec()
+        flight.finish()
+        if job.cache_mode is not CacheMode.NO_STORE and flight.size > 0:
+            await self._cache.put(job.key, CachedAudio(audio=flight.body(), headers=headers))
+
+
+def _audio_headers(worker_headers: dict[str, str], audio_format: AudioFormat) -> dict[str, str]:
+    """The worker's audio headers, completed from the contract where the worker left one out."""
+    if "X-Sample-Rate" in worker_headers:
+        rate = int(worker_headers["X-Sample-Rate"])
+    else:
+        rate = output_sample_rate(audio_format, 0)
+    headers = stream_headers(audio_format, rate)
+    headers.update(worker_headers)
+    headers.setdefault("Content-Type", CONTENT_TYPES[audio_format])
+    return headers

@@ -1,0 +1,192 @@
+"""The relay to workers: one pooled keep-alive httpx client, bounded timeouts, errors mapped.
+
+Faults become contract errors before the first byte: a worker's 503 "busy" is retried a few
+times with a short doubling back-off (nginx in front of the workers picks another one), then
+passed on with `Retry-After`; connection failures are 502 `upstream_unavailable`; timeouts are
+504 `upstream_timeout`; a worker's own 4xx JSON error is passed through unchanged. A stream that
+breaks after its first byte raises `UpstreamAbortedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from contract.audio import (
+    CHANNELS_HEADER,
+    FORMAT_HEADER,
+    SAMPLE_FORMAT_HEADER,
+    SAMPLE_RATE_HEADER,
+)
+from contract.errors import ErrorCode, ServiceError
+from contract.requests import REQUEST_ID_HEADER, SynthesisRequest
+from gateway.metrics import GatewayMetrics
+from gateway.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+AUDIO_HEADERS = (
+    "Content-Type",
+    SAMPLE_RATE_HEADER,
+    FORMAT_HEADER,
+    CHANNELS_HEADER,
+    SAMPLE_FORMAT_HEADER,
+)
+
+
+class PassThroughError(Exception):
+    """A worker's own 4xx answer, relayed to the client byte for byte."""
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        super().__init__(f"worker answered {status}")
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+class UpstreamAbortedError(Exception):
+    """The worker's stream broke after it had started; the response must be aborted."""
+
+
+class UpstreamStream:
+    """An open worker response: its audio headers and its body, read as it arrives."""
+
+    def __init__(self, response: httpx.Response, metrics: GatewayMetrics) -> None:
+        self._response = response
+        self._metrics = metrics
+        self.headers = {
+            name: response.headers[name] for name in AUDIO_HEADERS if name in response.headers
+        }
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                if chunk:
+                    yield chunk
+        except httpx.HTTPError as error:
+            self._metrics.upstream_aborted.inc()
+            raise UpstreamAbortedError(f"worker stream broke: {type(error).__name__}") from error
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class Upstream:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._retries = settings.upstream_busy_retries
+        self._backoff_s = settings.upstream_busy_backoff_s
+        self._client = httpx.AsyncClient(
+            base_url=settings.worker_url,
+            transport=transport,
+            timeout=httpx.Timeout(
+                connect=settings.upstream_connect_timeout_s,
+                read=settings.upstream_read_timeout_s,
+                write=settings.upstream_read_timeout_s,
+                pool=settings.upstream_connect_timeout_s,
+            ),
+            limits=httpx.Limits(
+                max_connections=settings.upstream_max_connections,
+                max_keepalive_connections=settings.upstream_max_connections,
+                keepalive_expiry=30.0,
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def open_stream(self, request: SynthesisRequest, request_id: str) -> UpstreamStream:
+        """Start a synthesis on a worker and return once its 200 headers have arrived."""
+        body = request.model_dump_json(exclude_none=True).encode()
+        headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: request_id}
+        attempt = 0
+        while True:
+            response = await self._send("POST", "/v1/synthesize", content=body, headers=headers)
+            if response.status_code == 200:
+                self._metrics.upstream_attempts.labels(outcome="ok").inc()
+                return UpstreamStream(response, self._metrics)
+            await self._read_and_close(response)
+            if response.status_code != 503 or attempt >= self._retries:
+                raise self._error_for(response)
+            self._metrics.upstream_attempts.labels(outcome="busy").inc()
+            await asyncio.sleep(self._backoff_s * 2**attempt)
+            attempt += 1
+
+    async def info(self) -> dict[str, Any]:
+        """The engine capabilities a worker reports at GET /v1/info."""
+        response = await self._send("GET", "/v1/info")
+        await self._read_and_close(response)
+        if response.status_code != 200:
+            raise self._error_for(response)
+        data = response.json()
+        if not isinstance(data, dict):
+            raise ServiceError(ErrorCode.UPSTREAM_ERROR, "The worker sent unreadable capabilities.")
+        return data
+
+    async def ready(self) -> bool:
+        try:
+            response = await self._send("GET", "/readyz")
+        except ServiceError:
+            return False
+        await self._read_and_close(response)
+        return response.status_code == 200
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        request = self._client.build_request(method, path, **kwargs)
+        try:
+            return await self._client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            self._metrics.upstream_attempts.labels(outcome="connect_error").inc()
+            raise ServiceError(
+                ErrorCode.UPSTREAM_UNAVAILABLE, "No worker could be reached."
+            ) from error
+        except httpx.TimeoutException as error:
+            self._metrics.upstream_attempts.labels(outcome="timeout").inc()
+            raise ServiceError(
+                ErrorCode.UPSTREAM_TIMEOUT, "The worker did not answer in time."
+            ) from error
+        except httpx.TransportError as error:
+            self._metrics.upstream_attempts.labels(outcome="connect_error").inc()
+            raise ServiceError(
+                ErrorCode.UPSTREAM_UNAVAILABLE, "The connection to the worker failed."
+            ) from error
+
+    async def _read_and_close(self, response: httpx.Response) -> None:
+        try:
+            await response.aread()
+        except httpx.TimeoutException as error:
+            raise ServiceError(
+                ErrorCode.UPSTREAM_TIMEOUT, "The worker did not answer in time."
+            ) from error
+        except httpx.HTTPError as error:
+            raise ServiceError(
+                ErrorCode.UPSTREAM_UNAVAILABLE, "The connection to the worker failed."
+            ) from error
+        finally:
+            await response.aclose()
+
+    def _error_for(self, response: httpx.Response) -> Exception:
+        status = response.status_code
+        if status == 503:
+            retry_after = response.headers.get("Retry-After", "1")
+            return ServiceError(
+                ErrorCode.BUSY,
+                "All workers are busy; retry shortly.",
+                headers={"Retry-After": retry_after},
+            )
+        self._metrics.upstream_attempts.labels(outcome="http_error").inc()
+        if 400 <= status < 500:
+            return PassThroughError(
+                status, response.content, response.headers.get("Content-Type", "application/json")
+            )
+        logger.warning("worker answered %s", status)
+        return ServiceError(ErrorCode.UPSTREAM_ERROR, "A worker failed to answer.")

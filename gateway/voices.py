@@ -1,0 +1,188 @@
+"""Registered voices in Redis, and the resolution of a request's `voice` to what a worker needs.
+
+Storage: one hash `voice:{id}` per registered voice, with no TTL (Redis runs volatile-lru, so
+only cache keys are ever evicted), plus the set `voices` indexing the ids. Fields: `name`,
+`engine`, `model_version`, `prompt_text`, `prompt_sha256`, `prompt_audio` (the upload's bytes),
+`created_at`, and `features`: the engine's prompt features, computed once at registration.
+
+Computing features needs a worker endpoint that the cloning engine will add; until then a
+registered voice is served by sending its stored prompt with each request (see
+`resolve_voice`), and `features` stays empty. Engines without cloning refuse registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from contract.errors import ErrorCode, ServiceError
+from gateway.settings import OPENAI_VOICE_NAMES
+from gateway.workers import EngineInfo
+
+VOICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+VOICE_KEY_PREFIX = "voice:"
+VOICE_INDEX_KEY = "voices"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RegisteredVoice:
+    id: str
+    name: str
+    engine: str
+    model_version: str
+    prompt_audio: bytes
+    prompt_text: str | None
+    prompt_sha256: str
+    created_at: float
+    features: bytes | None = None
+
+    def public(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "type": "registered",
+            "engine": self.engine,
+            "model_version": self.model_version,
+            "prompt_text": self.prompt_text,
+            "prompt_sha256": self.prompt_sha256,
+            "created_at": int(self.created_at),
+        }
+
+
+@dataclass(frozen=True)
+class ResolvedVoice:
+    """What a request's `voice` means: a built-in id, or a registered voice's prompt."""
+
+    key_voice: str
+    worker_voice: str | None
+    prompt_audio: bytes | None = None
+    prompt_text: str | None = None
+
+
+class VoiceStore:
+    def __init__(self, client: Redis, timeout_s: float) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+
+    async def save(self, voice: RegisteredVoice) -> None:
+        mapping: dict[str, bytes | str | float] = {
+            "name": voice.name,
+            "engine": voice.engine,
+            "model_version": voice.model_version,
+            "prompt_audio": voice.prompt_audio,
+            "prompt_text": voice.prompt_text or "",
+            "prompt_sha256": voice.prompt_sha256,
+            "created_at": voice.created_at,
+            "features": voice.features or b"",
+        }
+
+        async def write() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(VOICE_KEY_PREFIX + voice.id)
+                pipe.hset(VOICE_KEY_PREFIX + voice.id, mapping=mapping)  # type: ignore[arg-type]
+                pipe.sadd(VOICE_INDEX_KEY, voice.id)
+                await pipe.execute()
+
+        await self._bounded(write())
+
+    async def get(self, voice_id: str) -> RegisteredVoice | None:
+        if not VOICE_ID_PATTERN.match(voice_id):
+            return None
+        fields = await self._bounded(self._client.hgetall(VOICE_KEY_PREFIX + voice_id))
+        if not fields:
+            return None
+        return _from_hash(voice_id, {_bytes(k): _bytes(v) for k, v in fields.items()})
+
+    async def list(self) -> list[RegisteredVoice]:
+        ids = await self._bounded(self._client.smembers(VOICE_INDEX_KEY))
+        voices = []
+        for raw_id in sorted(ids):
+            voice = await self.get(_bytes(raw_id).decode())
+            if voice is not None:
+                voices.append(voice)
+        return voices
+
+    async def delete(self, voice_id: str) -> bool:
+        async def remove() -> int:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(VOICE_KEY_PREFIX + voice_id)
+                pipe.srem(VOICE_INDEX_KEY, voice_id)
+                deleted, _ = await pipe.execute()
+                return int(deleted)
+
+        return await self._bounded(remove()) > 0
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await call
+        except (RedisError, OSError, TimeoutError) as error:
+            raise ServiceError(
+                ErrorCode.NOT_READY,
+                "Voice storage is unavailable; retry shortly.",
+                headers={"Retry-After": "1"},
+            ) from error
+
+
+async def resolve_voice(
+    requested: str | None,
+    info: EngineInfo,
+    store: VoiceStore,
+    openai_voices: dict[str, str],
+) -> ResolvedVoice:
+    """Map a request's voice to the engine: built-in id, OpenAI name, or registered voice.
+
+    An OpenAI name maps through `openai_voices`, else to the engine's default voice. A
+    registered voice is sent as its stored prompt (and keyed by its id plus the prompt's
+    SHA-256 in the cache key), until workers accept precomputed features.
+    """
+    if not requested:
+        return ResolvedVoice(key_voice=info.default_voice, worker_voice=info.default_voice)
+    if info.has_voice(requested):
+        return ResolvedVoice(key_voice=requested, worker_voice=requested)
+    if requested in OPENAI_VOICE_NAMES:
+        target = openai_voices.get(requested, info.default_voice)
+        if info.has_voice(target) or target == info.default_voice:
+            return ResolvedVoice(key_voice=target, worker_voice=target)
+        requested = target
+    registered = await store.get(requested)
+    if registered is None:
+        raise ServiceError(
+            ErrorCode.UNKNOWN_VOICE, f"Unknown voice {requested!r}; see GET /v1/voices."
+        )
+    if registered.engine != info.engine:
+        raise ServiceError(
+            ErrorCode.UNKNOWN_VOICE,
+            f"Voice {requested!r} was registered for engine {registered.engine!r}.",
+        )
+    return ResolvedVoice(
+        key_voice=registered.id,
+        worker_voice=None,
+        prompt_audio=registered.prompt_audio,
+        prompt_text=registered.prompt_text,
+    )
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _from_hash(voice_id: str, fields: dict[bytes, bytes]) -> RegisteredVoice:
+    return RegisteredVoice(
+        id=voice_id,
+        name=fields.get(b"name", b"").decode(),
+        engine=fields.get(b"engine", b"").decode(),
+        model_version=fields.get(b"model_version", b"").decode(),
+        prompt_audio=fields.get(b"prompt_audio", b""),
+        prompt_text=fields.get(b"prompt_text", b"").decode() or None,
+        prompt_sha256=fields.get(b"prompt_sha256", b"").decode(),
+        created_at=float(fields.get(b"created_at", b"0")),
+        features=fields.get(b"features") or None,
+    )
