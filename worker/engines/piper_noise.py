@@ -1,0 +1,102 @@
+"""Seedable noise for Piper (VITS) voices.
+
+A Piper ONNX voice draws its noise inside the graph with `RandomNormalLike` nodes (one in the
+stochastic duration predictor, one before the flow). ONNX Runtime seeds those kernels once, when
+the session is built, and advances them on every run, so the same text gives different audio
+(and a different length) on every call and on every worker. Seeding ONNX Runtime globally does
+not help: the kernels keep their own generator for the session's lifetime.
+
+`make_noise_seedable` rewrites the graph so that each `RandomNormalLike` reads a new float32
+input of shape [1, channels, NOISE_FRAMES] instead: the input is tiled when the tensor it stands
+in for is larger, then sliced to that tensor's shape. `noise_feeds` draws those
+inputs from a numpy generator, so a request's seed fixes its audio exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+NOISE_FRAMES = 1024
+"""Time steps of noise drawn per input; longer tensors reuse it (tiled), shorter ones slice it."""
+
+NOISE_CHANNELS = 256
+"""Channels drawn for a noise input whose channel count the graph does not state (VITS voices
+use 2 in the duration predictor and at most 192 before the flow)."""
+
+
+@dataclass(frozen=True)
+class NoiseInput:
+    """A graph input that replaced one `RandomNormalLike` node."""
+
+    name: str
+    channels: int
+
+
+def make_noise_seedable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[NoiseInput, ...]]:
+    """Replace every `RandomNormalLike` node of a batch-1 [1, C, T] graph by a noise input.
+
+    Returns the patched model (the argument is modified in place) and the inputs to feed.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    channels_by_name = _static_channels(inferred)
+    graph = model.graph
+    inputs: list[NoiseInput] = []
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "RandomNormalLike":
+            new_nodes.append(node)
+            continue
+        like = node.input[0]
+        channels = channels_by_name.get(like, NOISE_CHANNELS)
+        index = len(inputs)
+        noise = NoiseInput(name=f"noise_{index}", channels=channels)
+        inputs.append(noise)
+        shape = [1, channels, NOISE_FRAMES]
+        graph.input.append(helper.make_tensor_value_info(noise.name, TensorProto.FLOAT, shape))
+        prefix = f"/noise{index}"
+        new_nodes.extend(_tiled_slice_nodes(noise.name, like, node.output[0], prefix=prefix))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    onnx.checker.check_model(model)
+    return model, tuple(inputs)
+
+
+def noise_feeds(
+    inputs: tuple[NoiseInput, ...], rng: np.random.Generator
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Standard normal noise for each input, drawn in a fixed order from `rng`."""
+    return {
+        noise.name: rng.standard_normal((1, noise.channels, NOISE_FRAMES), dtype=np.float32)
+        for noise in inputs
+    }
+
+
+def _static_channels(model: onnx.ModelProto) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for info in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) == 3 and dims[1].HasField("dim_value"):
+            found[info.name] = dims[1].dim_value
+    return found
+
+
+def _tiled_slice_nodes(noise: str, like: str, output: str, *, prefix: str) -> list[onnx.NodeProto]:
+    """out = Slice(Tile(noise, ceil(shape(like) / shape(noise))), 0, shape(like))."""
+    one = numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}/one")
+    zeros = numpy_helper.from_array(np.array([0, 0, 0], dtype=np.int64), f"{prefix}/zeros")
+    return [
+        helper.make_node("Constant", [], [one.name], value=one),
+        helper.make_node("Constant", [], [zeros.name], value=zeros),
+        helper.make_node("Shape", [like], [f"{prefix}/shape"]),
+        helper.make_node("Shape", [noise], [f"{prefix}/noise_shape"]),
+        helper.make_node("Sub", [f"{prefix}/noise_shape", one.name], [f"{prefix}/less_one"]),
+        helper.make_node("Add", [f"{prefix}/shape", f"{prefix}/less_one"], [f"{prefix}/padded"]),
+        helper.make_node("Div", [f"{prefix}/padded", f"{prefix}/noise_shape"], [f"{prefix}/tiles"]),
+        helper.make_node("Tile", [noise, f"{prefix}/tiles"], [f"{prefix}/tiled"]),
+        helper.make_node("Slice", [f"{prefix}/tiled", zeros.name, f"{prefix}/shape"], [output]),
+    ]

@@ -1,0 +1,121 @@
+"""Turn a request body into a validated EngineRequest, or a ServiceError with its own code.
+
+Everything is checked here, before admission and before the first byte: JSON, schema, format,
+text, speed, voice, and the instruction and prompt against what the engine supports.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import soundfile
+from pydantic import ValidationError
+
+from contract.audio import AudioFormat
+from contract.errors import ErrorCode, ServiceError
+from contract.requests import SynthesisRequest, check_speed, check_text, default_seed
+from worker.engines.base import Capabilities, EngineRequest
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    engine_request: EngineRequest
+    audio_format: AudioFormat
+
+
+def parse_body(body: bytes) -> SynthesisRequest:
+    """JSON bytes to a SynthesisRequest.
+
+    Raises 400 invalid_json, 422 unsupported_format (an unknown `format`), 422 invalid_request.
+    """
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ServiceError(ErrorCode.INVALID_JSON, f"The body is not valid JSON: {e}") from e
+    if isinstance(data, dict) and "format" in data:
+        _check_format(data["format"])
+    try:
+        return SynthesisRequest.model_validate(data)
+    except ValidationError as e:
+        raise ServiceError(ErrorCode.INVALID_REQUEST, _describe(e)) from e
+
+
+def validate(
+    request: SynthesisRequest, capabilities: Capabilities, *, max_text_chars: int
+) -> ValidatedRequest:
+    """Check a parsed request against the engine's capabilities."""
+    text = check_text(request.text, max_text_chars)
+    low, high = capabilities.speed_range
+    speed = check_speed(request.speed, low, high)
+    voice = request.voice or capabilities.default_voice
+    if voice not in {known.id for known in capabilities.voices}:
+        raise ServiceError(ErrorCode.UNKNOWN_VOICE, f"Unknown voice {voice!r}; see /v1/info.")
+    instruction = _present(request.instruction)
+    if instruction is not None and not capabilities.supports_instructions:
+        raise ServiceError(
+            ErrorCode.INSTRUCTION_UNSUPPORTED,
+            f"The {capabilities.engine} engine does not take instructions.",
+        )
+    prompt_text = _present(request.prompt_text)
+    has_prompt = bool(request.prompt_audio) or prompt_text is not None
+    if has_prompt and not capabilities.supports_cloning:
+        raise ServiceError(
+            ErrorCode.PROMPT_UNSUPPORTED,
+            f"The {capabilities.engine} engine cannot clone a voice from prompt audio.",
+        )
+    prompt_audio, prompt_rate = (None, None)
+    if request.prompt_audio:
+        prompt_audio, prompt_rate = decode_prompt(request.prompt_audio)
+    seed = request.seed if request.seed is not None else default_seed(request)
+    return ValidatedRequest(
+        engine_request=EngineRequest(
+            text=text,
+            voice=voice,
+            speed=speed,
+            seed=seed,
+            instruction=instruction,
+            prompt_audio=prompt_audio,
+            prompt_sample_rate=prompt_rate,
+            prompt_text=prompt_text,
+        ),
+        audio_format=request.format,
+    )
+
+
+def decode_prompt(data: bytes) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int]:
+    """Decode prompt audio to mono float32; 415 prompt_not_audio when libsndfile cannot read it."""
+    try:
+        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ServiceError(
+            ErrorCode.PROMPT_NOT_AUDIO, "The prompt audio is not a readable audio file."
+        ) from e
+    mono: np.ndarray[Any, np.dtype[np.float32]] = audio.mean(axis=1, dtype=np.float32)
+    return mono, int(rate)
+
+
+def _check_format(value: Any) -> None:
+    if value not in {audio_format.value for audio_format in AudioFormat}:
+        known = ", ".join(audio_format.value for audio_format in AudioFormat)
+        raise ServiceError(
+            ErrorCode.UNSUPPORTED_FORMAT, f"Unsupported format {value!r}; use one of: {known}."
+        )
+
+
+def _present(value: str | None) -> str | None:
+    """Blank strings count as absent (forms send empty fields); anything else is used."""
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_url=False, include_input=False):
+        location = ".".join(str(part) for part in item["loc"]) or "body"
+        parts.append(f"{location}: {item['msg']}")
+    return "Invalid request: " + "; ".join(parts)
