@@ -71,6 +71,7 @@ def show_logs(settings: ClusterSettings, lines: int, follow: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = build_settings(args)
         if args.command == "up":

@@ -56,6 +56,7 @@ def redis_config(settings: ClusterSettings) -> str:
 def plan(settings: ClusterSettings) -> list[Service]:
     """Every process of the cluster, in start order: Redis, workers, nginx, gateways."""
     python = sys.executable
+    worker_threads = _worker_threads(settings.workers)
     redis_conf = settings.run_dir / "redis" / "redis.conf"
     services = [
         Service(
@@ -78,6 +79,7 @@ def plan(settings: ClusterSettings) -> list[Service]:
                     "WORKER_HOST": "127.0.0.1",
                     "WORKER_PORT": str(port),
                     "WORKER_ENGINE": settings.engine,
+                    **worker_threads,
                 },
             )
         )
@@ -108,6 +110,14 @@ def plan(settings: ClusterSettings) -> list[Service]:
             )
         )
     return services
+
+
+def _worker_threads(workers: int) -> dict[str, str]:
+    """Split this machine's cores between the workers, unless WORKER_THREADS is set already."""
+    if "WORKER_THREADS" in os.environ:
+        return {}
+    cores = len(os.sched_getaffinity(0))
+    return {"WORKER_THREADS": str(max(1, cores // workers))}
 
 
 def nginx_binds(settings: ClusterSettings) -> list[tuple[str, int]]:
