@@ -1,0 +1,185 @@
+"""What nginx and a gateway add to time to first audio (TTFA) and total latency.
+
+The same requests go (a) through nginx's public listener and a gateway, with the cache bypassed
+(`Cache-Control: no-store`) so both paths synthesize, and (b) straight to a worker's
+`POST /v1/synthesize`. Requests run one at a time, alternating which path goes first, against a
+cluster of one gateway and one worker, so both paths reach the same worker and only the stack
+in front of it differs.
+
+    .venv/bin/python benchmarks/bench_stack_overhead.py --requests 200
+
+It starts its own cluster on free ports (or takes --public-url and --worker-url of a running one)
+and prints a JSON report: p50/p99 per path and the added milliseconds, also per pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from cluster import launcher
+from cluster.probes import port_free
+from cluster.settings import ClusterSettings
+
+TEXTS = [
+    "Hello there.",
+    "The weather is fine today.",
+    "Please hold the line.",
+    "One more sentence for the test.",
+]
+TARGET_P50_MS = 3.0
+TARGET_P99_MS = 10.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    ttfa_ms: float
+    total_ms: float
+    audio_bytes: int
+
+
+def timed_stream(client: httpx.Client, url: str, **kwargs: object) -> Timing:
+    start = time.perf_counter()
+    first: float | None = None
+    size = 0
+    with client.stream("POST", url, **kwargs) as response:  # type: ignore[arg-type]
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: {response.status_code} {response.read()[:200]!r}")
+        for chunk in response.iter_raw():
+            if chunk and first is None:
+                first = time.perf_counter()
+            size += len(chunk)
+    end = time.perf_counter()
+    if first is None:
+        raise RuntimeError(f"{url}: empty body")
+    return Timing((first - start) * 1000, (end - start) * 1000, size)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": round(statistics.median(values), 2),
+        "p99": round(percentile(values, 99), 2),
+        "mean": round(statistics.fmean(values), 2),
+    }
+
+
+def _free_block(count: int, start: int) -> int:
+    port = start
+    while not all(port_free("127.0.0.1", port + i) for i in range(count)):
+        port += count
+    return port
+
+
+@contextmanager
+def own_cluster() -> Iterator[tuple[str, str]]:
+    run_dir = Path(tempfile.mkdtemp(prefix="tts-bench-"))
+    run_dir.chmod(0o755)
+    settings = ClusterSettings(
+        run_dir=run_dir,
+        gateways=1,
+        workers=1,
+        public_port=_free_block(1, 28080),
+        internal_port=_free_block(1, 28180),
+        h2c_port=_free_block(1, 28280),
+        gateway_base_port=_free_block(1, 29000),
+        worker_base_port=_free_block(1, 29100),
+        redis_port=_free_block(1, 26380),
+        rate_per_addr="10000r/s",
+        burst_per_addr=10000,
+    )
+    try:
+        launcher.up(settings)
+        yield settings.public_url, f"http://127.0.0.1:{settings.worker_base_port}"
+    finally:
+        launcher.down(settings)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run(public_url: str, worker_url: str, requests: int, warmup: int) -> dict[str, object]:
+    stack: list[Timing] = []
+    direct: list[Timing] = []
+    with httpx.Client(timeout=120) as client:
+
+        def via_stack(text: str) -> Timing:
+            return timed_stream(
+                client,
+                f"{public_url}/v1/audio/speech",
+                json={"model": "tts-1", "input": text, "response_format": "pcm"},
+                headers={"Cache-Control": "no-store"},
+            )
+
+        def via_worker(text: str) -> Timing:
+            return timed_stream(
+                client, f"{worker_url}/v1/synthesize", json={"text": text, "format": "pcm"}
+            )
+
+        for index in range(warmup + requests):
+            text = TEXTS[index % len(TEXTS)]
+            pair = (via_stack, via_worker) if index % 2 == 0 else (via_worker, via_stack)
+            results = {fn: fn(text) for fn in pair}
+            if index >= warmup:
+                stack.append(results[via_stack])
+                direct.append(results[via_worker])
+    added_ttfa = [s.ttfa_ms - d.ttfa_ms for s, d in zip(stack, direct, strict=True)]
+    added_total = [s.total_ms - d.total_ms for s, d in zip(stack, direct, strict=True)]
+    stack_ttfa = summary([t.ttfa_ms for t in stack])
+    direct_ttfa = summary([t.ttfa_ms for t in direct])
+    added_p50 = round(stack_ttfa["p50"] - direct_ttfa["p50"], 2)
+    added_p99 = round(stack_ttfa["p99"] - direct_ttfa["p99"], 2)
+    return {
+        "requests_per_path": requests,
+        "ttfa_ms": {"stack": stack_ttfa, "direct": direct_ttfa},
+        "total_ms": {
+            "stack": summary([t.total_ms for t in stack]),
+            "direct": summary([t.total_ms for t in direct]),
+        },
+        "added_ttfa_ms": {"p50": added_p50, "p99": added_p99},
+        "added_ttfa_ms_per_pair": summary(added_ttfa),
+        "added_total_ms_per_pair": summary(added_total),
+        "targets_ms": {"p50": TARGET_P50_MS, "p99": TARGET_P99_MS},
+        "meets_targets": added_p50 <= TARGET_P50_MS and added_p99 <= TARGET_P99_MS,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=200, help="measured requests per path")
+    parser.add_argument("--warmup", type=int, default=10, help="unmeasured requests per path")
+    parser.add_argument("--public-url", help="nginx's public URL of a running cluster")
+    parser.add_argument("--worker-url", help="a worker of that cluster, called directly")
+    parser.add_argument("--output", type=Path, help="also write the JSON report here")
+    args = parser.parse_args()
+    if bool(args.public_url) != bool(args.worker_url):
+        parser.error("give both --public-url and --worker-url, or neither")
+    if args.public_url:
+        report = run(args.public_url, args.worker_url, args.requests, args.warmup)
+    else:
+        with own_cluster() as (public_url, worker_url):
+            report = run(public_url, worker_url, args.requests, args.warmup)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
