@@ -17,7 +17,7 @@ from tests.support.processes import RunningProcess, free_port, python_service
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog."
 TWO_SENTENCES = "Hello from the worker. This is the second sentence of the test."
 MANY_SENTENCES = " ".join(
-    f"This is sentence number {n}, which carries a few more words to speak aloud." for n in range(12)
+    f"This is sentence number {n}, which carries a few more words to speak aloud." for n in range(6)
 )
 # Generous bounds on speech duration per character of English text at speed 1.
 SECONDS_PER_CHAR = (0.03, 0.15)
@@ -120,7 +120,7 @@ def test_first_chunk_arrives_well_before_the_last(worker: RunningProcess) -> Non
             total += len(chunk)
     assert len(arrivals) > 3
     assert arrivals[0] < arrivals[-1] / 3, arrivals
-    assert total / 4 / 22050 > 20  # seconds of float32 audio
+    assert total / 4 / 22050 > 10  # seconds of float32 audio
 
 
 def test_request_id_is_echoed(client: httpx.Client) -> None:
