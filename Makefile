@@ -39,3 +39,19 @@ status:
 
 logs:
 	$(PY) -m cluster logs
+
+# Load tests against the local cluster (`make up`), bounded in time; see docs/loadtest.md.
+# `make loadtest LOADTEST_URL=... LOADTEST_DURATION=10s`; `make bench BENCH_ARGS='...'`.
+LOADTEST_URL ?= http://127.0.0.1:8080
+BENCH_WORKER_URL ?= http://127.0.0.1:9100
+BENCH_TARGETS ?= --target label=nginx,url=$(LOADTEST_URL),texts=mix \
+	--target label=worker,url=$(BENCH_WORKER_URL),api=worker,texts=mix
+BENCH_ARGS ?= --concurrency 1,2,4 --duration 10 --max-requests 200
+
+.PHONY: loadtest bench
+
+loadtest:
+	LOADTEST_URL=$(LOADTEST_URL) loadtest/wrk/run.sh
+
+bench: venv
+	$(PY) -m loadtest.runner $(BENCH_TARGETS) $(BENCH_ARGS)

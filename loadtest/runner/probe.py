@@ -7,11 +7,12 @@ import time
 
 import httpx
 
-from loadtest.runner.audio import AudioDecodeError, audio_seconds
+from loadtest.runner.audio import AudioDecodeError, audio_stats
 from loadtest.runner.stats import Sample
 from loadtest.runner.targets import Target
 
 ERROR_BODY_LIMIT = 64 * 1024
+SILENCE_PEAK = 1e-3
 
 
 async def measure(
@@ -21,7 +22,8 @@ async def measure(
 
     Never raises for transport faults or bad responses: they become a Sample with an `error`
     (a contract error code for JSON error bodies, else the fault's name), so a sweep keeps
-    going and counts them.
+    going and counts them. A 200 whose body is not audio of the asked format, or is silent,
+    is an error too: a fast server of silence must not look good.
     """
     kwargs = target.request_kwargs(text, api_key)
     started = time.perf_counter()
@@ -48,16 +50,18 @@ async def measure(
     if not 200 <= status < 300:
         return _failed(status, started, headers, _error_code(body), finished=finished)
     try:
-        seconds = audio_seconds(body, target.format, headers)
+        audio = audio_stats(body, target.format, headers)
     except AudioDecodeError:
         return _failed(status, started, headers, "bad_audio", finished=finished)
-    if seconds <= 0:
+    if audio.seconds <= 0:
         return _failed(status, started, headers, "empty_audio", finished=finished)
+    if audio.peak < SILENCE_PEAK:
+        return _failed(status, started, headers, "silent_audio", finished=finished)
     return Sample(
         status=status,
         latency_s=finished - started,
         ttfa_s=(first - started) if first is not None else None,
-        audio_s=seconds,
+        audio_s=audio.seconds,
         cache=headers.get("x-cache"),
     )
 

@@ -13,13 +13,22 @@ import numpy as np
 import pytest
 import soundfile
 
-from loadtest.runner.audio import AudioDecodeError, audio_seconds
+from loadtest.runner.audio import AudioDecodeError, audio_seconds, audio_stats
 from loadtest.runner.plot import write_plot
+from loadtest.runner.probe import measure
 from loadtest.runner.report import document, table_row
 from loadtest.runner.stats import Sample, distribution, percentile, summarize
 from loadtest.runner.sweep import SweepPlan, run_sweep
 from loadtest.runner.targets import Api, Target
 from loadtest.runner.texts import PHRASES, TextMode, TextSource
+
+
+def _tone(samples: int, rate: int = 24000, amplitude: float = 0.5) -> np.ndarray:
+    return (amplitude * np.sin(np.arange(samples) * 2 * np.pi * 220 / rate)).astype(np.float32)
+
+
+def _pcm16(samples: np.ndarray) -> bytes:
+    return (samples * 32767).astype("<i2").tobytes()
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 99.9, 100])
@@ -106,7 +115,16 @@ def _streamed_wav(samples: int, rate: int) -> bytes:
     header = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE"
     header += b"fmt " + struct.pack("<I", len(fmt)) + fmt
     header += b"data" + struct.pack("<I", 0xFFFFFFFF)
-    return header + np.zeros(samples, dtype="<i2").tobytes()
+    return header + _pcm16(_tone(samples, rate))
+
+
+def test_audio_stats_give_duration_and_peak() -> None:
+    stats = audio_stats(_streamed_wav(44100, 22050), "wav", {})
+    assert stats.seconds == pytest.approx(2.0)
+    assert stats.peak == pytest.approx(0.5, abs=1e-3)
+    f32 = _tone(2400, amplitude=0.25).astype("<f4").tobytes()
+    assert audio_stats(f32, "pcm_f32le", {"x-sample-rate": "24000"}).peak == pytest.approx(0.25)
+    assert audio_stats(_pcm16(np.zeros(100, np.float32)), "pcm", {}).peak == 0.0
 
 
 def test_audio_seconds_of_containers() -> None:
@@ -162,8 +180,7 @@ async def test_sweep_bounds_requests_alternates_targets_and_counts_errors(
             if len(seen) % 2:
                 return httpx.Response(503, json={"error": {"code": "busy", "message": "full"}})
             return httpx.Response(200, content=b"\x00" * 3)
-        audio = np.zeros(24000, dtype="<i2").tobytes()
-        return httpx.Response(200, content=audio, headers={"X-Cache": "HIT"})
+        return httpx.Response(200, content=_pcm16(_tone(24000)), headers={"X-Cache": "HIT"})
 
     ok = Target(label="ok", url="http://ok", api=Api.OPENAI, format="pcm")
     busy = Target(label="busy", url="http://busy", api=Api.WORKER, format="pcm_f32le")
@@ -199,9 +216,27 @@ async def test_sweep_bounds_requests_alternates_targets_and_counts_errors(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+async def test_silence_and_broken_streams_count_as_errors() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if b"silent" in request.content:
+            return httpx.Response(200, content=_pcm16(np.zeros(2400, np.float32)))
+        if b"bad" in request.content:
+            return httpx.Response(502, content=b"<html>bad gateway</html>")
+        raise httpx.ConnectError("refused", request=request)
+
+    target = Target(label="t", url="http://t", api=Api.WORKER, format="pcm")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        silent = await measure(client, target, "silent", None)
+        bad = await measure(client, target, "bad", None)
+        refused = await measure(client, target, "other", None)
+    assert (silent.status, silent.error) == (200, "silent_audio")
+    assert (bad.status, bad.error) == (502, "non_json")
+    assert (refused.status, refused.error) == (0, "transport:ConnectError")
+
+
 async def test_sweep_stops_at_the_duration() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=np.zeros(2400, dtype="<i2").tobytes())
+        return httpx.Response(200, content=_pcm16(_tone(2400)))
 
     target = Target(label="t", url="http://t", format="pcm")
     results = await run_sweep(

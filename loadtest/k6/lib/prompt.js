@@ -1,8 +1,8 @@
 // A prompt recording for the multipart scenario: the file named by PROMPT_FILE (read in k6's
-// init context), or a generated 3 s, 16 kHz, 16-bit mono WAV of a voiced, syllable-like tone
+// init context), or a generated 4 s, 16 kHz, 16-bit mono WAV of a voiced, syllable-like tone
 // (harmonics of a 120 Hz fundamental under a 4 Hz envelope), so nothing binary is committed.
 
-export function synthPromptWav(seconds = 3, rate = 16000) {
+export function synthPromptWav(seconds = 4, rate = 16000) {
   const samples = Math.floor(seconds * rate);
   const buffer = new ArrayBuffer(44 + samples * 2);
   const view = new DataView(buffer);
