@@ -37,7 +37,11 @@ def check_prompt(data: bytes, limits: PromptLimits) -> PromptAudio:
             f"The prompt recording has {len(data)} bytes; the limit is {limits.max_bytes}.",
         )
     try:
-        samples, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as decoded:
+            sample_rate = decoded.samplerate
+            # A streamed header may carry no length: read at most one frame past the limit.
+            limit = int(limits.max_s * sample_rate) + 1
+            samples = decoded.read(limit, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
         raise ServiceError(
             ErrorCode.PROMPT_NOT_AUDIO,
