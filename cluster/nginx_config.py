@@ -85,6 +85,7 @@ def template_values(
         "TTS_INTERNAL_PORT": str(settings.internal_port),
         "TTS_MAX_BODY": settings.max_body,
         "TTS_READ_TIMEOUT": settings.read_timeout,
+        "TTS_WORKER_READ_TIMEOUT": settings.worker_read_timeout,
     }
 
 

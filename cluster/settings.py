@@ -52,8 +52,11 @@ class ClusterSettings(BaseSettings):
     burst_per_key: int = Field(default=100, ge=0)
     # Largest request body nginx accepts (prompt uploads); larger gets 413.
     max_body: str = Field(default="16m", pattern=r"^\d+[km]?$")
-    # nginx read timeout between two reads from a gateway or worker.
+    # nginx read timeout between two reads from a gateway (public listener).
     read_timeout: str = Field(default="300s", pattern=r"^\d+(ms|s|m)$")
+    # nginx read timeout between two reads from a worker (internal listener): longer than a
+    # worker's queue wait (WORKER_QUEUE_TIMEOUT_S), shorter than the gateway's read timeout.
+    worker_read_timeout: str = Field(default="30s", pattern=r"^\d+(ms|s|m)$")
     # nginx worker processes.
     nginx_worker_processes: str = "auto"
     # Seconds to wait for every service to be ready.

@@ -6,17 +6,26 @@ a unit test checks that the README names every variable, so the two cannot drift
 
 from __future__ import annotations
 
+import argparse
 import ast
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.settings import REPO_ROOT
+from contract.requests import DEFAULT_MAX_TEXT_CHARS
 
 SOURCES: tuple[tuple[str, str, str], ...] = (
     ("gateway/settings.py", "GatewaySettings", "GATEWAY_"),
     ("worker/settings.py", "WorkerSettings", "WORKER_"),
     ("cluster/settings.py", "ClusterSettings", "CLUSTER_"),
 )
+
+
+# Defaults written as names in the source, shown as their values.
+READABLE_DEFAULTS = {
+    "DEFAULT_MAX_TEXT_CHARS": str(DEFAULT_MAX_TEXT_CHARS),
+    'REPO_ROOT / "run"': "./run",
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,8 @@ def _default_text(source: str, value: ast.expr | None) -> str:
 
 
 def _source(source: str, node: ast.expr) -> str:
-    return " ".join((ast.get_source_segment(source, node) or "").split())
+    text = " ".join((ast.get_source_segment(source, node) or "").split())
+    return READABLE_DEFAULTS.get(text, text)
 
 
 def markdown_table(settings: list[Setting]) -> str:
@@ -82,11 +92,34 @@ def markdown_table(settings: list[Setting]) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+START_MARK = "<!-- settings:start -->"
+END_MARK = "<!-- settings:end -->"
+
+
+def all_tables() -> str:
+    parts = []
     for relative, class_name, prefix in SOURCES:
-        print(f"#### `{prefix}*` ({relative})\n")
-        print(markdown_table(read_settings(REPO_ROOT / relative, class_name, prefix)))
-        print()
+        table = markdown_table(read_settings(REPO_ROOT / relative, class_name, prefix))
+        parts.append(f"#### `{prefix}*` ({relative})\n\n{table}\n")
+    return "\n".join(parts)
+
+
+def write_into(path: Path) -> None:
+    """Replace what lies between the settings marks in `path` with fresh tables."""
+    text = path.read_text()
+    head, rest = text.split(START_MARK, 1)
+    _, tail = rest.split(END_MARK, 1)
+    path.write_text(f"{head}{START_MARK}\n{all_tables()}{END_MARK}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--write", type=Path, help="update the tables inside this Markdown file")
+    args = parser.parse_args()
+    if args.write:
+        write_into(args.write)
+    else:
+        print(all_tables())
 
 
 if __name__ == "__main__":
