@@ -11,6 +11,7 @@ from __future__ import annotations
 import grp
 import os
 import re
+import resource
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ def main_config(settings: ClusterSettings, paths: NginxPaths) -> str:
     if os.geteuid() == 0:
         lines.append(f"user {_unprivileged_user()};")
     lines += [
-        "events { worker_connections 4096; }",
+        f"events {{ worker_connections {_worker_connections()}; }}",
         "http {",
         "    default_type application/octet-stream;",
         "    sendfile on;",
@@ -120,6 +121,14 @@ def main_config(settings: ClusterSettings, paths: NginxPaths) -> str:
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _worker_connections() -> int:
+    """As many as the open-file limit allows (a normal user cannot raise it), at most 4096."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(256, min(4096, soft - 64))
 
 
 def _unprivileged_user() -> str:
