@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from loadtest.runner.cli import build_parser, check_targets_ready, parse_options
-from loadtest.runner.report import HEADER, document, error_line, table_row, write_json
+from loadtest.runner.report import (
+    HEADER,
+    cache_line,
+    document,
+    error_line,
+    table_row,
+    write_json,
+)
 from loadtest.runner.stats import LevelResult
 from loadtest.runner.sweep import run_sweep
 
@@ -31,9 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def show(result: LevelResult) -> None:
         print(table_row(result), flush=True)
-        line = error_line(result)
-        if line:
-            print(line, flush=True)
+        for line in (cache_line(result), error_line(result)):
+            if line:
+                print(line, flush=True)
 
     results = asyncio.run(run_sweep(plan, on_level=show))
     json_path = options.out.with_suffix(".json")

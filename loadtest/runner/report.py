@@ -67,6 +67,18 @@ def error_line(result: LevelResult) -> str | None:
     return f"  {result.target} c={result.concurrency} errors by status {{{statuses}}} ({codes})"
 
 
+def cache_line(result: LevelResult) -> str | None:
+    """Latency by X-Cache value, when a level mixes several (hits and misses)."""
+    if len(result.by_cache) < 2:
+        return None
+    parts = [
+        f"{value} n={split.latency_s.count} ttfa p50 {_ms(split.ttfa_s.p50)} "
+        f"lat p50 {_ms(split.latency_s.p50)} p95 {_ms(split.latency_s.p95)}"
+        for value, split in result.by_cache.items()
+    ]
+    return f"  {result.target} c={result.concurrency} by X-Cache: " + "; ".join(parts)
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{1000 * seconds:.0f}ms"
 

@@ -41,6 +41,14 @@ class Distribution:
     max: float | None
 
 
+@dataclass(frozen=True)
+class CacheSplit:
+    """Time to first audio and latency of the ok requests with one X-Cache value."""
+
+    ttfa_s: Distribution
+    latency_s: Distribution
+
+
 @dataclass
 class LevelResult:
     """The figures of one target at one concurrency. Rates are per second of wall time."""
@@ -62,6 +70,7 @@ class LevelResult:
     rtf: Distribution
     cache_hit_ratio: float | None
     cache: dict[str, int] = field(default_factory=dict)
+    by_cache: dict[str, CacheSplit] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,8 +112,10 @@ def summarize(
     """Figures of one level from its samples; `elapsed_s` is the level's wall time.
 
     Time to first audio, latency and real-time factor (latency / audio seconds) count ok
-    requests only; the cache hit ratio counts responses with an `X-Cache` of HIT or MISS
-    (BYPASS and absent headers are left out; None when there are none).
+    requests only, and are split again by `X-Cache` value in `by_cache` (a mix of hits and
+    misses has two very different latencies); the cache hit ratio counts responses with an
+    `X-Cache` of HIT or MISS (BYPASS and absent headers are left out; None when there are
+    none).
     """
     if elapsed_s <= 0:
         raise ValueError("elapsed_s must be positive")
@@ -133,4 +144,11 @@ def summarize(
         rtf=distribution([s.latency_s / s.audio_s for s in ok if s.audio_s > 0]),
         cache_hit_ratio=cache.get("HIT", 0) / looked_up if looked_up else None,
         cache=dict(sorted(cache.items())),
+        by_cache={
+            value: CacheSplit(
+                ttfa_s=distribution([s.ttfa_s for s in ok if s.cache == value and s.ttfa_s]),
+                latency_s=distribution([s.latency_s for s in ok if s.cache == value]),
+            )
+            for value in sorted({s.cache for s in ok if s.cache})
+        },
     )

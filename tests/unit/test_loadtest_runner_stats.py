@@ -16,7 +16,7 @@ import soundfile
 from loadtest.runner.audio import AudioDecodeError, audio_seconds, audio_stats
 from loadtest.runner.plot import write_plot
 from loadtest.runner.probe import measure
-from loadtest.runner.report import document, table_row
+from loadtest.runner.report import cache_line, document, table_row
 from loadtest.runner.stats import Sample, distribution, percentile, summarize
 from loadtest.runner.sweep import SweepPlan, run_sweep
 from loadtest.runner.targets import Api, Target
@@ -89,6 +89,13 @@ def test_summarize_counts_rates_cache_and_errors() -> None:
     assert result.latency_s.max == 3.0
     assert result.ttfa_s.p50 == pytest.approx(0.3)
     assert result.rtf.p50 == pytest.approx(0.5)
+    assert set(result.by_cache) == {"BYPASS", "HIT", "MISS"}
+    assert result.by_cache["HIT"].latency_s.count == 2
+    assert result.by_cache["HIT"].latency_s.p50 == pytest.approx(2.0)
+    assert result.by_cache["MISS"].ttfa_s.max == pytest.approx(0.4)
+    line = cache_line(result)
+    assert line is not None
+    assert "HIT n=2 ttfa p50 400ms lat p50 2000ms" in line
 
 
 def test_summarize_without_cache_headers_has_no_hit_ratio() -> None:
