@@ -17,6 +17,7 @@ import pytest
 from tests.support.processes import REPO_ROOT, free_port, python_service, redis_server
 
 WORKER_SLOTS = 2
+WORKER_QUEUE = 2
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Redis, one Piper worker (two synthesis slots, no queue) and one gateway before it."""
+    """Redis, one Piper worker (two synthesis slots, two queue places) and a gateway before it."""
     logs = tmp_path_factory.mktemp("loadtest-logs")
     worker_port, gateway_port = free_port(), free_port()
     with (
@@ -39,7 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "WORKER_PORT": str(worker_port),
                 "WORKER_THREADS": "1",
                 "WORKER_MAX_CONCURRENCY": str(WORKER_SLOTS),
-                "WORKER_MAX_QUEUE": "0",
+                "WORKER_MAX_QUEUE": str(WORKER_QUEUE),
             },
             port=worker_port,
             log_dir=logs,
@@ -121,13 +122,14 @@ def test_runner_counts_busy_refusals_by_status(stack: Stack, tmp_path: Path) -> 
     result, doc = run_bench(
         [
             "--target", f"label=worker,url={stack.worker_url},api=worker,texts=unique",
-            "--concurrency", str(2 * WORKER_SLOTS), "--duration", "10", "--max-requests", "8",
+            "--concurrency", str(2 * (WORKER_SLOTS + WORKER_QUEUE)),
+            "--duration", "20", "--max-requests", "12",
         ],
         tmp_path / "busy",
     )  # fmt: skip
     (level,) = doc["levels"]
-    assert level["requests"] == 8
-    assert 1 <= level["ok"] <= 8 - 1
+    assert level["requests"] == 12
+    assert 1 <= level["ok"] <= 12 - 1
     assert level["errors_by_status"] == {"503": level["errors"]}
     assert level["errors_by_code"] == {"busy": level["errors"]}
     assert "errors by status {503:" in result.stdout
