@@ -69,7 +69,7 @@ class WorkerState:
             self.fatal.set()
             return
         self.ready = True
-        logger.warning(
+        logger.info(
             "Engine %s ready in %.1f s", self.settings.engine, time.monotonic() - started
         )
 

@@ -1,7 +1,8 @@
 """One synthesis from admission to the last byte: slot, engine stream, encoder, metrics.
 
 `start_synthesis` takes a slot, starts the engine and waits for its first chunk before any
-response exists, so that every failure up to the first audio is still a clean JSON error. The
+response exists, so that every failure up to the first audio is still a clean JSON error (a text
+the engine finds nothing to speak in, such as "...", is 422 `text_empty`). The
 returned body generator owns the slot from then on and frees it in its `finally`, whether the
 stream completes, fails, times out, or the client disconnects.
 """
@@ -13,8 +14,6 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-
-import numpy as np
 
 from contract.audio import stream_headers
 from contract.errors import ErrorCode, ServiceError
@@ -98,7 +97,9 @@ async def _first_chunk(chunks: AsyncIterator[Audio], deadline: float) -> Audio:
         async with asyncio.timeout_at(_loop_time(deadline)):
             return await anext(chunks)
     except StopAsyncIteration:
-        return np.zeros(0, dtype=np.float32)
+        raise ServiceError(
+            ErrorCode.TEXT_EMPTY, "The text has nothing to speak (no words the voice can read)."
+        ) from None
     except TimeoutError as e:
         raise ServiceError(
             ErrorCode.DEADLINE_EXCEEDED, "The synthesis did not start before the deadline."
@@ -147,6 +148,12 @@ async def _body(
     finally:
         metrics.audio_seconds.inc(samples / sample_rate)
         metrics.requests.labels(status="200", code=code).inc()
+        logger.info(
+            "Stream ended (%s): %.2f s of audio in %.2f s",
+            code or "complete",
+            samples / sample_rate,
+            time.monotonic() - started,
+        )
         await _close(chunks)
         if code:
             close_encoder(encoder)

@@ -134,6 +134,7 @@ def test_request_id_is_echoed(client: httpx.Client) -> None:
 BAD_REQUESTS = [
     pytest.param({"text": ""}, 422, "text_empty", id="empty"),
     pytest.param({"text": " \n\t "}, 422, "text_empty", id="whitespace"),
+    pytest.param({"text": "..."}, 422, "text_empty", id="nothing-to-speak"),
     pytest.param({"text": "a" * 4097}, 422, "text_too_long", id="too-long"),
     pytest.param({"text": "Hi.", "voice": "nobody"}, 422, "unknown_voice", id="voice"),
     pytest.param({"text": "Hi.", "format": "aac"}, 422, "unsupported_format", id="format"),

@@ -203,3 +203,12 @@ async def test_error_after_first_byte_aborts_the_stream(
         metrics = (await c.get("/metrics")).text
     assert 'worker_requests_total{code="internal_error",status="200"} 1.0' in metrics
     assert engine.closed == 1
+
+
+async def test_engine_with_nothing_to_say_is_text_empty() -> None:
+    engine = FakeEngine(chunks=0)
+    async with client(await ready_app(engine)) as c:
+        response = await c.post("/v1/synthesize", json={"text": "..."})
+        assert response.status_code == 422
+        assert response.json()["error"]["code"] == "text_empty"
+        assert (await c.get("/readyz")).json()["active"] == 0
