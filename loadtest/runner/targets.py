@@ -91,8 +91,10 @@ class Target:
             form = {"text": text, "format": self.format}
             if self.voice:
                 form["voice"] = self.voice
-            # An empty `files` makes httpx send multipart/form-data, as the seed API expects.
-            return {"url": url, "data": form, "files": {}, "headers": headers}
+            # (None, value) parts are plain form fields, sent as multipart/form-data like the
+            # seed service's clients do (a `data=` dict alone would be urlencoded).
+            fields = {name: (None, value) for name, value in form.items()}
+            return {"url": url, "files": fields, "headers": headers}
         worker_body: dict[str, Any] = {"text": text, "format": self.format}
         if self.voice:
             worker_body["voice"] = self.voice

@@ -75,11 +75,12 @@ def run_bench(args: list[str], out: Path) -> tuple[subprocess.CompletedProcess[s
     return result, json.loads(out.with_suffix(".json").read_text())
 
 
-def test_runner_compares_a_worker_and_a_gateway(stack: Stack, tmp_path: Path) -> None:
+def test_runner_compares_a_worker_and_the_gateway_apis(stack: Stack, tmp_path: Path) -> None:
     _, doc = run_bench(
         [
             "--target", f"label=worker,url={stack.worker_url},api=worker,texts=unique,format=wav",
             "--target", f"label=gateway,url={stack.gateway_url},texts=repeat",
+            "--target", f"label=seed,url={stack.gateway_url},api=seed,texts=repeat",
             "--prime", "--pool-size", "2",
             "--concurrency", "1,2", "--duration", "2", "--max-requests", "3",
         ],
@@ -89,6 +90,8 @@ def test_runner_compares_a_worker_and_a_gateway(stack: Stack, tmp_path: Path) ->
     assert [(lv["target"], lv["concurrency"]) for lv in levels] == [
         ("worker", 1),
         ("gateway", 1),
+        ("seed", 1),
+        ("seed", 2),
         ("gateway", 2),
         ("worker", 2),
     ]

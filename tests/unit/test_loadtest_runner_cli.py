@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from loadtest.runner.__main__ import main
@@ -107,7 +108,9 @@ def test_request_bodies_per_api() -> None:
     assert kwargs["headers"] == {"Cache-Control": "no-cache"}
     seed = parse_target("url=http://h,api=seed", 1).request_kwargs("Hi.", api_key="s")
     assert seed["url"] == "http://h/synthesize"
-    assert seed["data"] == {"text": "Hi.", "format": "pcm_f32le"}
+    assert seed["files"] == {"text": (None, "Hi."), "format": (None, "pcm_f32le")}
+    encoded = httpx.Request("POST", seed["url"], files=seed["files"])
+    assert encoded.headers["content-type"].startswith("multipart/form-data; boundary=")
     assert seed["headers"] == {"Authorization": "Bearer s"}
     worker = parse_target("url=http://h,api=worker", 2).request_kwargs("Hi.", api_key=None)
     assert worker["json"] == {"text": "Hi.", "format": "pcm_f32le"}
