@@ -241,3 +241,14 @@ def test_all_gateways_down_gives_502_json(stack: Stack) -> None:
     response = httpx.post(f"{stack.public}/v1/audio/speech", json={})
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/v1/voices/a%00b", 400), ("/v1/voices/" + "x" * 9000, 414), ("/_errors/bad_request", 404)],
+)
+def test_requests_nginx_refuses_get_json(stack: Stack, path: str, status: int) -> None:
+    response = httpx.get(f"{stack.public}{path}")
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] in ("invalid_request", "not_found")
