@@ -34,6 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problems:
             build_parser().exit(2, "\n".join(["error: target check failed:", *problems]) + "\n")
     started_at = datetime.now(UTC)
+    runs = len(plan.targets) * len(plan.concurrency)
+    print(
+        f"run {plan.run_id}: {len(plan.targets)} targets x {len(plan.concurrency)} levels, each "
+        f"at most {plan.duration_s:g} s and {plan.max_requests} requests "
+        f"(at most {runs * plan.duration_s:g} s of load, plus requests in flight)",
+        flush=True,
+    )
     print(HEADER, flush=True)
 
     def show(result: LevelResult) -> None:
