@@ -11,6 +11,7 @@ from worker.engines.base import Engine
 # name -> "module:factory"; the factory takes the engine's options as keyword arguments.
 ENGINES: dict[str, str] = {
     "piper": "worker.engines.piper:create_engine",
+    "cosyvoice": "worker.engines.cosyvoice:create_engine",
 }
 
 

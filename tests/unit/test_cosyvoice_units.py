@@ -1,0 +1,103 @@
+"""Pure functions of the cosyvoice engine: config, weight folding, text, sampling, voices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.engines.cosyvoice.config import read_yaml
+from worker.engines.cosyvoice.frontend import VoicePrompt
+from worker.engines.cosyvoice.sampling import SamplingParams, nucleus, sample_token
+from worker.engines.cosyvoice.text import (
+    chinese_number,
+    english_number,
+    normalize,
+    split_sentences,
+)
+from worker.engines.cosyvoice.weights import fold_weight_norm
+
+
+def test_yaml_refs_and_expressions_resolve(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "rate: 25\nratio: 2\nsigma: 1e-06\n"
+        "model: !new:some.module.Class\n"
+        "    size: !ref <rate>\n"
+        "    chunk: !ref <rate> * <ratio>\n"
+        "    inner: !name:other.fn\n"
+        "        k: 3\n"
+    )
+    tree = read_yaml(path)
+    assert tree["model"]["size"] == 25
+    assert tree["model"]["chunk"] == 50
+    assert tree["model"]["inner"]["k"] == 3
+    assert tree["model"].target == "some.module.Class"
+    assert tree["sigma"] == pytest.approx(1e-6)
+
+
+@pytest.mark.parametrize(
+    ("g_key", "v_key"),
+    [("c.weight_g", "c.weight_v"),
+     ("c.parametrizations.weight.original0", "c.parametrizations.weight.original1")],
+)
+def test_weight_norm_is_folded(g_key: str, v_key: str) -> None:
+    conv = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(3, 4, 5))
+    state = {g_key: conv.parametrizations.weight.original0.detach(),
+             v_key: conv.parametrizations.weight.original1.detach(), "c.bias": conv.bias.detach()}
+    folded = fold_weight_norm(state)
+    assert set(folded) == {"c.weight", "c.bias"}
+    torch.testing.assert_close(folded["c.weight"], conv.weight.detach())
+
+
+def test_numbers_are_spelled() -> None:
+    assert english_number(1234) == "one thousand two hundred thirty four"
+    assert chinese_number(2024) == "二千零二十四"
+    assert chinese_number(15) == "十五"
+    assert normalize("It costs 3.5 dollars & 20%") == (
+        "It costs three point five dollars and twenty percent"
+    )
+    assert normalize("今天是2024年") == "今天是二千零二十四年"
+
+
+def test_long_text_is_split_in_order() -> None:
+    text = " ".join(f"Sentence number {i} is here." for i in range(40))
+    pieces = split_sentences(text, lambda s: len(s.split()), max_tokens=30, min_tokens=20)
+    assert len(pieces) > 3
+    assert all(len(p.split()) <= 30 for p in pieces)
+    assert " ".join(pieces).split() == text.split()
+    no_stops = "word " * 200
+    assert all(len(p.split()) <= 30 for p in
+               split_sentences(no_stops, lambda s: len(s.split()), 30, 20))
+
+
+def test_nucleus_keeps_top_p_within_top_k() -> None:
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+    kept = nucleus(probs, top_p=0.8, top_k=25)
+    assert kept[0, 3] == 0
+    assert kept[0, 4] == 0
+    assert kept[0, :3].sum() == pytest.approx(1.0)
+    assert nucleus(probs, top_p=1.0, top_k=2)[0, 2:].sum() == 0
+
+
+def test_sampling_is_seeded_and_respects_eos() -> None:
+    logp = torch.randn(1, 20, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+    logp[0, 10] = 5.0
+    params = SamplingParams()
+    draws = [sample_token(logp, [], params, torch.Generator().manual_seed(s), False, eos=10)
+             for s in range(30)]
+    assert all(d < 10 for d in draws)
+    again = [sample_token(logp, [], params, torch.Generator().manual_seed(s), False, eos=10)
+             for s in range(30)]
+    assert draws == again
+    assert sample_token(logp, [], params, torch.Generator().manual_seed(0), True, eos=10) == 10
+
+
+def test_voice_prompt_round_trips() -> None:
+    prompt = VoicePrompt(text="你好", speech_tokens=torch.tensor([[1, 2, 3]], dtype=torch.int32),
+                         embedding=torch.randn(1, 192), mel=torch.randn(1, 6, 80))
+    back = VoicePrompt.from_bytes(prompt.to_bytes())
+    assert back.text == "你好"
+    torch.testing.assert_close(back.speech_tokens, prompt.speech_tokens)
+    torch.testing.assert_close(back.mel, prompt.mel)

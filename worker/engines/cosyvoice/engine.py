@@ -1,0 +1,288 @@
+"""The `cosyvoice` engine: CosyVoice2 from an official model directory, streamed token by token.
+
+Per request, the LLM decodes in a worker thread and hands tokens to the request's coroutine; as
+soon as a chunk's tokens (plus look-ahead) are there, the flow and vocoder turn them into audio in
+another thread, while the LLM keeps decoding. Errors from any stage are raised to the caller;
+cancelling the stream stops the LLM at its next step and drops the request's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from contract.errors import ErrorCode, ServiceError
+from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
+from worker.engines.cosyvoice.config import ModelDirError, check_model_dir
+from worker.engines.cosyvoice.flow import FlowModel
+from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend, VoicePrompt
+from worker.engines.cosyvoice.hift import HiFTGenerator
+from worker.engines.cosyvoice.llm import SpeechLM
+from worker.engines.cosyvoice.pipeline import Stages, Utterance
+from worker.engines.cosyvoice.sampling import SamplingParams
+from worker.engines.cosyvoice.text import normalize, split_sentences
+from worker.engines.cosyvoice.weights import (
+    flow_state,
+    hift_state,
+    llm_state,
+    load_into,
+    qwen_config,
+    read_state,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DONE = object()
+
+
+class CosyVoiceEngine:
+    """CosyVoice2 on this package's modules. See `create_engine` for the options."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        fixed_speech_tokens: int | None = None,
+        warm_up_text: str = "Hello.",
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.fixed_speech_tokens = fixed_speech_tokens
+        self.warm_up_text = warm_up_text
+        self._stages: Stages | None = None
+        self._frontend: Frontend | None = None
+        self._speakers: dict[str, torch.Tensor] = {}
+        self._voices: dict[str, VoicePrompt] = {}
+        self._version = ""
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read and check every file; a missing or mismatched one raises `ModelDirError`."""
+        config = check_model_dir(self.model_dir)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        llm = SpeechLM(config.llm, qwen_config(self.model_dir))
+        load_into(llm, llm_state(read_state(self.model_dir / "llm.pt")), self.model_dir / "llm.pt")
+        flow = FlowModel(config.flow)
+        load_into(flow, flow_state(read_state(self.model_dir / "flow.pt")),
+                  self.model_dir / "flow.pt")
+        hift = HiFTGenerator(config.hift)
+        load_into(hift, hift_state(read_state(self.model_dir / "hift.pt")),
+                  self.model_dir / "hift.pt")
+        llm.to(self.device, self.dtype).eval()
+        flow.to(self.device, self.dtype).eval()
+        flow.noise = flow.noise.float()
+        hift.to(self.device).eval()
+        self._speakers = self._read_speakers(self.model_dir / "spk2info.pt")
+        self._frontend = Frontend(self.model_dir, config)
+        sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
+                                  config.llm.tau_r)
+        self._stages = Stages(llm, flow, hift, sampling, self.device,
+                              fixed_tokens=self.fixed_speech_tokens)
+        self._version = self._fingerprint()
+
+    @staticmethod
+    def _read_speakers(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            info = torch.load(path, map_location="cpu", weights_only=True)
+            return {str(k): v["embedding"].float().reshape(1, -1) for k, v in info.items()}
+        except Exception as e:
+            raise ModelDirError(f"{path} is not a speaker table with embeddings: {e!r}") from e
+
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for name in ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt"):
+            stat = (self.model_dir / name).stat()
+            digest.update(f"{name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+        digest.update((self.model_dir / "cosyvoice2.yaml").read_bytes())
+        return digest.hexdigest()[:12]
+
+    def warm_up(self) -> None:
+        """One short synthesis through every stage, so readiness proves the model runs."""
+        request = EngineRequest(text=self.warm_up_text, voice=self.default_voice, speed=1.0, seed=0)
+
+        async def run() -> int:
+            n = 0
+            async for chunk in self.stream(request):
+                n += chunk.size
+            return n
+
+        # A private thread with its own loop: start-up may itself be running inside a loop.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            produced = pool.submit(asyncio.run, run()).result()
+        if produced == 0:
+            raise RuntimeError("warm-up produced no audio")
+
+    # -- description --------------------------------------------------------------------------
+
+    @property
+    def default_voice(self) -> str:
+        return next(iter(self._speakers), "")
+
+    def capabilities(self) -> Capabilities:
+        voices = tuple(
+            VoiceInfo(id=name, name=name, language="zh" if not name.isascii() else "en",
+                      description="built-in speaker")
+            for name in self._speakers
+        )
+        return Capabilities(
+            engine="cosyvoice",
+            model=self.model_dir.name,
+            model_version=self._version,
+            sample_rate=self._require()[0].hift.cfg.sampling_rate,
+            modes=("sft", "zero_shot", "cross_lingual", "instruct2"),
+            languages=("zh", "en"),
+            voices=voices,
+            default_voice=self.default_voice,
+            supports_cloning=True,
+            supports_instructions=True,
+            speed_range=(0.5, 2.0),
+        )
+
+    def _require(self) -> tuple[Stages, Frontend]:
+        if self._stages is None or self._frontend is None:
+            raise RuntimeError("engine used before load()")
+        return self._stages, self._frontend
+
+    # -- registered voices ----------------------------------------------------------------------
+
+    def compute_voice(self, audio: np.ndarray, sample_rate: int, text: str = "") -> bytes:
+        """Prompt features of a recording, serialised for storage (see `VoicePrompt.to_bytes`)."""
+        _, frontend = self._require()
+        return frontend.voice_prompt(audio, sample_rate, text).to_bytes()
+
+    def add_voice(self, voice_id: str, data: bytes) -> None:
+        """Make stored prompt features usable as `voice=voice_id` in this process."""
+        self._voices[voice_id] = VoicePrompt.from_bytes(data)
+
+    def remove_voice(self, voice_id: str) -> None:
+        self._voices.pop(voice_id, None)
+
+    # -- synthesis ------------------------------------------------------------------------------
+
+    def plan(self, request: EngineRequest) -> list[Utterance]:
+        """Validate and turn a request into utterances; raises `ServiceError` (4xx) on bad input."""
+        stages, frontend = self._require()
+        prompt: VoicePrompt | None = None
+        speaker: torch.Tensor | None = None
+        if request.prompt_audio is not None:
+            prompt = frontend.voice_prompt(
+                request.prompt_audio, request.prompt_sample_rate or 16000, request.prompt_text or ""
+            )
+        elif request.voice in self._voices:
+            prompt = self._voices[request.voice]
+        elif request.voice in self._speakers:
+            speaker = self._speakers[request.voice]
+        else:
+            raise ServiceError(ErrorCode.UNKNOWN_VOICE, f"Unknown voice {request.voice!r}.")
+        instruction = (request.instruction or "").strip()
+        if instruction and prompt is not None and prompt.text:
+            raise ServiceError(
+                ErrorCode.INSTRUCTION_UNSUPPORTED,
+                "An instruction cannot be combined with a prompt transcript (zero-shot mode).",
+            )
+        empty_tokens = torch.zeros(1, 0, dtype=torch.int32)
+        mel_bins = stages.flow.cfg.output_size
+        if prompt is not None:
+            embedding = prompt.embedding
+            flow_tokens, prompt_mel = prompt.speech_tokens, prompt.mel
+        else:
+            assert speaker is not None
+            embedding = speaker
+            flow_tokens, prompt_mel = empty_tokens, torch.zeros(1, 0, mel_bins)
+        if instruction:
+            prefix = frontend.encode(normalize(instruction) + END_OF_PROMPT)
+            llm_tokens = empty_tokens
+        elif prompt is not None and prompt.text:
+            prefix = frontend.encode(normalize(prompt.text))
+            llm_tokens = prompt.speech_tokens
+        else:
+            prefix = []
+            llm_tokens = empty_tokens
+        pieces = split_sentences(normalize(request.text), frontend.count_tokens)
+        if not pieces:
+            raise ServiceError(ErrorCode.TEXT_EMPTY, "Text is empty after normalisation.")
+        utterances = []
+        for i, piece in enumerate(pieces):
+            ids = frontend.encode(piece)
+            utterances.append(
+                Utterance(
+                    text_ids=prefix + ids,
+                    tts_token_count=len(ids),
+                    llm_prompt_tokens=llm_tokens,
+                    flow_prompt_tokens=flow_tokens,
+                    prompt_mel=prompt_mel,
+                    embedding=embedding,
+                    seed=(request.seed + i * 7919) % (2**63),
+                    speed=request.speed,
+                )
+            )
+        return utterances
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[Audio]:
+        """Audio chunks (float32, 24 kHz) in order; validation errors come before the first."""
+        utterances = await asyncio.to_thread(self.plan, request)
+        for utt in utterances:
+            # Closed explicitly, so a cancelled request stops its decoder before this returns.
+            async with aclosing(self._stream_utterance(utt)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    async def _stream_utterance(self, utt: Utterance) -> AsyncIterator[Audio]:
+        stages, _ = self._require()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(token: int) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, token)
+
+        def decode() -> None:
+            try:
+                stages.generate_tokens(utt, emit, stop)
+            except BaseException as e:  # handed to the request, never lost
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+                return
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        producer = loop.run_in_executor(None, decode)
+        tokens: list[int] = []
+        try:
+            done = False
+            while not done:
+                item = await queue.get()
+                items = [item]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                for it in items:
+                    if it is _DONE:
+                        done = True
+                    elif isinstance(it, BaseException):
+                        raise RuntimeError("speech token decoding failed") from it
+                    else:
+                        assert isinstance(it, int)
+                        tokens.append(it)
+                while stages.ready(utt, len(tokens)):
+                    snapshot = list(tokens)
+                    yield await asyncio.to_thread(stages.chunk, utt, snapshot, False)
+            if tokens:
+                yield await asyncio.to_thread(stages.chunk, utt, tokens, True)
+        finally:
+            stop.set()
+            await asyncio.shield(producer)

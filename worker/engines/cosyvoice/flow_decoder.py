@@ -1,0 +1,253 @@
+"""The flow-matching estimator (a causal 1-D U-Net with transformer blocks) and its Euler solver.
+
+Names follow the released `flow.pt` under `decoder.estimator.`. The solver is batch-shaped: the
+guided and unguided passes of every request run as one estimator call of batch 2B.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from worker.engines.cosyvoice.config import EstimatorConfig
+from worker.engines.cosyvoice.flow_encoder import attention_mask
+
+
+class SinusoidalTime(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor, scale: float = 1000) -> torch.Tensor:
+        half = self.dim // 2
+        freq = torch.exp(
+            torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1))
+        )
+        emb = scale * t.unsqueeze(1) * freq.unsqueeze(0)
+        return torch.cat((emb.sin(), emb.cos()), dim=-1)
+
+
+class TimestepMLP(nn.Module):
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(t)))
+
+
+class CausalConv1d(nn.Conv1d):
+    def __init__(self, cin: int, cout: int, kernel: int) -> None:
+        super().__init__(cin, cout, kernel)
+        self.causal_padding = kernel - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.causal_padding, 0)))
+
+
+class _ChannelNorm(nn.LayerNorm):
+    """LayerNorm over channels of a [B, C, T] tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class CausalBlock(nn.Module):
+    def __init__(self, dim: int, dim_out: int) -> None:
+        super().__init__()
+        # Indices 0 and 2 hold the weights, as in the released checkpoint.
+        self.block = nn.Sequential(
+            CausalConv1d(dim, dim_out, 3), nn.Identity(), _ChannelNorm(dim_out), nn.Identity(),
+            nn.Mish(),
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.block(x * mask) * mask
+
+
+class CausalResnet(nn.Module):
+    def __init__(self, dim: int, dim_out: int, time_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_dim, dim_out))
+        self.block1 = CausalBlock(dim, dim_out)
+        self.block2 = CausalBlock(dim_out, dim_out)
+        self.res_conv = nn.Conv1d(dim, dim_out, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x, mask) + self.mlp(t).unsqueeze(-1)
+        return self.block2(h, mask) + self.res_conv(x * mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (
+            proj(x).view(b, t, self.heads, -1).transpose(1, 2)
+            for proj in (self.to_q, self.to_k, self.to_v)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))
+        return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
+
+
+class GeluProj(nn.Module):
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([GeluProj(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), bias)
+        return x + self.ff(self.norm3(x))
+
+
+class Estimator(nn.Module):
+    """Predicts the flow velocity for x [B, 80, T] given mu, speaker, prompt mel and time t [B]."""
+
+    def __init__(self, cfg: EstimatorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels[0]
+        time_dim = ch * 4
+        self.time_embeddings = SinusoidalTime(cfg.in_channels)
+        self.time_mlp = TimestepMLP(cfg.in_channels, time_dim)
+
+        def blocks() -> nn.ModuleList:
+            return nn.ModuleList(
+                TransformerBlock(ch, cfg.num_heads, cfg.attention_head_dim)
+                for _ in range(cfg.n_blocks)
+            )
+
+        self.down_blocks = nn.ModuleList(
+            [nn.ModuleList([CausalResnet(cfg.in_channels, ch, time_dim), blocks(),
+                            CausalConv1d(ch, ch, 3)])]
+        )
+        self.mid_blocks = nn.ModuleList(
+            nn.ModuleList([CausalResnet(ch, ch, time_dim), blocks()])
+            for _ in range(cfg.num_mid_blocks)
+        )
+        self.up_blocks = nn.ModuleList(
+            [nn.ModuleList([CausalResnet(2 * ch, ch, time_dim), blocks(), CausalConv1d(ch, ch, 3)])]
+        )
+        self.final_block = CausalBlock(ch, ch)
+        self.final_proj = nn.Conv1d(ch, cfg.out_channels, 1)
+
+    def _attend(
+        self, x: torch.Tensor, blocks: nn.ModuleList, bias: torch.Tensor
+    ) -> torch.Tensor:
+        x = x.transpose(1, 2)
+        for block in blocks:
+            x = block(x, bias)
+        return x.transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        streaming: bool = False,
+    ) -> torch.Tensor:
+        temb = self.time_mlp(self.time_embeddings(t).to(t.dtype))
+        spk = spks.unsqueeze(-1).expand(-1, -1, x.size(-1))
+        h = torch.cat([x, mu, spk, cond], dim=1)
+        chunk = self.cfg.static_chunk_size if streaming else 0
+        allowed = attention_mask(mask[:, 0].bool(), chunk)
+        bias = (1.0 - allowed.to(h.dtype)) * -1.0e10
+        resnet, blocks, down = self.down_blocks[0]
+        h = resnet(h, mask, temb)
+        skip = self._attend(h, blocks, bias)
+        h = down(skip * mask)
+        for resnet, blocks in self.mid_blocks:
+            h = self._attend(resnet(h, mask, temb), blocks, bias)
+        resnet, blocks, up = self.up_blocks[0]
+        h = resnet(torch.cat([h[:, :, : skip.size(-1)], skip], dim=1), mask, temb)
+        h = up(self._attend(h, blocks, bias) * mask)
+        h = self.final_block(h, mask)
+        return self.final_proj(h * mask) * mask
+
+
+class EulerSolver:
+    """Fixed-step Euler integration with classifier-free guidance, batch-shaped.
+
+    `noise` is the starting point [B, 80, T]; the caller owns it so streaming and parity can use
+    the same fixed noise the released model was tuned with.
+    """
+
+    def __init__(self, estimator: Estimator, cfg_rate: float, scheduler: str) -> None:
+        self.estimator = estimator
+        self.cfg_rate = cfg_rate
+        self.scheduler = scheduler
+
+    def time_span(self, steps: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        span = torch.linspace(0, 1, steps + 1, device=device, dtype=dtype)
+        if self.scheduler == "cosine":
+            span = 1 - torch.cos(span * 0.5 * torch.pi)
+        return span
+
+    def solve(
+        self,
+        noise: torch.Tensor,
+        mask: torch.Tensor,
+        mu: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        steps: int = 10,
+        streaming: bool = False,
+    ) -> torch.Tensor:
+        b = noise.size(0)
+        span = self.time_span(steps, noise.device, noise.dtype)
+        x = noise
+        mask2 = torch.cat([mask, mask], dim=0)
+        mu2 = torch.cat([mu, torch.zeros_like(mu)], dim=0)
+        spks2 = torch.cat([spks, torch.zeros_like(spks)], dim=0)
+        cond2 = torch.cat([cond, torch.zeros_like(cond)], dim=0)
+        t = span[0]
+        dt = span[1] - span[0]
+        for step in range(1, steps + 1):
+            v = self.estimator(
+                torch.cat([x, x], dim=0), mask2, mu2, t.expand(2 * b), spks2, cond2, streaming
+            )
+            guided, free = v[:b], v[b:]
+            x = x + dt * ((1.0 + self.cfg_rate) * guided - self.cfg_rate * free)
+            t = t + dt
+            if step < steps:
+                dt = span[step + 1] - t
+        return x.float()

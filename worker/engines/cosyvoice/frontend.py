@@ -1,0 +1,170 @@
+"""Turning text and prompt recordings into model inputs.
+
+A prompt recording becomes a `VoicePrompt` once: speech tokens (ONNX speech tokenizer), a speaker
+embedding (ONNX CAM++), and the prompt mel, trimmed so that mel frames are exactly
+`token_mel_ratio` times the tokens. `VoicePrompt.to_bytes`/`from_bytes` let a registered voice be
+stored and reused without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import soxr
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from contract.errors import ErrorCode, ServiceError
+from worker.engines.cosyvoice.config import ModelConfig, ModelDirError
+from worker.engines.cosyvoice.features import kaldi_fbank, prompt_mel, whisper_log_mel
+
+SPECIAL_TOKENS = [
+    "<|im_start|>", "<|im_end|>", "<|endofprompt|>", "[breath]", "<strong>", "</strong>",
+    "[noise]", "[laughter]", "[cough]", "[clucking]", "[accent]", "[quick_breath]",
+    "<laughter>", "</laughter>", "[hissing]", "[sigh]", "[vocalized-noise]", "[lipsmack]", "[mn]",
+]
+END_OF_PROMPT = "<|endofprompt|>"
+PROMPT_MIN_SECONDS = 0.5
+PROMPT_MAX_SECONDS = 30.0
+SILENCE_RMS = 1e-3
+VOICE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class VoicePrompt:
+    """Everything a request needs from a prompt recording, computed once.
+
+    `speech_tokens` [1, P] int32, `embedding` [1, D] float32, `mel` [1, 2P, 80] float32.
+    `text` is the transcript ("" when unknown, as in cross-lingual use).
+    """
+
+    text: str
+    speech_tokens: torch.Tensor
+    embedding: torch.Tensor
+    mel: torch.Tensor
+
+    def to_bytes(self) -> bytes:
+        """A self-describing binary form (npz) for storage, e.g. in Redis."""
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            meta=np.frombuffer(json.dumps({"format": VOICE_FORMAT, "text": self.text}).encode(),
+                               dtype=np.uint8),
+            speech_tokens=self.speech_tokens.cpu().numpy().astype(np.int32),
+            embedding=self.embedding.cpu().float().numpy(),
+            mel=self.mel.cpu().float().numpy(),
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> VoicePrompt:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                meta = json.loads(npz["meta"].tobytes().decode())
+                if meta.get("format") != VOICE_FORMAT:
+                    raise ValueError(f"unknown voice format {meta.get('format')!r}")
+                return cls(
+                    text=str(meta["text"]),
+                    speech_tokens=torch.from_numpy(npz["speech_tokens"]),
+                    embedding=torch.from_numpy(npz["embedding"]),
+                    mel=torch.from_numpy(npz["mel"]),
+                )
+        except (ValueError, KeyError, OSError) as e:
+            raise ServiceError(ErrorCode.INVALID_REQUEST, "Stored voice data is unreadable.") from e
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelDirError(f"{path} is not a loadable ONNX model: {e!r}") from e
+
+
+class Frontend:
+    def __init__(self, model_dir: Path, config: ModelConfig, onnx_threads: int = 1) -> None:
+        self.config = config
+        blank = model_dir / "CosyVoice-BlankEN"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(blank))
+        except Exception as e:
+            raise ModelDirError(f"{blank} holds no loadable tokenizer: {e!r}") from e
+        tokenizer.add_special_tokens(
+            {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+             "additional_special_tokens": SPECIAL_TOKENS}
+        )
+        self.tokenizer: PreTrainedTokenizerBase = tokenizer
+        self.campplus = _session(model_dir / "campplus.onnx", onnx_threads)
+        self.speech_tokenizer = _session(model_dir / "speech_tokenizer_v2.onnx", onnx_threads)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer([text], return_tensors=None)["input_ids"][0]
+        return ids
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    @staticmethod
+    def check_prompt(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Mono float32 of a usable prompt; 4xx `ServiceError` for one that is not."""
+        wav = np.asarray(audio, dtype=np.float32)
+        if wav.ndim == 2:
+            wav = wav.mean(axis=1)
+        if wav.ndim != 1 or not np.all(np.isfinite(wav)) or sample_rate <= 0:
+            raise ServiceError(ErrorCode.PROMPT_NOT_AUDIO, "Prompt audio is not a mono signal.")
+        seconds = wav.size / sample_rate
+        if seconds < PROMPT_MIN_SECONDS:
+            raise ServiceError(
+                ErrorCode.PROMPT_TOO_SHORT,
+                f"Prompt audio lasts {seconds:.2f} s; at least {PROMPT_MIN_SECONDS} s is needed.",
+            )
+        if seconds > PROMPT_MAX_SECONDS:
+            raise ServiceError(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"Prompt audio lasts {seconds:.1f} s; at most {PROMPT_MAX_SECONDS:.0f} s is taken.",
+            )
+        if float(np.sqrt(np.mean(wav.astype(np.float64) ** 2))) < SILENCE_RMS:
+            raise ServiceError(ErrorCode.PROMPT_SILENT, "Prompt audio is silent.")
+        return wav
+
+    def speech_tokens(self, wav16k: np.ndarray) -> torch.Tensor:
+        feat = whisper_log_mel(torch.from_numpy(wav16k)).unsqueeze(0).numpy()
+        inputs = self.speech_tokenizer.get_inputs()
+        out = self.speech_tokenizer.run(
+            None,
+            {inputs[0].name: feat, inputs[1].name: np.array([feat.shape[2]], dtype=np.int32)},
+        )[0]
+        return torch.tensor(np.asarray(out).reshape(1, -1), dtype=torch.int32)
+
+    def speaker_embedding(self, wav16k: np.ndarray) -> torch.Tensor:
+        feat = kaldi_fbank(torch.from_numpy(wav16k))
+        feat = feat - feat.mean(dim=0, keepdim=True)
+        name = self.campplus.get_inputs()[0].name
+        out = self.campplus.run(None, {name: feat.unsqueeze(0).numpy()})[0]
+        return torch.tensor(np.asarray(out, dtype=np.float32).reshape(1, -1))
+
+    def voice_prompt(self, audio: np.ndarray, sample_rate: int, text: str) -> VoicePrompt:
+        """Features of a prompt recording at any sample rate (it is resampled, never rejected)."""
+        wav = self.check_prompt(audio, sample_rate)
+        wav16k = soxr.resample(wav, sample_rate, 16000).astype(np.float32)
+        target = self.config.mel.sampling_rate
+        wav_mel = soxr.resample(wav, sample_rate, target).astype(np.float32)
+        mel = prompt_mel(torch.from_numpy(wav_mel), self.config.mel).unsqueeze(0)
+        tokens = self.speech_tokens(wav16k)
+        ratio = self.config.flow.token_mel_ratio
+        n = min(mel.size(1) // ratio, tokens.size(1))
+        if n == 0:
+            raise ServiceError(ErrorCode.PROMPT_TOO_SHORT, "Prompt audio yields no speech tokens.")
+        return VoicePrompt(
+            text=text,
+            speech_tokens=tokens[:, :n],
+            embedding=self.speaker_embedding(wav16k),
+            mel=mel[:, : ratio * n].contiguous(),
+        )

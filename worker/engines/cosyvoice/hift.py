@@ -1,0 +1,201 @@
+"""HiFT vocoder: mel [B, 80, T] -> 24 kHz waveform via an F0 predictor, harmonic source and iSTFT.
+
+Parameter names match the released `hift.pt`; weight-normalised layers are folded into plain
+weights when loading (see weights.py), so the modules here hold ordinary convolutions. Every random
+draw goes through a caller-owned `torch.Generator`, so a request's seed fixes its waveform.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from worker.engines.cosyvoice.config import HiFTConfig
+
+
+def _padding(kernel: int, dilation: int = 1) -> int:
+    return (kernel * dilation - dilation) // 2
+
+
+class Snake(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha.unsqueeze(0).unsqueeze(-1)
+        return x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha).pow(2)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, kernel: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convs1 = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel, dilation=d, padding=_padding(kernel, d))
+            for d in dilations
+        )
+        self.convs2 = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel, padding=_padding(kernel)) for _ in dilations
+        )
+        self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
+        self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for c1, c2, a1, a2 in zip(
+            self.convs1, self.convs2, self.activations1, self.activations2, strict=True
+        ):
+            x = c2(a2(c1(a1(x)))) + x
+        return x
+
+
+class F0Predictor(nn.Module):
+    def __init__(self, in_channels: int, cond_channels: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(5):
+            layers += [
+                nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1),
+                nn.ELU(),
+            ]
+        self.condnet = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cond_channels, 1)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return torch.abs(self.classifier(self.condnet(mel).transpose(1, 2)).squeeze(-1))
+
+
+class SourceModule(nn.Module):
+    """Harmonic-plus-noise excitation from F0 [B, samples, 1] (the 24 kHz variant)."""
+
+    def __init__(self, cfg: HiFTConfig, upsample_scale: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.upsample_scale = upsample_scale
+        self.l_linear = nn.Linear(cfg.nb_harmonics + 1, 1)
+
+    def forward(self, f0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        cfg = self.cfg
+        harmonics = torch.arange(1, cfg.nb_harmonics + 2, device=f0.device, dtype=f0.dtype)
+        fn = f0 * harmonics.view(1, 1, -1)
+        rad = (fn / cfg.sampling_rate) % 1
+        initial = torch.rand(
+            fn.size(0), fn.size(2), device="cpu", generator=generator
+        ).to(fn.device, fn.dtype)
+        initial[:, 0] = 0
+        rad[:, 0, :] = rad[:, 0, :] + initial
+        rad = F.interpolate(
+            rad.transpose(1, 2), scale_factor=1 / self.upsample_scale, mode="linear"
+        ).transpose(1, 2)
+        phase = torch.cumsum(rad, dim=1) * 2 * np.pi
+        phase = F.interpolate(
+            phase.transpose(1, 2) * self.upsample_scale, scale_factor=self.upsample_scale,
+            mode="linear",
+        ).transpose(1, 2)
+        sines = torch.sin(phase) * cfg.nsf_alpha
+        uv = (f0 > cfg.nsf_voiced_threshold).to(f0.dtype)
+        noise_amp = uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3
+        # Same memory layout as `sines`: the released recipe's `randn_like` filled that layout.
+        noise = torch.empty_like(sines, device="cpu").normal_(generator=generator).to(sines.device)
+        sines = sines * uv + noise_amp * noise
+        return torch.tanh(self.l_linear(sines))
+
+
+class HiFTGenerator(nn.Module):
+    def __init__(self, cfg: HiFTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.upsample_scale = int(np.prod(cfg.upsample_rates)) * cfg.hop_len
+        self.m_source = SourceModule(cfg, self.upsample_scale)
+        base = cfg.base_channels
+        self.conv_pre = nn.Conv1d(cfg.in_channels, base, 7, padding=3)
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose1d(base // 2**i, base // 2 ** (i + 1), k, u, padding=(k - u) // 2)
+            for i, (u, k) in enumerate(
+                zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, strict=True)
+            )
+        )
+        down_rates = [1, *list(cfg.upsample_rates[::-1][:-1])]
+        cum = np.cumprod(down_rates)[::-1]
+        self.source_downs = nn.ModuleList()
+        self.source_resblocks = nn.ModuleList()
+        for i, (u, k, d) in enumerate(
+            zip(cum, cfg.source_resblock_kernel_sizes, cfg.source_resblock_dilation_sizes,
+                strict=True)
+        ):
+            out = base // 2 ** (i + 1)
+            u = int(u)
+            conv = (
+                nn.Conv1d(cfg.n_fft + 2, out, 1)
+                if u == 1
+                else nn.Conv1d(cfg.n_fft + 2, out, u * 2, u, padding=u // 2)
+            )
+            self.source_downs.append(conv)
+            self.source_resblocks.append(ResBlock(out, k, d))
+        self.resblocks = nn.ModuleList(
+            ResBlock(base // 2 ** (i + 1), k, d)
+            for i in range(len(cfg.upsample_rates))
+            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)
+        )
+        last = base // 2 ** len(cfg.upsample_rates)
+        self.conv_post = nn.Conv1d(last, cfg.n_fft + 2, 7, padding=3)
+        self.f0_predictor = F0Predictor(cfg.in_channels, cfg.f0_cond_channels)
+        self.register_buffer(
+            "window", torch.hann_window(cfg.n_fft, periodic=True), persistent=False
+        )
+
+    def source(self, mel: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Excitation [B, 1, samples] for a mel [B, 80, T]."""
+        f0 = self.f0_predictor(mel)
+        f0_up = F.interpolate(f0[:, None], scale_factor=float(self.upsample_scale))
+        return self.m_source(f0_up.transpose(1, 2), generator).transpose(1, 2)
+
+    def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Waveform [B, samples] from a mel and its excitation."""
+        cfg = self.cfg
+        spec = torch.stft(
+            source.squeeze(1), cfg.n_fft, cfg.hop_len, cfg.n_fft, window=self.window,
+            return_complex=True,
+        )
+        s = torch.cat([spec.real, spec.imag], dim=1)
+        x = self.conv_pre(mel)
+        kernels = len(cfg.resblock_kernel_sizes)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, cfg.lrelu_slope))
+            if i == len(self.ups) - 1:
+                x = F.pad(x, (1, 0), mode="reflect")
+            x = x + self.source_resblocks[i](self.source_downs[i](s))
+            acc = self.resblocks[i * kernels](x)
+            for j in range(1, kernels):
+                acc = acc + self.resblocks[i * kernels + j](x)
+            x = acc / kernels
+        x = self.conv_post(F.leaky_relu(x))
+        bins = cfg.n_fft // 2 + 1
+        magnitude = torch.clip(torch.exp(x[:, :bins]), max=1e2)
+        phase = torch.sin(x[:, bins:])
+        wav = torch.istft(
+            torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase)),
+            cfg.n_fft, cfg.hop_len, cfg.n_fft, window=self.window,
+        )
+        return torch.clamp(wav, -cfg.audio_limit, cfg.audio_limit)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        mel: torch.Tensor,
+        cache_source: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waveform and the excitation used; `cache_source` overrides the excitation's start."""
+        mel = mel.float()
+        source = self.source(mel, generator)
+        if cache_source is not None and cache_source.size(2) > 0:
+            source[:, :, : cache_source.size(2)] = cache_source
+        return self.decode(mel, source), source
+
+
+def samples_per_frame(cfg: HiFTConfig) -> int:
+    return int(math.prod(cfg.upsample_rates)) * cfg.hop_len
