@@ -47,3 +47,15 @@ def test_missing_directory_fails_loudly(tmp_path: Path) -> None:
 def test_unknown_option_fails_loudly() -> None:
     with pytest.raises(TypeError):
         create_engine("piper", model_dir="/models")
+
+
+def test_a_sentence_without_stops_streams_in_pieces() -> None:
+    engine = create_engine("piper", threads=1, max_chunk_phonemes=120)
+    engine.load()
+    text = " ".join(["the long road winds on and on past the quiet hills"] * 8)
+    pieces = engine.synthesize_all(  # type: ignore[attr-defined]
+        EngineRequest(text=text, voice="joe", speed=1.0, seed=1)
+    )
+    assert len(pieces) >= 4
+    rate = engine.capabilities().sample_rate
+    assert all(0.5 < len(piece) / rate < 12 for piece in pieces)

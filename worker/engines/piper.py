@@ -6,8 +6,9 @@ Every voice is loaded once, at start-up, into its own ONNX Runtime session with 
 count, and its graph is patched so that its noise comes from the request's seed (see
 `piper_noise`): the same request gives the same audio on every worker.
 
-Audio streams by sentence: each sentence is synthesized in a worker thread, so the event loop
-stays free, and a cancelled request stops at the next sentence boundary. Sentences are not
+Audio streams by sentence (long sentences in pieces, see `piper_chunks`): each is synthesized
+in a worker thread, so the event loop stays free, and a cancelled request stops at the next
+boundary. Sentences are not
 peak-normalized one by one (Piper's default), so loudness stays even across a text; a fixed
 gain applies instead.
 """
@@ -33,6 +34,7 @@ from piper.config import PiperConfig
 from piper.voice import PiperVoice
 
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
+from worker.engines.piper_chunks import split_phonemes
 from worker.engines.piper_noise import (
     NOISE_CHANNELS,
     NOISE_FRAMES,
@@ -75,11 +77,14 @@ class PiperEngine:
         noise_scale: float | None = None,
         noise_w_scale: float | None = None,
         spin: bool = True,
+        max_chunk_phonemes: int = 200,
     ) -> None:
         """`threads`: ONNX Runtime intra-op threads per session (default: the usable cores).
 
         `spin` lets idle ONNX Runtime threads busy-wait for work (ONNX Runtime's default): a
         little faster, at the price of CPU that other services on a shared host could use.
+        `max_chunk_phonemes` bounds one synthesis run (about 14 s of speech); longer sentences
+        are cut at clause marks or words (see `piper_chunks`).
 
         `gain` multiplies every sample (then clipped to [-1, 1]); `noise_scale` and
         `noise_w_scale` override each voice's own values when set.
@@ -92,6 +97,7 @@ class PiperEngine:
         self._noise_scale = noise_scale
         self._noise_w_scale = noise_w_scale
         self._spin = spin
+        self._max_chunk_phonemes = max_chunk_phonemes
         self._voices: dict[str, _LoadedVoice] = {}
         self._capabilities: Capabilities | None = None
 
@@ -132,11 +138,9 @@ class PiperEngine:
         thread, and no further sentence starts.
         """
         loaded = self._voice(request.voice)
-        sentences = await asyncio.to_thread(loaded.voice.phonemize, request.text)
+        pieces = await asyncio.to_thread(self._pieces, loaded, request.text)
         rng = np.random.default_rng(request.seed)
-        for phonemes in sentences:
-            if not phonemes:
-                continue
+        for phonemes in pieces:
             yield await asyncio.to_thread(self._synthesize_sentence, loaded, phonemes, request, rng)
 
     def synthesize_all(self, request: EngineRequest) -> list[Audio]:
@@ -145,8 +149,14 @@ class PiperEngine:
         rng = np.random.default_rng(request.seed)
         return [
             self._synthesize_sentence(loaded, phonemes, request, rng)
-            for phonemes in loaded.voice.phonemize(request.text)
-            if phonemes
+            for phonemes in self._pieces(loaded, request.text)
+        ]
+
+    def _pieces(self, loaded: _LoadedVoice, text: str) -> list[list[str]]:
+        return [
+            piece
+            for sentence in loaded.voice.phonemize(text)
+            for piece in split_phonemes(sentence, self._max_chunk_phonemes)
         ]
 
     def _synthesize_sentence(
@@ -184,6 +194,7 @@ class PiperEngine:
             f"gain={self._gain}",
             f"noise={self._noise_scale},{self._noise_w_scale}",
             f"noise-draw={NOISE_CHANNELS}x{NOISE_FRAMES}",
+            f"chunk={self._max_chunk_phonemes}",
             *sorted(
                 f"{voice_id}:{loaded.files.model.stat().st_size}"
                 for voice_id, loaded in self._voices.items()
@@ -267,6 +278,6 @@ def find_voices(voices_dir: Path | None) -> list[VoiceFiles]:
 
 
 def create_engine(**options: Any) -> PiperEngine:
-    """Registry factory. Options: voices_dir, threads, gain, noise_scale, noise_w_scale, spin."""
+    """Registry factory; options are PiperEngine's keywords (voices_dir may be a string)."""
     voices_dir = options.pop("voices_dir", None)
     return PiperEngine(voices_dir=Path(voices_dir) if voices_dir else None, **options)
