@@ -9,7 +9,10 @@ in front of it differs.
     .venv/bin/python benchmarks/bench_stack_overhead.py --requests 200
 
 It starts its own cluster on free ports (or takes --public-url and --worker-url of a running one)
-and prints a JSON report: p50/p99 per path and the added milliseconds, also per pair.
+and prints a JSON report: p50/p99 per path and the added milliseconds, also per pair. With
+`--stub-worker` the worker is a stand-in that answers at once with fixed audio
+(tests/e2e/stub_worker.py): synthesis time and its spread drop out, and what remains is the
+cost of nginx (twice) and the gateway.
 """
 
 from __future__ import annotations
@@ -84,13 +87,14 @@ def _free_block(count: int, start: int) -> int:
 
 
 @contextmanager
-def own_cluster() -> Iterator[tuple[str, str]]:
+def own_cluster(worker_module: str) -> Iterator[tuple[str, str]]:
     run_dir = Path(tempfile.mkdtemp(prefix="tts-bench-"))
     run_dir.chmod(0o755)
     settings = ClusterSettings(
         run_dir=run_dir,
         gateways=1,
         workers=1,
+        worker_module=worker_module,
         public_port=_free_block(1, 28080),
         internal_port=_free_block(1, 28180),
         h2c_port=_free_block(1, 28280),
@@ -161,14 +165,22 @@ def main() -> int:
     parser.add_argument("--public-url", help="nginx's public URL of a running cluster")
     parser.add_argument("--worker-url", help="a worker of that cluster, called directly")
     parser.add_argument("--output", type=Path, help="also write the JSON report here")
+    parser.add_argument(
+        "--stub-worker",
+        action="store_true",
+        help="run tests/e2e/stub_worker.py (fixed audio, no synthesis) as the worker, so that "
+        "only the stack's own cost remains",
+    )
     args = parser.parse_args()
     if bool(args.public_url) != bool(args.worker_url):
         parser.error("give both --public-url and --worker-url, or neither")
     if args.public_url:
         report = run(args.public_url, args.worker_url, args.requests, args.warmup)
     else:
-        with own_cluster() as (public_url, worker_url):
+        module = "tests.e2e.stub_worker" if args.stub_worker else "worker"
+        with own_cluster(module) as (public_url, worker_url):
             report = run(public_url, worker_url, args.requests, args.warmup)
+        report["worker"] = module
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

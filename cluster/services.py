@@ -71,7 +71,7 @@ def plan(settings: ClusterSettings) -> list[Service]:
         services.append(
             Service(
                 name=f"worker-{index}",
-                argv=[python, "-m", "worker"],
+                argv=[python, "-m", settings.worker_module],
                 port=port,
                 binds=[("127.0.0.1", port)],
                 ready=partial(probes.http_ready, f"http://127.0.0.1:{port}/readyz"),

@@ -26,6 +26,8 @@ class ClusterSettings(BaseSettings):
     workers: int = Field(default=2, ge=1, le=64)
     # Engine every worker loads (WORKER_ENGINE).
     engine: str = "piper"
+    # Python module each worker runs (`python -m ...`); benchmarks swap in a stand-in.
+    worker_module: str = "worker"
     # Address the public listener binds; 0.0.0.0 exposes it beyond this machine.
     public_host: str = "127.0.0.1"
     # Public listener (HTTP/1.1; also h2c when nginx is 1.25.1 or newer).
