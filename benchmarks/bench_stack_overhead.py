@@ -9,7 +9,9 @@ in front of it differs.
     .venv/bin/python benchmarks/bench_stack_overhead.py --requests 200
 
 It starts its own cluster on free ports (or takes --public-url and --worker-url of a running one)
-and prints a JSON report: p50/p99 per path and the added milliseconds, also per pair. With
+and prints a JSON report: p50/p99 per path and the added milliseconds, also per pair. On its own
+cluster it also times the hops alone (a gateway called directly; nginx's internal listener in
+front of the worker), to show where added time comes from. With
 `--stub-worker` the worker is a stand-in that answers at once with fixed audio
 (tests/e2e/stub_worker.py): synthesis time and its spread drop out, and what remains is the
 cost of nginx (twice) and the gateway.
@@ -24,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +88,17 @@ def _free_block(count: int, start: int) -> int:
     return port
 
 
+@dataclass(frozen=True)
+class Endpoints:
+    public: str
+    worker: str
+    # Known only for a cluster this script starts: the hops in between, for the breakdown.
+    internal: str | None = None
+    gateway: str | None = None
+
+
 @contextmanager
-def own_cluster(worker_module: str) -> Iterator[tuple[str, str]]:
+def own_cluster(worker_module: str) -> Iterator[Endpoints]:
     run_dir = Path(tempfile.mkdtemp(prefix="tts-bench-"))
     run_dir.chmod(0o755)
     settings = ClusterSettings(
@@ -106,53 +117,72 @@ def own_cluster(worker_module: str) -> Iterator[tuple[str, str]]:
     )
     try:
         launcher.up(settings)
-        yield settings.public_url, f"http://127.0.0.1:{settings.worker_base_port}"
+        yield Endpoints(
+            public=settings.public_url,
+            worker=f"http://127.0.0.1:{settings.worker_base_port}",
+            internal=settings.internal_url,
+            gateway=f"http://127.0.0.1:{settings.gateway_base_port}",
+        )
     finally:
         launcher.down(settings)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def run(public_url: str, worker_url: str, requests: int, warmup: int) -> dict[str, object]:
-    stack: list[Timing] = []
-    direct: list[Timing] = []
+Call = Callable[[str], Timing]
+
+
+def _calls(client: httpx.Client, endpoints: Endpoints) -> dict[str, Call]:
+    """Every path to time, by name: `stack` and `direct` always, the hops when known."""
+
+    def speech(base: str) -> Call:
+        return lambda text: timed_stream(
+            client,
+            f"{base}/v1/audio/speech",
+            json={"model": "tts-1", "input": text, "response_format": "pcm"},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def synthesize(base: str) -> Call:
+        return lambda text: timed_stream(
+            client, f"{base}/v1/synthesize", json={"text": text, "format": "pcm"}
+        )
+
+    calls = {"stack": speech(endpoints.public), "direct": synthesize(endpoints.worker)}
+    if endpoints.gateway:
+        calls["gateway_only"] = speech(endpoints.gateway)
+    if endpoints.internal:
+        calls["internal_nginx_only"] = synthesize(endpoints.internal)
+    return calls
+
+
+def run(endpoints: Endpoints, requests: int, warmup: int) -> dict[str, object]:
     with httpx.Client(timeout=120) as client:
-
-        def via_stack(text: str) -> Timing:
-            return timed_stream(
-                client,
-                f"{public_url}/v1/audio/speech",
-                json={"model": "tts-1", "input": text, "response_format": "pcm"},
-                headers={"Cache-Control": "no-store"},
-            )
-
-        def via_worker(text: str) -> Timing:
-            return timed_stream(
-                client, f"{worker_url}/v1/synthesize", json={"text": text, "format": "pcm"}
-            )
-
+        calls = _calls(client, endpoints)
+        timings: dict[str, list[Timing]] = {name: [] for name in calls}
         for index in range(warmup + requests):
             text = TEXTS[index % len(TEXTS)]
-            pair = (via_stack, via_worker) if index % 2 == 0 else (via_worker, via_stack)
-            results = {fn: fn(text) for fn in pair}
-            if index >= warmup:
-                stack.append(results[via_stack])
-                direct.append(results[via_worker])
-    added_ttfa = [s.ttfa_ms - d.ttfa_ms for s, d in zip(stack, direct, strict=True)]
-    added_total = [s.total_ms - d.total_ms for s, d in zip(stack, direct, strict=True)]
-    stack_ttfa = summary([t.ttfa_ms for t in stack])
+            names = list(calls)
+            # Rotate the order, so that no path always goes first.
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                timing = calls[name](text)
+                if index >= warmup:
+                    timings[name].append(timing)
+    direct = timings["direct"]
+    stack_ttfa = summary([t.ttfa_ms for t in timings["stack"]])
     direct_ttfa = summary([t.ttfa_ms for t in direct])
     added_p50 = round(stack_ttfa["p50"] - direct_ttfa["p50"], 2)
     added_p99 = round(stack_ttfa["p99"] - direct_ttfa["p99"], 2)
     return {
         "requests_per_path": requests,
-        "ttfa_ms": {"stack": stack_ttfa, "direct": direct_ttfa},
-        "total_ms": {
-            "stack": summary([t.total_ms for t in stack]),
-            "direct": summary([t.total_ms for t in direct]),
-        },
+        "ttfa_ms": {name: summary([t.ttfa_ms for t in ts]) for name, ts in timings.items()},
+        "total_ms": {name: summary([t.total_ms for t in ts]) for name, ts in timings.items()},
         "added_ttfa_ms": {"p50": added_p50, "p99": added_p99},
-        "added_ttfa_ms_per_pair": summary(added_ttfa),
-        "added_total_ms_per_pair": summary(added_total),
+        "added_ttfa_ms_per_pair": {
+            name: summary([t.ttfa_ms - d.ttfa_ms for t, d in zip(ts, direct, strict=True)])
+            for name, ts in timings.items()
+            if name != "direct"
+        },
         "targets_ms": {"p50": TARGET_P50_MS, "p99": TARGET_P99_MS},
         "meets_targets": added_p50 <= TARGET_P50_MS and added_p99 <= TARGET_P99_MS,
     }
@@ -175,11 +205,11 @@ def main() -> int:
     if bool(args.public_url) != bool(args.worker_url):
         parser.error("give both --public-url and --worker-url, or neither")
     if args.public_url:
-        report = run(args.public_url, args.worker_url, args.requests, args.warmup)
+        report = run(Endpoints(args.public_url, args.worker_url), args.requests, args.warmup)
     else:
         module = "tests.e2e.stub_worker" if args.stub_worker else "worker"
-        with own_cluster(module) as (public_url, worker_url):
-            report = run(public_url, worker_url, args.requests, args.warmup)
+        with own_cluster(module) as endpoints:
+            report = run(endpoints, args.requests, args.warmup)
         report["worker"] = module
     text = json.dumps(report, indent=2)
     print(text)
