@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.errors import ErrorCode, ServiceError, error_body
 from worker.admission import Admission
-from worker.engines import create_engine
+from worker.engines import create_engine, declares_option
 from worker.engines.base import Engine
 from worker.metrics import WorkerMetrics
 from worker.request_id import RequestIdMiddleware
@@ -85,7 +85,7 @@ class WorkerState:
 def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAPI:
     """The worker app; `engine` replaces the configured one (tests)."""
     if engine is None:
-        engine = create_engine(settings.engine, **settings.engine_kwargs())
+        engine = create_engine(settings.engine, **_engine_options(settings))
     state = WorkerState(settings, engine)
 
     @asynccontextmanager
@@ -150,6 +150,22 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
         return AudioStreamResponse(started.body, headers=started.headers)
 
     return app
+
+
+def _engine_options(settings: WorkerSettings) -> dict[str, Any]:
+    """The factory's options. `threads` is a hint: it goes only to engines that declare it.
+
+    Launchers set WORKER_THREADS for every worker on a shared host; an engine without a
+    thread knob (its own defaults apply) must still start, so the hint is dropped, loudly.
+    """
+    options = settings.engine_kwargs()
+    if "threads" in options and not declares_option(settings.engine, "threads"):
+        logger.warning(
+            "Engine %s has no threads option; WORKER_THREADS=%s is not applied",
+            settings.engine,
+            options.pop("threads"),
+        )
+    return options
 
 
 def _require_json(request: Request) -> None:

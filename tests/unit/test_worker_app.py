@@ -15,6 +15,7 @@ from hypercorn.config import Config
 
 from tests.support.processes import free_port
 from worker.app import create_app
+from worker.engines import ENGINES
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
 from worker.settings import WorkerSettings
 
@@ -212,3 +213,28 @@ async def test_engine_with_nothing_to_say_is_text_empty() -> None:
         assert response.status_code == 422
         assert response.json()["error"]["code"] == "text_empty"
         assert (await c.get("/readyz")).json()["active"] == 0
+
+
+def factory_without_threads(**options: object) -> FakeEngine:
+    assert "threads" not in options
+    return FakeEngine()
+
+
+def factory_with_threads(*, threads: int | None = None) -> FakeEngine:
+    assert threads == 3
+    return FakeEngine()
+
+
+@pytest.mark.parametrize("factory", ["factory_without_threads", "factory_with_threads"])
+def test_threads_hint_reaches_only_engines_that_declare_it(
+    monkeypatch: pytest.MonkeyPatch, factory: str
+) -> None:
+    monkeypatch.setitem(ENGINES, "fake", f"tests.unit.test_worker_app:{factory}")
+    app = create_app(settings(engine="fake", threads=3))
+    assert isinstance(app.state.worker.engine, FakeEngine)
+
+
+def test_options_an_engine_does_not_take_fail_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ENGINES, "fake", "tests.unit.test_worker_app:factory_with_threads")
+    with pytest.raises(TypeError):
+        create_app(settings(engine="fake", model_dir="/models"))

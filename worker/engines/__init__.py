@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -15,13 +16,23 @@ ENGINES: dict[str, str] = {
 }
 
 
-def create_engine(name: str, **options: Any) -> Engine:
-    """Build the named engine; its module is imported only when chosen, keeping deps optional."""
+def factory(name: str) -> Callable[..., Engine]:
+    """The named engine's factory (imports its module); ValueError for an unknown name."""
     try:
         target = ENGINES[name]
     except KeyError:
         known = ", ".join(sorted(ENGINES))
         raise ValueError(f"Unknown engine {name!r}; known engines: {known}") from None
     module_name, factory_name = target.split(":")
-    factory: Callable[..., Engine] = getattr(importlib.import_module(module_name), factory_name)
-    return factory(**options)
+    found: Callable[..., Engine] = getattr(importlib.import_module(module_name), factory_name)
+    return found
+
+
+def declares_option(name: str, option: str) -> bool:
+    """Whether the engine's factory names `option` as a parameter (not just `**options`)."""
+    return option in inspect.signature(factory(name)).parameters
+
+
+def create_engine(name: str, **options: Any) -> Engine:
+    """Build the named engine; its module is imported only when chosen, keeping deps optional."""
+    return factory(name)(**options)

@@ -277,7 +277,10 @@ def find_voices(voices_dir: Path | None) -> list[VoiceFiles]:
     return found
 
 
-def create_engine(**options: Any) -> PiperEngine:
-    """Registry factory; options are PiperEngine's keywords (voices_dir may be a string)."""
-    voices_dir = options.pop("voices_dir", None)
-    return PiperEngine(voices_dir=Path(voices_dir) if voices_dir else None, **options)
+def create_engine(
+    *, voices_dir: str | Path | None = None, threads: int | None = None, **options: Any
+) -> PiperEngine:
+    """Registry factory; the other options are PiperEngine's keywords."""
+    return PiperEngine(
+        voices_dir=Path(voices_dir) if voices_dir else None, threads=threads, **options
+    )
