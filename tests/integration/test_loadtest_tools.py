@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -11,10 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
+from loadtest.runner.audio import audio_stats
 from tests.support.processes import REPO_ROOT, free_port, python_service, redis_server
+from tests.unit.test_loadtest_k6 import NODE, dry_run
 
 WORKER_SLOTS = 2
 WORKER_QUEUE = 2
@@ -177,3 +182,58 @@ def test_wrk_hit_and_miss_paths_through_the_gateway(stack: Stack) -> None:
     assert "MISS=" in miss["x-cache"]
     assert "HIT=" not in miss["x-cache"]
     assert "non-2xx/3xx 0" in miss["errors"]
+
+
+def replay(client: httpx.Client, base_url: str, request: dict[str, Any]) -> httpx.Response:
+    """Send one request that a k6 dry run recorded, to `base_url` instead of its BASE_URL."""
+    url = base_url + urlsplit(request["url"]).path
+    headers = dict(request["headers"])
+    body = request["body"]
+    if body["kind"] == "none":
+        return client.request(request["method"], url, headers=headers)
+    if body["kind"] == "json":
+        content = json.dumps(body["fields"]).encode()
+        return client.request(request["method"], url, content=content, headers=headers)
+    assert body["kind"] == "multipart", body["kind"]
+    headers.pop("Content-Type", None)
+    files: dict[str, tuple[str | None, bytes | str] | tuple[str, bytes, str]] = {}
+    for name, value in body["fields"].items():
+        if name in body["files"]:
+            files[name] = (
+                value["filename"],
+                base64.b64decode(value["base64"]),
+                value["content_type"],
+            )
+        else:
+            files[name] = (None, str(value))
+    return client.request(request["method"], url, files=files, headers=headers)
+
+
+def _assert_speech(response: httpx.Response, cache: str | None) -> None:
+    assert response.status_code == 200, response.text
+    if cache is not None:
+        assert response.headers["x-cache"] == cache
+    headers = {k.lower(): v for k, v in response.headers.items()}
+    audio = audio_stats(response.content, headers["x-audio-format"], headers)
+    assert 0.5 < audio.seconds < 15.0
+    assert audio.peak > 0.01
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_k6_scenarios_requests_pass_their_checks_against_the_real_gateway(stack: Stack) -> None:
+    """Every request a scenario sends, replayed against a real gateway (Piper, no cloning),
+    gets the answer that the scenario's checks expect."""
+    expected_cache = {"hits.js": "HIT", "misses.js": "MISS", "streaming.js": "BYPASS"}
+    with httpx.Client(timeout=120.0) as client:
+        for script in ("hits.js", "misses.js", "mix.js", "streaming.js"):
+            doc = dry_run(script, iterations=1)
+            for index, request in enumerate(doc["requests"]):
+                response = replay(client, stack.gateway_url, request)
+                measured = index >= doc["setup_requests"]
+                _assert_speech(response, expected_cache.get(script) if measured else None)
+        doc = dry_run("multipart.js", iterations=1)
+        models, upload = (replay(client, stack.gateway_url, r) for r in doc["requests"])
+        assert models.status_code == 200
+        assert not any(m["capabilities"]["supports_cloning"] for m in models.json()["data"])
+        assert upload.status_code == 422, upload.text
+        assert upload.json()["error"]["code"] == "prompt_unsupported"

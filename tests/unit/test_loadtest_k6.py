@@ -44,13 +44,17 @@ def test_script_is_a_valid_es_module(path: Path) -> None:
 
 
 @functools.cache
-def dry_run(script: str, api_key: str = "") -> dict[str, Any]:
-    """Run `script` under node with recording stubs for k6's modules (no request is sent)."""
+def dry_run(script: str, api_key: str = "", iterations: int = ITERATIONS) -> dict[str, Any]:
+    """Run `script` under node with recording stubs for k6's modules (no request is sent).
+
+    Returns the harness's JSON: `options`, `requests` (method, url, body, headers, tags),
+    `setup_requests` (how many of them setup() sent), `checks` and `metrics`.
+    """
     assert NODE is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith(("K6_", "BASE_URL"))}
     env.update({"BASE_URL": BASE_URL + "/", "API_KEY": api_key})
     result = subprocess.run(
-        [NODE, str(K6_DIR / "harness" / "dry_run.mjs"), str(K6_DIR / script), str(ITERATIONS)],
+        [NODE, str(K6_DIR / "harness" / "dry_run.mjs"), str(K6_DIR / script), str(iterations)],
         capture_output=True,
         env=env,
         timeout=60,

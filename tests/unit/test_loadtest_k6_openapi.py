@@ -1,5 +1,9 @@
 """Every endpoint and request field that the k6 scenarios use exists in the gateway's OpenAPI
-schema (`gateway.app.create_app(settings).openapi()`)."""
+schema (`gateway.app.create_app(settings).openapi()`).
+
+Where the schema declares nothing to check against (no paths, or no request body for an
+operation), the test is an expected failure that names the gap, not a pass.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,13 @@ def _gateway_openapi() -> dict[str, Any]:
         raise
     settings = settings_module.GatewaySettings()
     schema: dict[str, Any] = app_module.create_app(settings).openapi()
+    if not schema.get("paths"):
+        pytest.xfail(
+            "the gateway's OpenAPI schema declares no paths at all (its routes are not "
+            "FastAPI-documented); the k6 scripts cannot be checked against it until it does. "
+            "tests/integration/test_loadtest_tools.py replays the scripts' requests against a "
+            "real gateway instead"
+        )
     return schema
 
 

@@ -27,7 +27,12 @@ function describeBody(body) {
   for (const [name, value] of Object.entries(body)) {
     if (value && value.__k6File) {
       files.push(name);
-      fields[name] = { filename: value.filename, content_type: value.content_type, bytes: value.bytes };
+      fields[name] = {
+        filename: value.filename,
+        content_type: value.content_type,
+        bytes: value.bytes,
+        base64: value.base64,
+      };
     } else {
       fields[name] = value;
     }
@@ -97,8 +102,14 @@ export function post(url, body, params) {
 }
 
 export function file(data, filename, contentType) {
-  const bytes = data instanceof ArrayBuffer ? data.byteLength : data.length;
-  return { __k6File: true, filename, content_type: contentType, bytes };
+  const buffer = typeof data === 'string' ? Buffer.from(data) : Buffer.from(new Uint8Array(data));
+  return {
+    __k6File: true,
+    filename,
+    content_type: contentType,
+    bytes: buffer.length,
+    base64: buffer.toString('base64'),
+  };
 }
 
 export function expectedStatuses(...statuses) {
