@@ -36,6 +36,7 @@ done
 ((hit_connections >= threads && miss_connections >= threads)) \
   || fail "connections must be at least the thread count ($threads)"
 command -v wrk >/dev/null || fail "wrk is not installed (Debian: apt-get install wrk)"
+command -v curl >/dev/null || fail "curl is not installed (Debian: apt-get install curl)"
 
 ready="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$url/readyz" || true)"
 [[ "$ready" == "200" ]] || fail "$url/readyz answered '${ready:-nothing}': start the cluster (make up)"
