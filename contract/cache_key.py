@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from contract.requests import normalize_text
 
@@ -54,9 +54,9 @@ class CanonicalRequest:
         )
 
     def serialize(self) -> bytes:
-        return json.dumps(
-            asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        ).encode()
+        # Every field is a flat scalar, so a plain dict equals `asdict` without its deep copy.
+        flat = {field.name: getattr(self, field.name) for field in fields(self)}
+        return json.dumps(flat, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     def digest(self) -> str:
         return hashlib.md5(self.serialize(), usedforsecurity=False).hexdigest()

@@ -15,6 +15,8 @@ from gateway import routes_health, routes_openai, routes_synthesize, routes_voic
 from gateway.auth import ApiKeyMiddleware
 from gateway.cache import AudioCache
 from gateway.errors import install_error_handlers
+from gateway.fast_path import SpeechHitFastPath
+from gateway.loop_lag import LoopLagMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.service import SpeechService
@@ -28,12 +30,16 @@ from gateway.workers import WorkerDirectory
 VOICE_STORE_TIMEOUT_S = 2.0
 
 
-def redis_client(url: str, timeout_s: float) -> Redis:
-    """An async Redis client that fails fast: bounded socket waits, no hidden retries."""
+def redis_client(url: str, connect_timeout_s: float) -> Redis:
+    """An async Redis client that fails fast: bounded connects and no hidden retries.
+
+    Reads and writes have no socket timeout of their own: every caller bounds its whole call
+    with `asyncio.timeout` (redis-py would otherwise start a task per command to time it).
+    """
     client: Redis = Redis.from_url(
         url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
+        socket_timeout=None,
+        socket_connect_timeout=connect_timeout_s,
         retry=Retry(NoBackoff(), 0),
     )
     return client
@@ -51,6 +57,7 @@ def create_app(
     voice_redis = redis or redis_client(settings.redis_url, VOICE_STORE_TIMEOUT_S)
     upstream = Upstream(settings, metrics, transport=upstream_transport)
     directory = WorkerDirectory(upstream, metrics, settings.info_refresh_s)
+    loop_lag = LoopLagMonitor()
     cache = AudioCache(
         cache_redis,
         metrics=metrics,
@@ -58,6 +65,7 @@ def create_app(
         max_entry_bytes=settings.cache_max_entry_bytes,
         budget_s=settings.cache_budget_s,
         retry_after_s=settings.cache_retry_after_s,
+        loop_lag=lambda: loop_lag.lag_s,
     )
     voices = VoiceStore(voice_redis, VOICE_STORE_TIMEOUT_S)
     flights = SingleFlight()
@@ -76,9 +84,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         directory.start()
+        loop_lag.start()
         try:
             yield
         finally:
+            await loop_lag.stop()
             await directory.stop()
             await flights.aclose()
             await upstream.aclose()
@@ -88,6 +98,8 @@ def create_app(
 
     app = FastAPI(
         title="cosyvoice-serve gateway",
+        # Metrics are Prometheus (gateway.metrics); FastAPI's OpenTelemetry hooks stay off.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
@@ -102,9 +114,18 @@ def create_app(
         speech=speech,
     )
     install_error_handlers(app)
-    for module in (routes_openai, routes_synthesize, routes_voices, routes_health):
-        app.include_router(module.router)
+    routes = [
+        *routes_openai.ROUTES,
+        *routes_synthesize.ROUTES,
+        *routes_voices.ROUTES,
+        *routes_health.ROUTES,
+    ]
+    # Plain Starlette routes: every endpoint takes the Request and parses its own body, so
+    # FastAPI's per-request dependency solving would be pure overhead on the hit path.
+    app.router.routes.extend(routes)
+    app.add_middleware(SpeechHitFastPath, state=app.state.gateway)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    route_paths = {route.endpoint: route.path for route in routes}
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, route_paths=route_paths)
     return app

@@ -1,15 +1,15 @@
 """The Redis audio cache: exact bytes plus the headers that describe them, under a TTL.
 
-Redis is an accelerator, never a dependency: every call is bounded by the cache budget
-(about 100 ms); a call that fails or runs late is counted and served as a miss. After a
-failure the cache is skipped for `retry_after_s`, so an unresponsive Redis costs at most one
-budget per window instead of one per request; the first call after the window probes Redis
-again, and caching resumes by itself when it answers.
+Redis is an accelerator, never a dependency: every call is bounded by the cache budget (about
+100 ms, plus the event loop's current lag; see gateway.budget), so that a saturated gateway
+does not blame Redis for its own queueing. A call that fails or runs late is counted and served
+as a miss. After a failure the cache is skipped for `retry_after_s`, so an unresponsive Redis
+costs at most one budget per window instead of one per request; the first call after the
+window probes Redis again, and caching resumes by itself when it answers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import struct
@@ -21,6 +21,7 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.budget import CallBudget
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class AudioCache:
         budget_s: float,
         retry_after_s: float,
         clock: Callable[[], float] = time.monotonic,
+        loop_lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._client = client
         self._metrics = metrics
@@ -77,6 +79,7 @@ class AudioCache:
         self._budget_s = budget_s
         self._retry_after_s = retry_after_s
         self._clock = clock
+        self._loop_lag = loop_lag
         self._down_until = 0.0
 
     @property
@@ -114,7 +117,7 @@ class AudioCache:
             self._metrics.cache_skipped.labels(operation=operation).inc()
             return None
         try:
-            async with asyncio.timeout(self._budget_s):
+            async with CallBudget(self._budget_s + self._loop_lag()):
                 result = await call()
         except (RedisError, OSError, TimeoutError) as error:
             self._metrics.cache_errors.labels(operation=operation).inc()

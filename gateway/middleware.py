@@ -6,8 +6,11 @@ response and forwarded to the worker.
 
 from __future__ import annotations
 
-import uuid
+import os
+from collections.abc import Callable
+from typing import Any
 
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.requests import REQUEST_ID_HEADER
@@ -25,15 +28,19 @@ def request_id_of(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: GatewayMetrics, route_paths: dict[Callable[..., Any], str]
+    ) -> None:
         self._app = app
         self._metrics = metrics
+        self._route_paths = route_paths
+        self._counters: dict[tuple[str, int, str], Counter] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        request_id = _incoming_id(scope) or uuid.uuid4().hex
+        request_id = _incoming_id(scope) or os.urandom(16).hex()
         scope[REQUEST_ID_SCOPE_KEY] = request_id
         echoed = (_REQUEST_ID_HEADER, request_id.encode())
         status = 500
@@ -48,10 +55,17 @@ class RequestContextMiddleware:
         try:
             await self._app(scope, receive, send_with_id)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
+            path = self._route_paths.get(scope.get("endpoint"), "unmatched")  # type: ignore[arg-type]
             code = scope.get(ERROR_CODE_SCOPE_KEY, "") if status >= 400 else ""
-            self._metrics.requests.labels(route=path, status=str(status), code=code).inc()
+            self._counter(path, status, code).inc()
+
+    def _counter(self, path: str, status: int, code: str) -> Counter:
+        key = (path, status, code)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._metrics.requests.labels(route=path, status=str(status), code=code)
+            self._counters[key] = counter
+        return counter
 
 
 def _incoming_id(scope: Scope) -> str | None:

@@ -43,11 +43,14 @@ def validation_error(error: ValidationError) -> ServiceError:
     return ServiceError(ErrorCode.INVALID_REQUEST, "; ".join(parts))
 
 
+_FORMATS = {item.value: item for item in AudioFormat}
+
+
 def audio_format(name: str) -> AudioFormat:
-    try:
-        return AudioFormat(name)
-    except ValueError:
-        known = ", ".join(item.value for item in AudioFormat)
+    found = _FORMATS.get(name)
+    if found is None:
+        known = ", ".join(_FORMATS)
         raise ServiceError(
             ErrorCode.UNSUPPORTED_FORMAT, f"Format {name!r} is not supported; use one of {known}."
-        ) from None
+        )
+    return found

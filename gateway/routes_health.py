@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from contract.errors import ErrorCode, ServiceError
 from gateway.state import gateway_state
 
-router = APIRouter()
 
-
-@router.get("/healthz")
-@router.get("/livez")
-async def healthz() -> JSONResponse:
+async def healthz(_: Request) -> JSONResponse:
     """The process serves HTTP; says nothing about workers or Redis."""
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """200 while at least one worker behind the upstream URL is ready. Redis is not required:
     without it requests are served uncached, so the body only reports whether it answers."""
@@ -39,7 +34,14 @@ async def readyz(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
 async def metrics(request: Request) -> Response:
     registry = gateway_state(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/livez", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

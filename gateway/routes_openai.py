@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from contract.errors import ErrorCode, ServiceError
 from gateway.middleware import request_id_of
 from gateway.parsing import audio_format, parse_model, require_content_type
 from gateway.responses import audio_response, sse_response
-from gateway.service import SpeechInput, cache_mode
-from gateway.state import gateway_state
+from gateway.service import SpeechInput, SpeechJob, cache_mode
+from gateway.state import GatewayState, gateway_state
 
-router = APIRouter()
+CACHE_CHECKED_SCOPE_KEY = "gateway.cache_checked"
+"""Set by gateway.fast_path when it asked Redis for this request and missed."""
 
 
 class VoiceRef(BaseModel):
@@ -40,12 +41,11 @@ class SpeechBody(BaseModel):
     stream_format: Literal["audio", "sse"] = "audio"
 
 
-@router.post("/v1/audio/speech", response_model=None)
-async def create_speech(request: Request) -> Response:
-    """Speech for `input`, streamed in `response_format` (or as SSE events)."""
-    require_content_type(request, "application/json")
-    body = parse_model(SpeechBody, await request.body())
-    state = gateway_state(request)
+async def speech_job(
+    state: GatewayState, raw: bytes, cache_control: str | None, request_id: str
+) -> tuple[SpeechBody, SpeechJob]:
+    """Parse and validate a speech request into a keyed job; raises the request's 4xx."""
+    body = parse_model(SpeechBody, raw)
     info = await state.directory.current()
     if body.model not in state.settings.model_names and body.model != info.model:
         known = ", ".join([*state.settings.model_names, info.model])
@@ -59,16 +59,27 @@ async def create_speech(request: Request) -> Response:
         voice=voice,
         instruction=body.instructions,
         speed=body.speed,
-        cache_mode=cache_mode(request.headers.get("cache-control")),
+        cache_mode=cache_mode(cache_control),
     )
-    job = await state.speech.prepare(given, request_id_of(request.scope))
-    result = await state.speech.serve(job)
+    return body, await state.speech.prepare(given, request_id)
+
+
+async def create_speech(request: Request) -> Response:
+    """Speech for `input`, streamed in `response_format` (or as SSE events)."""
+    require_content_type(request, "application/json")
+    state = gateway_state(request)
+    body, job = await speech_job(
+        state,
+        await request.body(),
+        request.headers.get("cache-control"),
+        request_id_of(request.scope),
+    )
+    result = await state.speech.serve(job, cache_checked=CACHE_CHECKED_SCOPE_KEY in request.scope)
     if body.stream_format == "sse":
         return sse_response(result, input_chars=len(job.synthesis.text))
     return audio_response(result)
 
 
-@router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     """Every accepted model name, each with the engine and capabilities behind it."""
     state = gateway_state(request)
@@ -100,3 +111,9 @@ async def list_models(request: Request) -> JSONResponse:
         for name in names
     ]
     return JSONResponse({"object": "list", "data": data})
+
+
+ROUTES = [
+    Route("/v1/audio/speech", create_speech, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+]

@@ -7,11 +7,11 @@ import base64
 import json
 from typing import Any
 
-from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from contract.audio import AudioFormat
 from contract.errors import STATUS_BY_CODE, ErrorCode, ServiceError, error_body
@@ -24,13 +24,10 @@ from gateway.single_flight import FlightAbortedError
 from gateway.state import gateway_state
 from gateway.upstream import PassThroughError
 
-router = APIRouter()
-
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _FORM_OVERHEAD_BYTES = 64 * 1024
 
 
-@router.post("/synthesize", response_model=None)
 async def synthesize(request: Request) -> Response:
     """Multipart form `text`, `instruction`, `voice`, `format` (default pcm_f32le), `speed`,
     optional `prompt_audio` file and `prompt_text`; streams the audio as it is made."""
@@ -117,7 +114,6 @@ class BatchBody(BaseModel):
     items: list[dict[str, Any]] = Field(min_length=1)
 
 
-@router.post("/synthesize_batch")
 async def synthesize_batch(request: Request) -> JSONResponse:
     """JSON `{"items": [...]}`; answers 200 with one result per item, in order.
 
@@ -188,3 +184,9 @@ def _pass_through_body(error: PassThroughError) -> dict[str, Any]:
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         return parsed
     return error_body(ErrorCode.UPSTREAM_ERROR, "The worker refused the item.")
+
+
+ROUTES = [
+    Route("/synthesize", synthesize, methods=["POST"]),
+    Route("/synthesize_batch", synthesize_batch, methods=["POST"]),
+]

@@ -12,9 +12,9 @@ import hashlib
 import time
 import uuid
 
-from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from contract.errors import ErrorCode, ServiceError
 from gateway.parsing import require_content_type
@@ -23,8 +23,6 @@ from gateway.settings import OPENAI_VOICE_NAMES
 from gateway.state import GatewayState, gateway_state
 from gateway.voices import VOICE_ID_PATTERN, RegisteredVoice
 from gateway.workers import BuiltinVoice, EngineInfo
-
-router = APIRouter()
 
 
 def _builtin(voice: BuiltinVoice, info: EngineInfo) -> dict[str, object]:
@@ -39,7 +37,6 @@ def _builtin(voice: BuiltinVoice, info: EngineInfo) -> dict[str, object]:
     }
 
 
-@router.get("/v1/voices")
 async def list_voices(request: Request) -> JSONResponse:
     """Built-in voices of the engine, registered voices, and where OpenAI's names point."""
     state = gateway_state(request)
@@ -54,8 +51,8 @@ async def list_voices(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data, "openai_aliases": aliases})
 
 
-@router.get("/v1/voices/{voice_id}")
-async def get_voice(request: Request, voice_id: str) -> JSONResponse:
+async def get_voice(request: Request) -> JSONResponse:
+    voice_id = str(request.path_params["voice_id"])
     state = gateway_state(request)
     info = await state.directory.current()
     for voice in info.voices:
@@ -67,7 +64,6 @@ async def get_voice(request: Request, voice_id: str) -> JSONResponse:
     return JSONResponse(registered.public())
 
 
-@router.post("/v1/voices", status_code=201)
 async def register_voice(request: Request) -> JSONResponse:
     """Multipart `prompt_audio` (file), `prompt_text`, optional `name` and `id`; 201 + voice."""
     require_content_type(request, *FORM_TYPES)
@@ -114,8 +110,8 @@ async def _register(
     return voice
 
 
-@router.delete("/v1/voices/{voice_id}", status_code=204)
-async def delete_voice(request: Request, voice_id: str) -> Response:
+async def delete_voice(request: Request) -> Response:
+    voice_id = str(request.path_params["voice_id"])
     state = gateway_state(request)
     info = await state.directory.current()
     if info.has_voice(voice_id):
@@ -123,3 +119,11 @@ async def delete_voice(request: Request, voice_id: str) -> Response:
     if not await state.voices.delete(voice_id):
         raise ServiceError(ErrorCode.VOICE_NOT_FOUND, f"No voice {voice_id!r}.")
     return Response(status_code=204)
+
+
+ROUTES = [
+    Route("/v1/voices", list_voices, methods=["GET"]),
+    Route("/v1/voices/{voice_id}", get_voice, methods=["GET"]),
+    Route("/v1/voices", register_voice, methods=["POST"]),
+    Route("/v1/voices/{voice_id}", delete_voice, methods=["DELETE"]),
+]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from contract.audio import CONTENT_TYPES, AudioFormat, output_sample_rate, stream_headers
-from contract.cache_key import CanonicalRequest
+from contract.cache_key import CACHE_KEY_PREFIX, CanonicalRequest
 from contract.errors import ErrorCode, ServiceError
 from contract.requests import SynthesisRequest, check_speed, check_text, seed_from_digest
 from gateway.cache import AudioCache, CachedAudio
@@ -29,6 +29,7 @@ from gateway.workers import WorkerDirectory
 
 CACHE_HEADER = "X-Cache"
 CACHE_KEY_HEADER = "X-Cache-Key"
+CACHE_LABELS = ("HIT", "MISS", "BYPASS")
 
 
 class CacheMode(Enum):
@@ -109,6 +110,9 @@ class SpeechService:
         self._openai_voices = openai_voices
         self._max_text_chars = max_text_chars
         self._deadline_s = deadline_s
+        lookups, first_byte = metrics.cache_lookups, metrics.time_to_first_byte
+        self._lookups = {label: lookups.labels(result=label.lower()) for label in CACHE_LABELS}
+        self._first_byte = {label: first_byte.labels(cache=label) for label in CACHE_LABELS}
 
     async def prepare(self, given: SpeechInput, request_id: str) -> SpeechJob:
         """Validate against the engine's capabilities and compute the cache key and seed."""
@@ -140,6 +144,7 @@ class SpeechService:
             engine=info.engine,
             model_version=info.model_version,
         )
+        digest = canonical.digest()
         synthesis = SynthesisRequest(
             text=text,
             voice=voice.worker_voice,
@@ -148,29 +153,38 @@ class SpeechService:
             prompt_text=prompt_text or None,
             speed=speed,
             format=given.format,
-            seed=seed_from_digest(canonical.digest()),
+            seed=seed_from_digest(digest),
         )
         return SpeechJob(
-            key=canonical.cache_key(),
+            key=CACHE_KEY_PREFIX + digest,
             synthesis=synthesis,
             cache_mode=given.cache_mode,
             request_id=request_id,
         )
 
-    async def serve(self, job: SpeechJob) -> AudioResult:
-        """A hit, or a miss whose worker has accepted; worker errors are raised from here."""
+    async def lookup(self, job: SpeechJob) -> AudioResult | None:
+        """The cached answer, or None (a miss, a bypass, or a synthesis already running)."""
+        if job.cache_mode is not CacheMode.USE or self._flights.running(job.key):
+            return None
+        hit = await self._cache.get(job.key)
+        if hit is None:
+            return None
+        self._lookups["HIT"].inc()
+        self._first_byte["HIT"].observe(time.monotonic() - job.arrived)
+        return AudioResult(cache="HIT", key=job.key, headers=hit.headers, body=hit.audio)
+
+    async def serve(self, job: SpeechJob, *, cache_checked: bool = False) -> AudioResult:
+        """A hit, or a miss whose worker has accepted; worker errors are raised from here.
+
+        `cache_checked` says `lookup` already missed for this request (don't ask Redis twice).
+        """
         if job.cache_mode is CacheMode.USE:
             flight = self._flights.join(job.key)
             if flight is None:
-                hit = await self._cache.get(job.key)
-                if hit is not None:
-                    self._metrics.cache_lookups.labels(result="hit").inc()
-                    self._metrics.time_to_first_byte.labels(cache="HIT").observe(
-                        time.monotonic() - job.arrived
-                    )
-                    return AudioResult(
-                        cache="HIT", key=job.key, headers=hit.headers, body=hit.audio
-                    )
+                if not cache_checked:
+                    hit = await self.lookup(job)
+                    if hit is not None:
+                        return hit
                 flight = self._flights.join(job.key)
             else:
                 self._metrics.single_flight_joins.inc()
@@ -180,7 +194,7 @@ class SpeechService:
         else:
             flight = self._flights.start(None, lambda f: self._produce(job, f))
             label = "BYPASS"
-        self._metrics.cache_lookups.labels(result=label.lower()).inc()
+        self._lookups[label].inc()
         try:
             headers = await flight.headers()
         except BaseException:
@@ -204,9 +218,7 @@ class SpeechService:
             async for chunk in flight.chunks():
                 if first:
                     first = False
-                    self._metrics.time_to_first_byte.labels(cache=label).observe(
-                        time.monotonic() - job.arrived
-                    )
+                    self._first_byte[label].observe(time.monotonic() - job.arrived)
                 yield chunk
         finally:
             flight.unsubscribe()

@@ -118,6 +118,9 @@ class SingleFlight:
     def __len__(self) -> int:
         return len(self._flights)
 
+    def running(self, key: str) -> bool:
+        return key in self._flights
+
     def join(self, key: str) -> Flight | None:
         """The running flight for `key`, already subscribed, or None."""
         flight = self._flights.get(key)

@@ -40,12 +40,14 @@ class FakeRedis:
     def __init__(self) -> None:
         self.values: dict[str, bytes] = {}
         self.down = False
+        self.gets = 0
 
     def _check(self) -> None:
         if self.down:
             raise RedisConnectionError("refused")
 
     async def get(self, key: str) -> bytes | None:
+        self.gets += 1
         self._check()
         return self.values.get(key)
 
@@ -479,3 +481,17 @@ async def test_request_id_is_forwarded_and_echoed(
     )
     assert response.headers["X-Request-ID"] == "abc-1"
     assert worker.request_ids == ["abc-1"]
+
+
+async def test_hits_skip_the_framework_and_misses_ask_redis_once(
+    client: httpx.AsyncClient, redis: FakeRedis
+) -> None:
+    miss = await client.post("/v1/audio/speech", json=speech())
+    assert miss.headers["X-Cache"] == "MISS"
+    assert redis.gets == 1
+    hit = await client.post("/v1/audio/speech", json=speech())
+    assert hit.headers["X-Cache"] == "HIT"
+    assert hit.headers["Content-Length"] == str(len(miss.content))
+    assert redis.gets == 2
+    metrics = (await client.get("/metrics")).text
+    assert 'gateway_requests_total{code="",route="/v1/audio/speech",status="200"} 2.0' in metrics

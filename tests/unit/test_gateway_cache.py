@@ -117,3 +117,28 @@ async def test_unresponsive_redis_is_bounded_by_the_budget() -> None:
     assert await cache.get("k") is None
     assert asyncio.get_running_loop().time() - started < 2.0
     assert sample(metrics, "gateway_cache_errors_total", operation="get") == 1
+
+
+async def test_budget_cuts_off_a_call_that_never_answers() -> None:
+    from gateway.budget import CallBudget
+
+    never = asyncio.Event()
+    with pytest.raises(TimeoutError):
+        async with CallBudget(0.02):
+            await never.wait()
+
+
+async def test_budget_forgives_a_stalled_loop_once() -> None:
+    import time
+
+    from gateway.budget import CallBudget
+
+    ready = asyncio.get_running_loop().create_future()
+
+    def answer_after_stall() -> None:
+        time.sleep(0.08)  # the whole loop stalls past the budget; the reply is then ready
+        ready.set_result("reply")
+
+    async with CallBudget(0.02, stall_s=0.01, grace_s=0.05):
+        asyncio.get_running_loop().call_later(0.005, answer_after_stall)
+        assert await ready == "reply"
