@@ -42,7 +42,7 @@ from tests.support.processes import (  # noqa: E402
 
 BODY = {
     "model": "tts-1",
-    "input": "A cached answer, served again and again.",
+    "input": "Served from the cache.",
     "voice": "alloy",
     "response_format": "wav",
 }
@@ -178,7 +178,11 @@ def main() -> None:
             )
         )
         floor = stack.enter_context(floor_app(store.port, root))
-        size = prime(gateway.url, store.port)
+        try:
+            size = prime(gateway.url, store.port)
+        except (httpx.HTTPError, RuntimeError):
+            print(gateway.log()[-4000:], worker.log()[-4000:], sep="\n", file=sys.stderr)
+            raise
         script = write_script(root)
         targets = {
             "gateway": f"{gateway.url}/v1/audio/speech",

@@ -25,11 +25,12 @@ from gateway.prompt import PromptAudio
 from gateway.single_flight import Flight, SingleFlight
 from gateway.upstream import Upstream
 from gateway.voices import VoiceStore, resolve_voice
-from gateway.workers import WorkerDirectory
+from gateway.workers import EngineInfo, WorkerDirectory
 
 CACHE_HEADER = "X-Cache"
 CACHE_KEY_HEADER = "X-Cache-Key"
 CACHE_LABELS = ("HIT", "MISS", "BYPASS")
+PREPARED_MEMO_SIZE = 4096
 
 
 class CacheMode(Enum):
@@ -110,14 +111,38 @@ class SpeechService:
         self._openai_voices = openai_voices
         self._max_text_chars = max_text_chars
         self._deadline_s = deadline_s
+        self._prepared: dict[SpeechInput, tuple[EngineInfo, str, SynthesisRequest]] = {}
         lookups, first_byte = metrics.cache_lookups, metrics.time_to_first_byte
         self._lookups = {label: lookups.labels(result=label.lower()) for label in CACHE_LABELS}
         self._first_byte = {label: first_byte.labels(cache=label) for label in CACHE_LABELS}
 
     async def prepare(self, given: SpeechInput, request_id: str) -> SpeechJob:
-        """Validate against the engine's capabilities and compute the cache key and seed."""
-        text = check_text(given.text, self._max_text_chars)
+        """Validate against the engine's capabilities and compute the cache key and seed.
+
+        The outcome for a request without a prompt depends only on the request and the
+        engine's capabilities, so it is remembered (per `EngineInfo` object, which the
+        directory replaces when the workers change): a repeated request, the common case on
+        the hit path, skips re-validation and re-hashing.
+        """
         info = await self._directory.current()
+        remembered = self._prepared.get(given) if given.prompt is None else None
+        if remembered is not None and remembered[0] is info:
+            _, key, synthesis = remembered
+        else:
+            key, synthesis, reusable = await self._key_and_request(given, info)
+            if reusable:
+                if len(self._prepared) >= PREPARED_MEMO_SIZE:
+                    self._prepared.clear()
+                self._prepared[given] = (info, key, synthesis)
+        return SpeechJob(
+            key=key, synthesis=synthesis, cache_mode=given.cache_mode, request_id=request_id
+        )
+
+    async def _key_and_request(
+        self, given: SpeechInput, info: EngineInfo
+    ) -> tuple[str, SynthesisRequest, bool]:
+        """The cache key, the worker request, and whether both may be reused for `given`."""
+        text = check_text(given.text, self._max_text_chars)
         speed = check_speed(given.speed, *info.speed_range)
         instruction = given.instruction.strip() if given.instruction else None
         if instruction and not info.supports_instructions:
@@ -155,23 +180,30 @@ class SpeechService:
             format=given.format,
             seed=seed_from_digest(digest),
         )
-        return SpeechJob(
-            key=CACHE_KEY_PREFIX + digest,
-            synthesis=synthesis,
-            cache_mode=given.cache_mode,
-            request_id=request_id,
-        )
+        # Registered voices live in Redis and may change; only built-in voices are reusable.
+        return CACHE_KEY_PREFIX + digest, synthesis, prompt_audio is None
 
     async def lookup(self, job: SpeechJob) -> AudioResult | None:
-        """The cached answer, or None (a miss, a bypass, or a synthesis already running)."""
-        if job.cache_mode is not CacheMode.USE or self._flights.running(job.key):
+        """The cached answer, or None (a miss, a bypass, or a synthesis still running).
+
+        A synthesis that has finished but whose entry is still being written to Redis is a
+        hit too, answered from the flight's memory: the bytes are complete.
+        """
+        if job.cache_mode is not CacheMode.USE:
             return None
+        flight = self._flights.get(job.key)
+        if flight is not None:
+            headers = flight.finished_headers()
+            if headers is None:
+                return None
+            return self._hit(job, CachedAudio(audio=flight.body(), headers=headers))
         hit = await self._cache.get(job.key)
-        if hit is None:
-            return None
+        return None if hit is None else self._hit(job, hit)
+
+    def _hit(self, job: SpeechJob, entry: CachedAudio) -> AudioResult:
         self._lookups["HIT"].inc()
         self._first_byte["HIT"].observe(time.monotonic() - job.arrived)
-        return AudioResult(cache="HIT", key=job.key, headers=hit.headers, body=hit.audio)
+        return AudioResult(cache="HIT", key=job.key, headers=entry.headers, body=entry.audio)
 
     async def serve(self, job: SpeechJob, *, cache_checked: bool = False) -> AudioResult:
         """A hit, or a miss whose worker has accepted; worker errors are raised from here.
@@ -179,16 +211,14 @@ class SpeechService:
         `cache_checked` says `lookup` already missed for this request (don't ask Redis twice).
         """
         if job.cache_mode is CacheMode.USE:
+            if not cache_checked or self._flights.get(job.key) is not None:
+                hit = await self.lookup(job)
+                if hit is not None:
+                    return hit
             flight = self._flights.join(job.key)
-            if flight is None:
-                if not cache_checked:
-                    hit = await self.lookup(job)
-                    if hit is not None:
-                        return hit
-                flight = self._flights.join(job.key)
-            else:
+            if flight is not None:
                 self._metrics.single_flight_joins.inc()
-            if flight is None:
+            else:
                 flight = self._flights.start(job.key, lambda f: self._produce(job, f))
             label = "MISS"
         else:

@@ -51,6 +51,14 @@ class Flight:
     def body(self) -> bytes:
         return b"".join(self._chunks)
 
+    def finished_headers(self) -> dict[str, str] | None:
+        """The headers of a flight that finished cleanly, else None."""
+        if not self._done or self._error is not None or not self._headers.done():
+            return None
+        if self._headers.exception() is not None:
+            return None
+        return self._headers.result()
+
     # Producer side.
 
     def set_headers(self, headers: dict[str, str]) -> None:
@@ -118,8 +126,9 @@ class SingleFlight:
     def __len__(self) -> int:
         return len(self._flights)
 
-    def running(self, key: str) -> bool:
-        return key in self._flights
+    def get(self, key: str) -> Flight | None:
+        """The registered flight for `key`, without subscribing to it."""
+        return self._flights.get(key)
 
     def join(self, key: str) -> Flight | None:
         """The running flight for `key`, already subscribed, or None."""

@@ -102,7 +102,9 @@ class WorkerDirectory:
             try:
                 ready = await self._upstream.ready()
                 if ready:
-                    self._info = EngineInfo.from_json(await self._upstream.info())
+                    info = EngineInfo.from_json(await self._upstream.info())
+                    if self._info is None or info.raw != self._info.raw:
+                        self._info = info
             except (ServiceError, PassThroughError, ValueError) as error:
                 logger.warning("worker capabilities unavailable: %s", error)
                 ready = False

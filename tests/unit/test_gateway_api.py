@@ -41,6 +41,7 @@ class FakeRedis:
         self.values: dict[str, bytes] = {}
         self.down = False
         self.gets = 0
+        self.set_gate: asyncio.Event | None = None
 
     def _check(self) -> None:
         if self.down:
@@ -53,6 +54,8 @@ class FakeRedis:
 
     async def set(self, key: str, value: bytes, ex: int) -> bool:
         self._check()
+        if self.set_gate is not None:
+            await self.set_gate.wait()
         assert ex > 0
         self.values[key] = value
         return True
@@ -495,3 +498,30 @@ async def test_hits_skip_the_framework_and_misses_ask_redis_once(
     assert redis.gets == 2
     metrics = (await client.get("/metrics")).text
     assert 'gateway_requests_total{code="",route="/v1/audio/speech",status="200"} 2.0' in metrics
+
+
+async def test_new_model_version_changes_every_key(
+    client: httpx.AsyncClient, worker: MockWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await client.post("/v1/audio/speech", json=speech())
+    again = await client.post("/v1/audio/speech", json=speech())
+    assert again.headers["X-Cache"] == "HIT"
+    monkeypatch.setitem(INFO, "model_version", "2")
+    directory = client._transport.app.state.gateway.directory  # type: ignore[attr-defined]
+    assert await directory.refresh()
+    upgraded = await client.post("/v1/audio/speech", json=speech())
+    assert upgraded.headers["X-Cache"] == "MISS"
+    assert upgraded.headers["X-Cache-Key"] != first.headers["X-Cache-Key"]
+
+
+async def test_finished_synthesis_is_a_hit_while_its_entry_is_written(
+    client: httpx.AsyncClient, redis: FakeRedis, worker: MockWorker
+) -> None:
+    redis.set_gate = asyncio.Event()
+    first = await client.post("/v1/audio/speech", json=speech())
+    assert redis.values == {}, "the entry is still being written"
+    second = await client.post("/v1/audio/speech", json=speech())
+    assert second.headers["X-Cache"] == "HIT"
+    assert second.content == first.content
+    assert len(worker.requests) == 1
+    redis.set_gate.set()
