@@ -79,6 +79,35 @@ def _active_worker(settings: ClusterSettings) -> str | None:
     return None
 
 
+def _syntheses(settings: ClusterSettings, name: str) -> float:
+    port = settings.worker_base_port + int(name.split("-")[1])
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    match = re.search(r"^worker_syntheses_started_total (\S+)$", metrics, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _restart(settings: ClusterSettings, name: str, timeout: float = 30) -> None:
+    """Start `name` again, then wait until nginx sends it work again (past fail_timeout)."""
+    assert [record.name for record in launcher.up(settings)] == [name]
+    if not name.startswith("worker-"):
+        return
+    before = _syntheses(settings, name)
+    deadline = time.monotonic() + timeout
+    while _syntheses(settings, name) == before:
+        assert time.monotonic() < deadline, f"nginx never sent {name} work again"
+        httpx.post(
+            f"{settings.internal_url}/v1/synthesize",
+            json={"text": "Back in rotation.", "format": "pcm"},
+            timeout=30,
+        )
+        time.sleep(0.1)
+
+
+def _log_tail(settings: ClusterSettings, name: str, lines: int = 30) -> str:
+    path = settings.log_dir / f"{name}.log"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 def _record(settings: ClusterSettings, name: str) -> processes.ProcessRecord:
     return launcher.load_records(settings)[name]
 
@@ -92,7 +121,7 @@ def test_worker_killed_before_its_first_byte(cluster: ClusterSettings) -> None:
             assert response.status_code == 200, response.text
             assert len(response.content) > 10_000
     finally:
-        assert [r.name for r in launcher.up(cluster)] == ["worker-0"]
+        _restart(cluster, "worker-0")
 
 
 def _read_killing_the_worker(
@@ -126,11 +155,12 @@ def test_worker_killed_mid_stream(cluster: ClusterSettings) -> None:
     try:
         # Nothing partial was cached: the same request is a MISS, and completes.
         again = httpx.post(f"{cluster.public_url}/v1/audio/speech", json=body, timeout=60)
-        assert again.status_code == 200
+        assert again.status_code == 200, (again.text, _log_tail(cluster, "gateway-0"))
         assert again.headers["X-Cache"] == "MISS"
         assert len(again.content) > received > 0
     finally:
-        assert [r.name for r in launcher.up(cluster)] == [killed]
+        assert killed is not None
+        _restart(cluster, killed)
 
 
 def test_hung_worker_is_skipped(cluster: ClusterSettings) -> None:
@@ -164,7 +194,7 @@ def test_redis_stopped_then_restarted(cluster: ClusterSettings) -> None:
             assert response.headers["X-Cache"] != "HIT"
             assert time.monotonic() - start < 30
     finally:
-        assert [r.name for r in launcher.up(cluster)] == ["redis"]
+        _restart(cluster, "redis")
     store = redis.Redis(port=cluster.redis_port)
     try:
         assert store.get("tts:test:voice-like") == b"kept"
