@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Install the Debian packages a local cluster and its tests need, when missing:
-# nginx, redis-server, and python3-venv (for `python3 -m venv`). Installs only as root;
-# otherwise prints the command to run and fails.
+# Install the Debian packages a local cluster needs, when missing: nginx, redis-server,
+# python3 with python3-venv (for `python3 -m venv`), and make. Extra package names given as
+# arguments are installed too when their command is missing (`cluster/system-deps.sh wrk`).
+# Installs only as root; otherwise prints the command to run and fails.
 set -euo pipefail
 
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+command -v make >/dev/null 2>&1 || need+=(make)
+for package in "$@"; do
+  command="$package"
+  [ "$package" = nodejs ] && command=node
+  command -v "$command" >/dev/null 2>&1 || need+=("$package")
+done
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
