@@ -10,6 +10,7 @@ worker's stream ended cleanly.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -174,7 +175,8 @@ class SpeechService:
             text=text,
             voice=voice.worker_voice,
             instruction=instruction,
-            prompt_audio=prompt_audio,
+            # Base64Bytes validates base64 text into bytes: hand it the encoded upload.
+            prompt_audio=base64.b64encode(prompt_audio) if prompt_audio else None,
             prompt_text=prompt_text or None,
             speed=speed,
             format=given.format,

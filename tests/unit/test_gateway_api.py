@@ -525,3 +525,21 @@ async def test_finished_synthesis_is_a_hit_while_its_entry_is_written(
     assert second.content == first.content
     assert len(worker.requests) == 1
     redis.set_gate.set()
+
+
+async def test_prompt_reaches_a_cloning_engine_and_changes_the_key(
+    client: httpx.AsyncClient, worker: MockWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(INFO, "supports_cloning", True)
+    upload = wav_bytes(4.0)
+    plain = await client.post("/synthesize", data={"text": "Hi."})
+    cloned = await client.post(
+        "/synthesize",
+        data={"text": "Hi.", "prompt_text": "hello there"},
+        files={"prompt_audio": ("p.wav", upload, "audio/wav")},
+    )
+    assert cloned.status_code == 200, cloned.text
+    assert cloned.headers["X-Cache-Key"] != plain.headers["X-Cache-Key"]
+    sent = worker.requests[-1]
+    assert base64.b64decode(sent["prompt_audio"]) == upload
+    assert sent["prompt_text"] == "hello there"
