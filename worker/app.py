@@ -22,13 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.errors import ErrorCode, ServiceError, error_body
 from worker.admission import Admission
+from worker.disconnect import ClientDisconnectedError, unless_disconnected
 from worker.engines import create_engine, declares_option
 from worker.engines.base import Engine
 from worker.metrics import WorkerMetrics
 from worker.request_id import RequestIdMiddleware
 from worker.responses import AudioStreamResponse
 from worker.settings import WorkerSettings
-from worker.synthesis import SynthesisLimits, start_synthesis
+from worker.synthesis import CLIENT_DISCONNECTED, Synthesis, SynthesisLimits, start_synthesis
 from worker.torch_setup import configure_torch_for_cuda, is_cuda_device
 from worker.validation import parse_body, validate
 
@@ -136,18 +137,31 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
             validated = validate(
                 parsed, state.engine.capabilities(), max_text_chars=settings.max_text_chars
             )
-            started = await start_synthesis(
-                engine=state.engine,
-                admission=state.admission,
-                metrics=state.metrics,
-                limits=state.limits,
-                request=validated,
-                arrived=arrived,
+            synthesis = await unless_disconnected(
+                start_synthesis(
+                    engine=state.engine,
+                    admission=state.admission,
+                    metrics=state.metrics,
+                    limits=state.limits,
+                    request=validated,
+                    arrived=arrived,
+                ),
+                request.receive,
+                discard=Synthesis.close,
             )
+        except ClientDisconnectedError:
+            state.metrics.requests.labels(status="499", code=CLIENT_DISCONNECTED).inc()
+            logger.info("Client disconnected before the first audio")
+            return Response(status_code=499)
         except ServiceError as e:
             state.metrics.requests.labels(status=str(e.status), code=e.code.value).inc()
             raise
-        return AudioStreamResponse(started.body, headers=started.headers)
+        except Exception:
+            state.metrics.requests.labels(status="500", code=ErrorCode.INTERNAL_ERROR.value).inc()
+            raise
+        return AudioStreamResponse(
+            synthesis.body(), headers=synthesis.headers, on_close=synthesis.close
+        )
 
     return app
 

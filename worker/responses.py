@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
+
+from worker.disconnect import until_disconnected
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +27,12 @@ class AudioStreamResponse(Response):
         body: AsyncGenerator[bytes, None],
         *,
         headers: Mapping[str, str],
+        on_close: Callable[[], Awaitable[None]],
         status_code: int = 200,
     ) -> None:
+        """`on_close` runs after the stream ends, however it ends (even if it never started)."""
         self.body_iterator = body
+        self.on_close = on_close
         self.status_code = status_code
         self.background = None
         self.init_headers(dict(headers))
@@ -39,13 +44,10 @@ class AudioStreamResponse(Response):
         state = {"finished": False, "disconnected": False}
 
         async def watch_disconnect() -> None:
-            while True:
-                message: Message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not state["finished"]:
-                        state["disconnected"] = True
-                        task.cancel()
-                    return
+            await until_disconnected(receive)
+            if not state["finished"]:
+                state["disconnected"] = True
+                task.cancel()
 
         watcher = asyncio.create_task(watch_disconnect())
         try:
@@ -68,4 +70,7 @@ class AudioStreamResponse(Response):
             logger.info("Client disconnected; stream cancelled")
         finally:
             watcher.cancel()
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                await self.on_close()

@@ -2,9 +2,10 @@
 
 `start_synthesis` takes a slot, starts the engine and waits for its first chunk before any
 response exists, so that every failure up to the first audio is still a clean JSON error (a text
-the engine finds nothing to speak in, such as "...", is 422 `text_empty`). The
-returned body generator owns the slot from then on and frees it in its `finally`, whether the
-stream completes, fails, times out, or the client disconnects.
+the engine finds nothing to speak in, such as "...", is 422 `text_empty`). The returned
+`Synthesis` owns the slot from then on. Its `close()` frees everything and is idempotent; the
+body calls it when it ends, and whoever holds a `Synthesis` must call it too (in a `finally`),
+because a body generator that never started cannot run its own clean-up.
 """
 
 from __future__ import annotations
@@ -35,12 +36,6 @@ class SynthesisLimits:
     request_deadline_s: float
 
 
-@dataclass
-class StartedSynthesis:
-    headers: dict[str, str]
-    body: AsyncGenerator[bytes, None]
-
-
 async def start_synthesis(
     *,
     engine: Engine,
@@ -49,7 +44,7 @@ async def start_synthesis(
     limits: SynthesisLimits,
     request: ValidatedRequest,
     arrived: float,
-) -> StartedSynthesis:
+) -> Synthesis:
     """Admit, start the engine and get its first chunk; raise ServiceError on any failure.
 
     `arrived` is the request's `time.monotonic()` arrival: the deadline counts from it.
@@ -70,26 +65,104 @@ async def start_synthesis(
         first = await _first_chunk(chunks, deadline)
         metrics.time_to_first_audio.observe(time.monotonic() - arrived)
     except BaseException:
-        if chunks is not None:
-            await _close(chunks)
-        if encoder is not None:
-            close_encoder(encoder)
         metrics.active_streams.dec()
         admission.release()
+        if encoder is not None:
+            close_encoder(encoder)
+        if chunks is not None:
+            await _close(chunks)
         raise
-    body = _body(
+    return Synthesis(
         chunks=chunks,
         first=first,
         encoder=encoder,
+        headers=stream_headers(request.audio_format, encoder.sample_rate),
         sample_rate=sample_rate,
         started=started,
         deadline=deadline,
         admission=admission,
         metrics=metrics,
     )
-    return StartedSynthesis(
-        headers=stream_headers(request.audio_format, encoder.sample_rate), body=body
-    )
+
+
+class Synthesis:
+    """An admitted synthesis whose first audio is ready; stream it with `body()`."""
+
+    def __init__(
+        self,
+        *,
+        chunks: AsyncIterator[Audio],
+        first: Audio,
+        encoder: StreamEncoder,
+        headers: dict[str, str],
+        sample_rate: int,
+        started: float,
+        deadline: float,
+        admission: Admission,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.headers = headers
+        self._chunks = chunks
+        self._first = first
+        self._encoder = encoder
+        self._sample_rate = sample_rate
+        self._started = started
+        self._deadline = deadline
+        self._admission = admission
+        self._metrics = metrics
+        self._samples = 0
+        self._code = CLIENT_DISCONNECTED
+        self._closed = False
+
+    async def body(self) -> AsyncGenerator[bytes, None]:
+        """The encoded stream. Raises (after logging) on engine failure or the deadline."""
+        try:
+            self._samples = len(self._first)
+            yield self._encoder.encode(self._first)
+            try:
+                while (chunk := await _next_chunk(self._chunks, self._deadline)) is not None:
+                    self._samples += len(chunk)
+                    data = self._encoder.encode(chunk)
+                    if data:
+                        yield data
+            except TimeoutError:
+                self._code = ErrorCode.DEADLINE_EXCEEDED.value
+                logger.warning("Deadline passed mid-stream; aborting")
+                raise
+            except Exception:
+                self._code = ErrorCode.INTERNAL_ERROR.value
+                logger.exception("The engine failed mid-stream; aborting")
+                raise
+            yield self._encoder.finish()
+            self._code = ""
+            elapsed = time.monotonic() - self._started
+            if self._samples:
+                self._metrics.real_time_factor.observe(elapsed / self.audio_seconds)
+        finally:
+            await self.close()
+
+    @property
+    def audio_seconds(self) -> float:
+        return self._samples / self._sample_rate
+
+    async def close(self) -> None:
+        """Free the slot and the encoder, stop the engine, count the request; once only."""
+        if self._closed:
+            return
+        self._closed = True
+        self._metrics.active_streams.dec()
+        self._admission.release()
+        self._metrics.audio_seconds.inc(self.audio_seconds)
+        self._metrics.requests.labels(status="200", code=self._code).inc()
+        logger.info(
+            "Stream ended (%s): %.2f s of audio in %.2f s",
+            self._code or "complete",
+            self.audio_seconds,
+            time.monotonic() - self._started,
+        )
+        if self._code:
+            close_encoder(self._encoder)
+        await _close(self._chunks)
 
 
 async def _first_chunk(chunks: AsyncIterator[Audio], deadline: float) -> Audio:
@@ -109,56 +182,6 @@ async def _first_chunk(chunks: AsyncIterator[Audio], deadline: float) -> Audio:
     except Exception as e:
         logger.exception("The engine failed before the first audio")
         raise ServiceError(ErrorCode.INTERNAL_ERROR, "The synthesis failed.") from e
-
-
-async def _body(
-    *,
-    chunks: AsyncIterator[Audio],
-    first: Audio,
-    encoder: StreamEncoder,
-    sample_rate: int,
-    started: float,
-    deadline: float,
-    admission: Admission,
-    metrics: WorkerMetrics,
-) -> AsyncGenerator[bytes, None]:
-    samples = len(first)
-    code = CLIENT_DISCONNECTED
-    try:
-        yield encoder.encode(first)
-        try:
-            while (chunk := await _next_chunk(chunks, deadline)) is not None:
-                samples += len(chunk)
-                data = encoder.encode(chunk)
-                if data:
-                    yield data
-        except TimeoutError:
-            code = ErrorCode.DEADLINE_EXCEEDED.value
-            logger.warning("Deadline passed mid-stream after %d samples; aborting", samples)
-            raise
-        except Exception:
-            code = ErrorCode.INTERNAL_ERROR.value
-            logger.exception("The engine failed mid-stream after %d samples; aborting", samples)
-            raise
-        yield encoder.finish()
-        code = ""
-        elapsed = time.monotonic() - started
-        if samples:
-            metrics.real_time_factor.observe(elapsed / (samples / sample_rate))
-    finally:
-        metrics.audio_seconds.inc(samples / sample_rate)
-        metrics.requests.labels(status="200", code=code).inc()
-        logger.info(
-            "Stream ended (%s): %.2f s of audio in %.2f s",
-            code or "complete",
-            samples / sample_rate,
-            time.monotonic() - started,
-        )
-        await _close(chunks)
-        if code:
-            close_encoder(encoder)
-        metrics.active_streams.dec()
-        admission.release()
 
 
 async def _next_chunk(chunks: AsyncIterator[Audio], deadline: float) -> Audio | None:

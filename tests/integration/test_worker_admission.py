@@ -110,3 +110,31 @@ def _metric(response: httpx.Response, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in metrics")
+
+
+async def test_queued_client_that_hangs_up_leaves_the_queue(worker: RunningProcess) -> None:
+    async with httpx.AsyncClient(base_url=worker.url, timeout=120.0) as client:
+        await wait_for(client, active=0, waiting=0)
+        async with client.stream(
+            "POST", "/v1/synthesize", json={"text": LONG_TEXT, "format": "pcm_f32le"}
+        ) as running:
+            chunks = running.aiter_raw()  # held: dropping it would close the stream
+            await anext(chunks)
+            before = _metric(await client.get("/metrics"), "worker_syntheses_started_total")
+            async with httpx.AsyncClient(base_url=worker.url, timeout=120.0) as leaving:
+                queued = asyncio.create_task(
+                    leaving.post("/v1/synthesize", json={"text": SHORT_TEXT})
+                )
+                await wait_for(client, active=1, waiting=1)
+                queued.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await queued
+            async for _ in chunks:
+                pass
+        await wait_for(client, active=0, waiting=0)
+        served = await read_all(client, SHORT_TEXT)
+        assert served.status_code == 200
+        metrics = await client.get("/metrics")
+        # One more: the request served; the client that left never got a synthesis.
+        assert _metric(metrics, "worker_syntheses_started_total") == before + 1
+        assert 'worker_requests_total{code="client_disconnected",status="499"} 1.0' in metrics.text
