@@ -115,6 +115,8 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
             "engine": settings.engine,
             "active": state.admission.active,
             "waiting": state.admission.waiting,
+            "max_concurrency": settings.max_concurrency,
+            "max_queue": settings.max_queue,
         }
 
     @app.get("/v1/info")
