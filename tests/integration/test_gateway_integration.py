@@ -86,6 +86,14 @@ def syntheses(worker_process: RunningProcess) -> float:
     raise AssertionError("worker_syntheses_started_total missing from the worker's metrics")
 
 
+def metric(text: str, sample: str) -> float:
+    """The value of one sample line (`name{labels}`) in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{sample} missing from the metrics")
+
+
 def speech(client: httpx.Client, **overrides: object) -> httpx.Response:
     body: dict[str, object] = {
         "model": "tts-1",
@@ -258,7 +266,8 @@ def test_redis_killed_then_restarted(cluster: dict[str, RunningProcess], tmp_pat
             assert response.headers["X-Cache"] == "MISS"
             check_speech(response.content, "wav", 22050, text)
         assert client.get("/readyz").status_code == 200
-        assert 'gateway_cache_errors_total{operation="get"}' in client.get("/metrics").text
+        errors = metric(client.get("/metrics").text, 'gateway_cache_errors_total{operation="get"}')
+        assert errors >= 1
         with redis_server(tmp_path / "redis-again", port=port):
             deadline = time.monotonic() + 30
             while speech(client, input=text).headers["X-Cache"] != "HIT":
@@ -297,3 +306,31 @@ def test_stream_broken_by_a_dying_worker_is_not_cached(
     assert received > 0
     assert broken, "the client must see an incomplete response, not a short success"
     assert not redis.Redis(port=cluster["redis"].port).exists(key)
+
+
+def test_unresponsive_redis_costs_a_bounded_wait(
+    cluster: dict[str, RunningProcess], tmp_path: Path
+) -> None:
+    text = "Redis stops answering."
+    with (
+        redis_server(tmp_path / "redis") as store,
+        gateway(tmp_path, store.port, cluster["worker"].url) as front,
+        httpx.Client(base_url=front.url) as client,
+    ):
+        assert speech(client, input=text).headers["X-Cache"] == "MISS"
+        assert speech(client, input=text).headers["X-Cache"] == "HIT"
+        store.process.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                response = speech(client, input=text)
+                assert response.status_code == 200
+                assert response.headers["X-Cache"] == "MISS"
+                check_speech(response.content, "wav", 22050, text)
+            metrics = client.get("/metrics").text
+            assert metric(metrics, 'gateway_cache_errors_total{operation="get"}') >= 1
+            assert client.get("/readyz").status_code == 200
+        finally:
+            store.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while speech(client, input=text).headers["X-Cache"] != "HIT":
+            assert time.monotonic() < deadline, "caching did not resume"
