@@ -72,7 +72,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
     if exc.status_code >= 500:
         code = ErrorCode.INTERNAL_ERROR
-    response = error_response(request, code, str(exc.detail) if exc.status_code < 500 else "")
+    response = error_response(
+        request, code, str(exc.detail) if exc.status_code < 500 else "Internal error."
+    )
     response.status_code = exc.status_code
     if exc.headers:
         response.headers.update(exc.headers)

@@ -20,6 +20,7 @@ from gateway.parsing import audio_format, parse_model, require_content_type
 from gateway.prompt import PromptAudio, PromptLimits, check_prompt
 from gateway.responses import audio_response
 from gateway.service import CacheMode, SpeechInput, SpeechService, cache_mode
+from gateway.settings import GatewaySettings
 from gateway.single_flight import FlightAbortedError
 from gateway.state import gateway_state
 from gateway.upstream import PassThroughError
@@ -49,7 +50,7 @@ async def synthesize(request: Request) -> Response:
     return audio_response(await state.speech.serve(job))
 
 
-def prompt_limits(settings: Any) -> PromptLimits:
+def prompt_limits(settings: GatewaySettings) -> PromptLimits:
     return PromptLimits(
         max_bytes=settings.prompt_max_bytes,
         min_s=settings.prompt_min_s,
