@@ -334,3 +334,35 @@ def test_unresponsive_redis_costs_a_bounded_wait(
         deadline = time.monotonic() + 30
         while speech(client, input=text).headers["X-Cache"] != "HIT":
             assert time.monotonic() < deadline, "caching did not resume"
+
+
+def test_voice_store_keeps_voices_without_ttl(tmp_path: Path) -> None:
+    from redis.asyncio import Redis
+
+    from gateway.voices import RegisteredVoice, VoiceStore
+
+    voice = RegisteredVoice(
+        id="narrator_1",
+        name="Narrator",
+        engine="cosyvoice",
+        model_version="v2",
+        prompt_audio=b"RIFF" + bytes(range(256)) * 4,
+        prompt_text="A short transcript.",
+        prompt_sha256="ab" * 32,
+        created_at=1.0,
+    )
+
+    async def round_trip(port: int) -> None:
+        client = Redis(port=port)
+        store = VoiceStore(client, timeout_s=2.0)
+        await store.save(voice)
+        assert await store.get("narrator_1") == voice
+        assert [v.id for v in await store.list()] == ["narrator_1"]
+        assert await client.ttl("voice:narrator_1") == -1
+        assert await store.delete("narrator_1")
+        assert await store.get("narrator_1") is None
+        assert not await store.delete("narrator_1")
+        await client.aclose()
+
+    with redis_server(tmp_path / "redis") as store_process:
+        asyncio.run(round_trip(store_process.port))
