@@ -270,14 +270,16 @@ def main() -> int:
             print(f"{'conc':>4} {'reqs':>5} {'TTFA p50':>9} {'TTFA p95':>9} "
                   f"{'RTF p50':>8} {'RTF p95':>8} {'audio-s/s':>9}")
         for level in args.concurrency:
+            load_before = os.getloadavg()[0]
             result = asyncio.run(run_level(url, args.text, level, args.requests))
+            load = f"# host load average (1 min) {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
             if args.json:
-                print(json.dumps(asdict(result)), flush=True)
+                print(json.dumps({**asdict(result), "load": load}), flush=True)
             else:
                 print(f"{result.concurrency:>4} {result.requests:>5} "
                       f"{result.ttfa_p50_ms:>7.0f}ms {result.ttfa_p95_ms:>7.0f}ms "
                       f"{result.rtf_p50:>8.3f} {result.rtf_p95:>8.3f} "
-                      f"{result.audio_seconds_per_second:>9.1f}", flush=True)
+                      f"{result.audio_seconds_per_second:>9.1f}   {load}", flush=True)
     return 0
 
 
