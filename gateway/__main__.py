@@ -14,6 +14,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from gateway.app import create_app
+from gateway.errors import AbortedStreamFilter
 from gateway.settings import GatewaySettings, load_settings
 
 
@@ -44,6 +45,7 @@ async def run(settings: GatewaySettings) -> None:
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.errorlog.addFilter(AbortedStreamFilter())
     config.keep_alive_timeout = 75
     config.graceful_timeout = 5
     stop = asyncio.Event()

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from contract.errors import STATUS_BY_CODE, ErrorCode, ServiceError, error_body
+from gateway.single_flight import FlightAbortedError
 from gateway.upstream import PassThroughError
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, FlightAbortedError):
+        # Logged where it happened; raising it on is what aborts the client's stream.
+        return error_response(request, ErrorCode.UPSTREAM_ERROR, "The stream broke.")
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(request, ErrorCode.INTERNAL_ERROR, "Internal error.")
+
+
+class AbortedStreamFilter(logging.Filter):
+    """Drops the server's traceback for a stream aborted on purpose (already logged once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], FlightAbortedError))
 
 
 def install_error_handlers(app: FastAPI) -> None:

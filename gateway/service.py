@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,10 +24,12 @@ from contract.requests import SynthesisRequest, check_speed, check_text, seed_fr
 from gateway.cache import AudioCache, CachedAudio
 from gateway.metrics import GatewayMetrics
 from gateway.prompt import PromptAudio
-from gateway.single_flight import Flight, SingleFlight
+from gateway.single_flight import Flight, FlightAbortedError, SingleFlight
 from gateway.upstream import Upstream
 from gateway.voices import VoiceStore, resolve_voice
 from gateway.workers import EngineInfo, WorkerDirectory
+
+logger = logging.getLogger(__name__)
 
 CACHE_HEADER = "X-Cache"
 CACHE_KEY_HEADER = "X-Cache-Key"
@@ -245,13 +248,23 @@ class SpeechService:
         return result
 
     async def _relay(self, flight: Flight, job: SpeechJob, label: str) -> AsyncIterator[bytes]:
-        first = True
+        sent = 0
         try:
             async for chunk in flight.chunks():
-                if first:
-                    first = False
+                if not sent:
                     self._first_byte[label].observe(time.monotonic() - job.arrived)
+                sent += len(chunk)
                 yield chunk
+        except FlightAbortedError as error:
+            cause = error.__cause__
+            logger.warning(
+                "request %s: stream aborted after %d bytes (%s: %s)",
+                job.request_id,
+                sent,
+                type(cause).__name__,
+                cause,
+            )
+            raise
         finally:
             flight.unsubscribe()
 
