@@ -185,6 +185,12 @@ def _tokenizer(blank: Path) -> int:
     return int(tok.get_vocab_size())
 
 
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by older ONNX Runtime releases too
+    return model
+
+
 def _onnx_models(root: Path, rng: np.random.Generator) -> None:
     w = numpy_helper.from_array(rng.standard_normal((80, 192)).astype(np.float32) * 0.1, "w")
     graph = helper.make_graph(
@@ -195,7 +201,7 @@ def _onnx_models(root: Path, rng: np.random.Generator) -> None:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", 192])],
         [w],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+    onnx.save(_model(graph),
               str(root / "campplus.onnx"))
     kernel = numpy_helper.from_array(
         rng.standard_normal((16, 128, 4)).astype(np.float32), "kernel")
@@ -210,7 +216,7 @@ def _onnx_models(root: Path, rng: np.random.Generator) -> None:
         [helper.make_tensor_value_info("indices", TensorProto.INT64, [1, "N"])],
         [kernel, scale],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+    onnx.save(_model(graph),
               str(root / "speech_tokenizer_v2.onnx"))
 
 

@@ -55,6 +55,7 @@ class CosyVoiceEngine:
         dtype: str = "float32",
         fixed_speech_tokens: int | None = None,
         warm_up_text: str = "Hello.",
+        threads: int | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -63,6 +64,7 @@ class CosyVoiceEngine:
         self.dtype = DTYPES[dtype]
         self.fixed_speech_tokens = fixed_speech_tokens
         self.warm_up_text = warm_up_text
+        self.threads = threads or 1
         self._stages: Stages | None = None
         self._frontend: Frontend | None = None
         self._speakers: dict[str, torch.Tensor] = {}
@@ -90,7 +92,7 @@ class CosyVoiceEngine:
         flow.noise = flow.noise.float()
         hift.to(self.device).eval()
         self._speakers = self._read_speakers(self.model_dir / "spk2info.pt")
-        self._frontend = Frontend(self.model_dir, config)
+        self._frontend = Frontend(self.model_dir, config, onnx_threads=self.threads)
         sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
                                   config.llm.tau_r)
         self._stages = Stages(llm, flow, hift, sampling, self.device,
