@@ -1,10 +1,11 @@
 """The relay to workers: one pooled keep-alive httpx client, bounded timeouts, errors mapped.
 
-Faults become contract errors before the first byte: a worker's 503 "busy" is retried a few
-times with a short doubling back-off (nginx in front of the workers picks another one), then
-passed on with `Retry-After`; connection failures are 502 `upstream_unavailable`; timeouts are
-504 `upstream_timeout`; a worker's own 4xx JSON error is passed through unchanged. A stream that
-breaks after its first byte raises `UpstreamAbortedError`.
+Faults become contract errors before the first byte: a worker's 503 "busy" (and a 502 from
+nginx's worker listener) is retried a few times with a short doubling back-off (nginx in front
+of the workers picks another one), then passed on with `Retry-After`; connection failures are
+502 `upstream_unavailable`; timeouts are 504 `upstream_timeout`; a worker's own 4xx JSON
+error is passed through unchanged. A stream that breaks after its first byte raises
+`UpstreamAbortedError`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ AUDIO_HEADERS = (
     CHANNELS_HEADER,
     SAMPLE_FORMAT_HEADER,
 )
+
+
+# Answers that come before any audio and mean "try again": a worker's 503 busy, and the 502 that
+# nginx's worker listener gives when the worker it chose failed before answering. Synthesis is
+# idempotent (sampling is seeded from the request), so sending the request again is safe.
+_RETRYABLE = {503: "busy", 502: "unavailable"}
 
 
 class PassThroughError(Exception):
@@ -115,9 +122,10 @@ class Upstream:
                 self._metrics.upstream_attempts.labels(outcome="ok").inc()
                 return UpstreamStream(response, self._metrics)
             await self._read_and_close(response)
-            if response.status_code != 503 or attempt >= self._retries:
+            outcome = _RETRYABLE.get(response.status_code)
+            if outcome is None or attempt >= self._retries:
                 raise self._error_for(response)
-            self._metrics.upstream_attempts.labels(outcome="busy").inc()
+            self._metrics.upstream_attempts.labels(outcome=outcome).inc()
             await asyncio.sleep(self._backoff_s * 2**attempt)
             attempt += 1
 
@@ -176,14 +184,22 @@ class Upstream:
 
     def _error_for(self, response: httpx.Response) -> Exception:
         status = response.status_code
+        retry_after = response.headers.get("Retry-After", "1")
         if status == 503:
-            retry_after = response.headers.get("Retry-After", "1")
             return ServiceError(
                 ErrorCode.BUSY,
                 "All workers are busy; retry shortly.",
                 headers={"Retry-After": retry_after},
             )
         self._metrics.upstream_attempts.labels(outcome="http_error").inc()
+        if status == 502:
+            return ServiceError(
+                ErrorCode.UPSTREAM_UNAVAILABLE,
+                "No worker could take the request.",
+                headers={"Retry-After": retry_after},
+            )
+        if status == 504:
+            return ServiceError(ErrorCode.UPSTREAM_TIMEOUT, "The worker did not answer in time.")
         if 400 <= status < 500:
             return PassThroughError(
                 status, response.content, response.headers.get("Content-Type", "application/json")

@@ -105,6 +105,15 @@ class MockWorker:
                 json={"error": {"code": "busy", "message": "full"}},
                 headers={"Retry-After": "2"},
             )
+        if self.behaviour == "nginx_502_once" and self.busy_answers == 0:
+            self.busy_answers += 1
+            return httpx.Response(
+                502, json={"error": {"code": "upstream_unavailable", "message": "none"}}
+            )
+        if self.behaviour == "nginx_502":
+            return httpx.Response(502, text="bad gateway")
+        if self.behaviour == "nginx_504":
+            return httpx.Response(504, text="gateway timeout")
         if self.behaviour == "reject":
             return httpx.Response(422, json={"error": {"code": "unknown_voice", "message": "x"}})
         audio = self.audio_for(body)
@@ -277,8 +286,11 @@ async def test_aborted_stream_is_not_cached(
     assert redis.values == {}
 
 
-async def test_busy_worker_is_retried(client: httpx.AsyncClient, worker: MockWorker) -> None:
-    worker.behaviour = "busy_once"
+@pytest.mark.parametrize("behaviour", ["busy_once", "nginx_502_once"])
+async def test_refusals_before_audio_are_retried(
+    client: httpx.AsyncClient, worker: MockWorker, behaviour: str
+) -> None:
+    worker.behaviour = behaviour
     response = await client.post("/v1/audio/speech", json=speech())
     assert response.status_code == 200
     assert len(worker.requests) == 2
@@ -299,6 +311,8 @@ async def test_busy_everywhere_passes_503_with_retry_after(
     ("behaviour", "status", "code"),
     [
         ("connect_error", 502, "upstream_unavailable"),
+        ("nginx_502", 502, "upstream_unavailable"),
+        ("nginx_504", 504, "upstream_timeout"),
         ("timeout", 504, "upstream_timeout"),
         ("reject", 422, "unknown_voice"),
     ],
