@@ -58,13 +58,14 @@ async def run_ours(engine: CosyVoiceEngine, request: EngineRequest) -> dict[str,
 
 
 def bench_ours(model_dir: Path, dtype: str, tokens: int, runs: int,
-               voice: bytes) -> list[dict[str, float]]:
-    engine = CosyVoiceEngine(model_dir, device="cuda", dtype=dtype, fixed_speech_tokens=tokens)
+               voice: bytes, cuda_graph: bool) -> list[dict[str, float]]:
+    engine = CosyVoiceEngine(model_dir, device="cuda", dtype=dtype, fixed_speech_tokens=tokens,
+                             cuda_graph=cuda_graph)
     engine.load()
     engine.warm_up()
     engine.add_voice("prompt", voice)
     request = EngineRequest(text=TEXT, voice="prompt", speed=1.0, seed=1)
-    print(f"ours {dtype}: loaded and warm", flush=True)
+    print(f"ours {dtype} graph={cuda_graph}: loaded and warm", flush=True)
     results = []
     for i in range(runs + 1):
         row = asyncio.run(run_ours(engine, request))
@@ -172,9 +173,9 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}; text tokens {len(text_ids)}; "
           f"speech tokens {tokens}; prompt tokens {voice.speech_tokens.shape[1]}")
     report = []
-    for dtype in ("bfloat16", "float16"):
-        rows = bench_ours(args.model_dir, dtype, tokens, args.runs, voice.to_bytes())
-        report.append(summary(f"ours {dtype}", rows))
+    for dtype, graph in (("bfloat16", True), ("float16", True), ("bfloat16", False)):
+        rows = bench_ours(args.model_dir, dtype, tokens, args.runs, voice.to_bytes(), graph)
+        report.append(summary(f"ours {dtype}{' graph' if graph else ' eager'}", rows))
     if not args.skip_upstream:
         rows = bench_upstream(args.model_dir, args.runs, voice, text_ids, prompt_ids)
         report.append(summary("upstream fp16 (cosyvoice2-eu)", rows))

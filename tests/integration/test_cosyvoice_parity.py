@@ -104,7 +104,7 @@ def test_llm_logits_match_under_teacher_forcing(
         hidden, _ = ref.llm(seq, torch.tensor([seq.size(1)]))
         want = ref.llm_decoder(hidden[:, embeds.size(1) - 1 :]).log_softmax(dim=-1)
         # Incremental decoding must agree with the full pass too.
-        logp, state = mine.prefill(embeds)
+        logp, state = mine.prefill(embeds, 8)
         steps = [logp]
         for tok in target[0, :5].tolist():
             steps.append(mine.step(tok, state))
@@ -160,3 +160,23 @@ def test_prompt_mel_matches_training_features(upstream: dict[str, Any]) -> None:
     ref = librosa.filters.mel(sr=16000, n_fft=400, n_mels=128)
     np.testing.assert_allclose(slaney_mel_filters(16000, 400, 128, 0.0, None).numpy(), ref,
                                atol=1e-6)
+
+
+def test_fixed_shape_step_matches_sliced_step(ours: CosyVoiceEngine) -> None:
+    """The CUDA-graph form of a decode step computes what the plain step computes."""
+    from worker.engines.cosyvoice.decode import StaticDecoder
+
+    backbone = ours._require()[0].llm.backbone
+    decoder = StaticDecoder(backbone)
+    gen = torch.Generator().manual_seed(4)
+    hidden = backbone.config.hidden_size
+    embeds = torch.randn(1, 10, hidden, generator=gen)
+    sliced, fixed = decoder.new_cache(1, 20), decoder.new_cache(1, 20)
+    decoder.forward(embeds, sliced)
+    decoder.forward(embeds, fixed)
+    for _ in range(4):
+        x = torch.randn(1, 1, hidden, generator=gen)
+        want = decoder.forward(x, sliced)
+        got = decoder.forward_at(x, torch.tensor([fixed.length]), fixed)
+        fixed.length += 1
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

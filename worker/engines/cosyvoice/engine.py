@@ -56,6 +56,7 @@ class CosyVoiceEngine:
         fixed_speech_tokens: int | None = None,
         warm_up_text: str = "Hello.",
         threads: int | None = None,
+        cuda_graph: bool = True,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -65,6 +66,7 @@ class CosyVoiceEngine:
         self.fixed_speech_tokens = fixed_speech_tokens
         self.warm_up_text = warm_up_text
         self.threads = threads or 1
+        self.cuda_graph = cuda_graph
         self._stages: Stages | None = None
         self._frontend: Frontend | None = None
         self._speakers: dict[str, torch.Tensor] = {}
@@ -88,6 +90,7 @@ class CosyVoiceEngine:
         load_into(hift, hift_state(read_state(self.model_dir / "hift.pt")),
                   self.model_dir / "hift.pt")
         llm.to(self.device, self.dtype).eval()
+        llm.use_cuda_graph = self.cuda_graph
         flow.to(self.device, self.dtype).eval()
         flow.noise = flow.noise.float()
         hift.to(self.device).eval()

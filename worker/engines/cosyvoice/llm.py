@@ -7,31 +7,27 @@ so a scheduler can run one step for many requests at once; the KV cache belongs 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2Model
-from transformers.cache_utils import DynamicCache
 
 from worker.engines.cosyvoice.config import LLMConfig
+from worker.engines.cosyvoice.decode import GraphStep, StaticDecoder, StaticKV
 
 SOS = 0
 TASK = 1
-# transformers renamed `past_key_values` to `cache` in its 5.2x releases; accept either.
-_CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else (
-    "past_key_values"
-)
 
 
 @dataclass
 class DecodeState:
     """One request's decoding state: its KV cache and the speech tokens emitted so far."""
 
-    cache: Any
+    cache: StaticKV
     tokens: list[int]
+    decoder: StaticDecoder
+    graph: GraphStep | None = None
 
 
 class SpeechLM(nn.Module):
@@ -43,6 +39,7 @@ class SpeechLM(nn.Module):
         self.llm_embedding = nn.Embedding(2, hidden)
         self.speech_embedding = nn.Embedding(cfg.speech_token_size + 3, hidden)
         self.llm_decoder = nn.Linear(hidden, cfg.speech_token_size + 3)
+        self.use_cuda_graph = True
 
     @property
     def eos(self) -> int:
@@ -62,24 +59,33 @@ class SpeechLM(nn.Module):
         speech = self.speech_embedding(prompt_speech_tokens.long())
         return torch.cat([sos, text, task, speech.to(text.dtype)], dim=1)
 
-    def _run(self, embeds: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-        out = self.backbone(inputs_embeds=embeds, use_cache=True, **{_CACHE_ARG: cache})
-        logits = self.llm_decoder(out.last_hidden_state[:, -1])
-        return logits.float().log_softmax(dim=-1), getattr(out, _CACHE_ARG)
+    def _logp(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm_decoder(hidden[:, -1]).float().log_softmax(dim=-1)
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
-        """Log-probabilities [1, V] of the first speech token, and the state to continue from."""
-        logp, cache = self._run(embeds, DynamicCache())
-        return logp, DecodeState(cache=cache, tokens=[])
+    def prefill(
+        self, embeds: torch.Tensor, max_new_tokens: int
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """Log-probabilities [1, V] of the first speech token, and the state to continue from.
+
+        The request's KV cache is allocated here, for the prompt plus `max_new_tokens`.
+        """
+        decoder = StaticDecoder(self.backbone)
+        cache = decoder.new_cache(embeds.size(0), embeds.size(1) + max_new_tokens + 1)
+        logp = self._logp(decoder.forward(embeds, cache))
+        graph = None
+        if self.use_cuda_graph and embeds.is_cuda:
+            graph = GraphStep(decoder, cache, self.llm_decoder)
+        return logp, DecodeState(cache=cache, tokens=[], decoder=decoder, graph=graph)
 
     @torch.inference_mode()
     def step(self, token: int, state: DecodeState) -> torch.Tensor:
         """Feed one emitted token; returns log-probabilities of the next."""
         ids = torch.tensor([[token]], device=self.llm_decoder.weight.device)
-        logp, state.cache = self._run(self.speech_embedding(ids), state.cache)
         state.tokens.append(token)
-        return logp
+        if state.graph is not None:
+            return state.graph(self.speech_embedding(ids)).float().log_softmax(dim=-1)
+        return self._logp(state.decoder.forward(self.speech_embedding(ids), state.cache))
 
     @torch.inference_mode()
     def teacher_forced(self, embeds: torch.Tensor, speech_tokens: torch.Tensor) -> torch.Tensor:

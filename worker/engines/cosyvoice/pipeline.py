@@ -86,7 +86,7 @@ class Stages:
         if self.fixed_tokens is not None:
             min_len = max_len = self.fixed_tokens
         generator = torch.Generator().manual_seed(utt.seed)
-        logp, state = self.llm.prefill(embeds)
+        logp, state = self.llm.prefill(embeds, max_len)
         for i in range(max_len):
             if stop.is_set():
                 return
