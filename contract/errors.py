@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     # Text.
     TEXT_EMPTY = "text_empty"
     TEXT_TOO_LONG = "text_too_long"
+    TEXT_INVALID = "text_invalid"
     # Voice, format, speed and modes.
     UNKNOWN_VOICE = "unknown_voice"
     VOICE_NOT_FOUND = "voice_not_found"
@@ -51,6 +52,7 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.TEXT_EMPTY: 422,
     ErrorCode.TEXT_TOO_LONG: 422,
+    ErrorCode.TEXT_INVALID: 422,
     ErrorCode.UNKNOWN_VOICE: 422,
     ErrorCode.VOICE_NOT_FOUND: 404,
     ErrorCode.UNSUPPORTED_FORMAT: 422,

@@ -53,7 +53,16 @@ def check_text(text: str, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> str:
             ErrorCode.TEXT_TOO_LONG,
             f"Text has {len(normalized)} characters; the limit is {max_chars}.",
         )
+    if any(_is_control(char) for char in normalized):
+        raise ServiceError(
+            ErrorCode.TEXT_INVALID,
+            "Text contains control characters (only tab and line breaks are allowed).",
+        )
     return normalized
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) == "Cc" and char not in "\t\n\r"
 
 
 def check_speed(speed: float, low: float = SPEED_MIN, high: float = SPEED_MAX) -> float:

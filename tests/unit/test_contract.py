@@ -76,3 +76,14 @@ def test_output_rates() -> None:
     assert output_sample_rate(AudioFormat.OPUS, 22050) == 24000
     assert output_sample_rate(AudioFormat.OPUS, 48000) == 48000
     assert output_sample_rate(AudioFormat.WAV, 22050) == 22050
+
+
+@pytest.mark.parametrize("text", ["nul\u0000byte", "bell\u0007", "escape\u001b[31m"])
+def test_control_characters_are_refused(text: str) -> None:
+    with pytest.raises(ServiceError) as caught:
+        check_text(text)
+    assert caught.value.code is ErrorCode.TEXT_INVALID
+
+
+def test_tabs_and_line_breaks_are_text() -> None:
+    assert check_text("One.\n\tTwo.\r\nThree.") == "One.\n\tTwo.\r\nThree."
