@@ -135,7 +135,7 @@ class _Ref(str):
 
 
 def _loader() -> type[yaml.SafeLoader]:
-    class Loader(yaml.SafeLoader):
+    class Loader(yaml.SafeLoader):  # type: ignore[misc]
         pass
 
     def construct_target(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
@@ -185,10 +185,12 @@ def _resolve(value: Any, top: dict[str, Any], depth: int = 0) -> Any:
         names = re.findall(r"<([^>]+)>", value)
         if len(names) == 1 and value.strip() == f"<{names[0]}>":
             return _resolve(top[names[0]], top, depth + 1)
-        text = value
+        expression = str(value)
         for name in names:
-            text = text.replace(f"<{name}>", repr(_resolve(top[name], top, depth + 1)))
-        return _evaluate(ast.parse(text, mode="eval").body)
+            expression = expression.replace(
+                f"<{name}>", repr(_resolve(top[name], top, depth + 1))
+            )
+        return _evaluate(ast.parse(expression, mode="eval").body)
     if isinstance(value, _Node):
         return _Node(value.target, {k: _resolve(v, top, depth + 1) for k, v in value.items()})
     if isinstance(value, dict):

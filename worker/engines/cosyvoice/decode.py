@@ -9,6 +9,7 @@ and rotary tables come from the transformers modules themselves, so the numbers 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -38,12 +39,12 @@ class StaticDecoder:
         cfg = model.config
         self.model = model
         self.heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
+        self.kv_heads: int = cfg.num_key_value_heads or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
 
     def new_cache(self, batch: int, capacity: int) -> StaticKV:
         weight = self.model.embed_tokens.weight
-        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        shape = (batch, self.kv_heads, capacity, int(self.head_dim))
         layers = len(self.model.layers)
         # Zeroed, not empty: masked slots still enter attention's product with the values, and
         # stale NaNs there would poison it.
@@ -67,10 +68,10 @@ class StaticDecoder:
         if start + t > cache.capacity:
             raise ValueError(f"KV cache full ({cache.capacity} positions)")
         positions = torch.arange(start, start + t, device=x.device).unsqueeze(0).expand(b, -1)
-        cos, sin = self.model.rotary_emb(x, positions)
+        cos, sin = cast(Any, self.model.rotary_emb)(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         end = start + t
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(cast(list[Any], self.model.layers)):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
@@ -87,8 +88,7 @@ class StaticDecoder:
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         cache.length = end
-        hidden: torch.Tensor = self.model.norm(x)
-        return hidden
+        return cast(torch.Tensor, self.model.norm(x))
 
     @torch.inference_mode()
     def forward_at(self, x: torch.Tensor, position: torch.Tensor, cache: StaticKV) -> torch.Tensor:
@@ -98,14 +98,14 @@ class StaticDecoder:
         shapes at every step and can be captured in a CUDA graph. Does not advance `cache.length`.
         """
         b = x.size(0)
-        cos, sin = self.model.rotary_emb(x, position.view(b, 1))
+        cos, sin = cast(Any, self.model.rotary_emb)(x, position.view(b, 1))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         slots = torch.arange(cache.capacity, device=x.device)
         visible = slots.view(1, 1, 1, -1) <= position.view(b, 1, 1, 1)
         bias = torch.zeros(visible.shape, device=x.device, dtype=x.dtype)
         bias = bias.masked_fill(~visible, float("-inf"))
         index = position[:1]
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(cast(list[Any], self.model.layers)):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q = attn.q_proj(h).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
@@ -121,8 +121,7 @@ class StaticDecoder:
             )
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, 1, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        hidden: torch.Tensor = self.model.norm(x)
-        return hidden
+        return cast(torch.Tensor, self.model.norm(x))
 
 
 class GraphStep:
@@ -140,7 +139,7 @@ class GraphStep:
                              dtype=weight.dtype)
         self.position = torch.full((cache.keys[0].size(0),), cache.length, device=weight.device,
                                    dtype=torch.long)
-        stream = torch.cuda.Stream(device=weight.device)
+        stream = torch.cuda.Stream(device=weight.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(weight.device))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):
@@ -158,4 +157,4 @@ class GraphStep:
         self.position.fill_(self.cache.length)
         self.graph.replay()
         self.cache.length += 1
-        return self.logits
+        return cast(torch.Tensor, self.logits)

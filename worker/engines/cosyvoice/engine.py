@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from pathlib import Path
@@ -249,7 +249,7 @@ class CosyVoiceEngine:
                 async for chunk in chunks:
                     yield chunk
 
-    async def _stream_utterance(self, utt: Utterance) -> AsyncIterator[Audio]:
+    async def _stream_utterance(self, utt: Utterance) -> AsyncGenerator[Audio, None]:
         stages, _ = self._require()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()

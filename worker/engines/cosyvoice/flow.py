@@ -39,6 +39,7 @@ class FlowModel(nn.Module):
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.decoder = _Decoder(Estimator(cfg.estimator))
         self.solver = EulerSolver(self.decoder.estimator, cfg.inference_cfg_rate, cfg.t_scheduler)
+        self.noise: torch.Tensor
         self.register_buffer("noise", fixed_noise(cfg.output_size), persistent=False)
 
     @torch.inference_mode()

@@ -5,6 +5,9 @@ weights when loading (see weights.py), so the modules here hold ordinary convolu
 draw goes through a caller-owned `torch.Generator`, so a request's seed fixes its waveform.
 """
 
+# Module calls are typed Any by torch; returns below are tensors by construction.
+# mypy: disable-error-code="no-any-return"
+
 from __future__ import annotations
 
 import math
@@ -143,6 +146,7 @@ class HiFTGenerator(nn.Module):
         last = base // 2 ** len(cfg.upsample_rates)
         self.conv_post = nn.Conv1d(last, cfg.n_fft + 2, 7, padding=3)
         self.f0_predictor = F0Predictor(cfg.in_channels, cfg.f0_cond_channels)
+        self.window: torch.Tensor
         self.register_buffer(
             "window", torch.hann_window(cfg.n_fft, periodic=True), persistent=False
         )
