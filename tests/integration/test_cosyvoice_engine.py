@@ -220,3 +220,10 @@ def test_missing_or_mismatched_files_are_named(model_dir: Path, tmp_path: Path) 
     torch.save(state, broken / "flow.pt")
     with pytest.raises(ModelDirError, match=r"flow\.pt.*encoder_proj\.weight"):
         CosyVoiceEngine(broken).load()
+
+
+async def test_speed_changes_duration(engine: CosyVoiceEngine) -> None:
+    base = {"text": TEXT, "voice": "english_male", "seed": 4}
+    normal = np.concatenate(await _collect(engine, EngineRequest(speed=1.0, **base)))
+    fast = np.concatenate(await _collect(engine, EngineRequest(speed=2.0, **base)))
+    assert 0.4 < fast.size / normal.size < 0.65
