@@ -56,7 +56,7 @@ def check_text(text: str, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> str:
     if any(_is_control(char) for char in normalized):
         raise ServiceError(
             ErrorCode.TEXT_INVALID,
-            "Text contains control characters (only tab and line breaks are allowed).",
+            "Text contains control characters; only tabs and newlines are allowed.",
         )
     return normalized
 
