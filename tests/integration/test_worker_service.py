@@ -136,6 +136,7 @@ BAD_REQUESTS = [
     pytest.param({"text": " \n\t "}, 422, "text_empty", id="whitespace"),
     pytest.param({"text": "..."}, 422, "text_empty", id="nothing-to-speak"),
     pytest.param({"text": "a" * 4097}, 422, "text_too_long", id="too-long"),
+    pytest.param({"text": "Hi\u0000there."}, 422, "text_invalid", id="control-char"),
     pytest.param({"text": "Hi.", "voice": "nobody"}, 422, "unknown_voice", id="voice"),
     pytest.param({"text": "Hi.", "format": "aac"}, 422, "unsupported_format", id="format"),
     pytest.param({"text": "Hi.", "speed": 0.1}, 422, "speed_out_of_range", id="slow"),
