@@ -8,12 +8,15 @@ and rotary tables come from the transformers modules themselves, so the numbers 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from transformers import Qwen2Model
+
+_CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -146,7 +149,9 @@ class GraphStep:
                 head(decoder.forward_at(self.x, self.position, cache)[:, -1])
         torch.cuda.current_stream(weight.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
+        # Thread-local capture: other requests keep launching work from their own threads.
+        with _CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode="thread_local"), \
+                torch.inference_mode():
             self.logits = head(decoder.forward_at(self.x, self.position, cache)[:, -1])
 
     @torch.inference_mode()
