@@ -19,6 +19,7 @@ from gateway.fast_path import SpeechHitFastPath
 from gateway.loop_lag import LoopLagMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
+from gateway.openapi import install_openapi
 from gateway.service import SpeechService
 from gateway.settings import GatewaySettings
 from gateway.single_flight import SingleFlight
@@ -103,7 +104,7 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
     )
     app.state.gateway = GatewayState(
         settings=settings,
@@ -120,9 +121,15 @@ def create_app(
         *routes_voices.ROUTES,
         *routes_health.ROUTES,
     ]
-    # Plain Starlette routes: every endpoint takes the Request and parses its own body, so
-    # FastAPI's per-request dependency solving would be pure overhead on the hit path.
+    # Every endpoint takes the Request and parses its own body (contract error codes, one
+    # validation per item of a batch); the schema declares those bodies (gateway.openapi).
+    # Cache hits of /v1/audio/speech never reach these routes (gateway.fast_path).
     app.router.routes.extend(routes)
+    install_openapi(
+        app,
+        settings,
+        [*routes_openai.BODY_MODELS, *routes_synthesize.BODY_MODELS, *routes_voices.BODY_MODELS],
+    )
     app.add_middleware(SpeechHitFastPath, state=app.state.gateway)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from contract.audio import AudioFormat
@@ -20,6 +22,16 @@ def require_content_type(request: Request, *accepted: str) -> None:
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             f"Content-Type must be {' or '.join(accepted)}.",
         )
+
+
+async def read_form(request: Request, *, max_files: int, max_fields: int) -> FormData:
+    """The request's form; a malformed one, or one with too many parts, is 422 invalid_request."""
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields)
+    except HTTPException as error:
+        raise ServiceError(
+            ErrorCode.INVALID_REQUEST, f"The form cannot be read: {error.detail}"
+        ) from error
 
 
 def parse_model(model: type[M], body: bytes | dict[str, Any] | Any) -> M:

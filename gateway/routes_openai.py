@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from contract.errors import ErrorCode, ServiceError
 from gateway.middleware import request_id_of
+from gateway.openapi import audio_response as audio_doc
+from gateway.openapi import errors, request_body
 from gateway.parsing import audio_format, parse_model, require_content_type
 from gateway.responses import audio_response, sse_response
+from gateway.schemas import ALL_FORMATS, Capabilities, ModelList, ModelObject
 from gateway.service import SpeechInput, SpeechJob, cache_mode
 from gateway.state import GatewayState, gateway_state
 
@@ -28,15 +31,32 @@ class VoiceRef(BaseModel):
 
 
 class SpeechBody(BaseModel):
-    """The body of OpenAI's `audio.speech.create`."""
+    """The body of OpenAI's `audio.speech.create`.
+
+    Constraints the service reports with its own error codes (format, speed, text) are
+    documented in the schema but checked after parsing, where those codes are raised.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    input: str
-    voice: str | VoiceRef | None = None
-    response_format: str = "mp3"
-    speed: float = 1.0
+    model: str = Field(
+        description="A configured model name (GATEWAY_MODEL_NAMES) or the engine's model.",
+        examples=["tts-1"],
+    )
+    input: str = Field(
+        description="Text to speak (NFC-normalized, trimmed).", json_schema_extra={"minLength": 1}
+    )
+    voice: str | VoiceRef | None = Field(
+        default=None,
+        description="A built-in voice, an OpenAI voice name or a registered voice id.",
+        examples=["alloy"],
+    )
+    response_format: str = Field(
+        default="mp3",
+        description="OpenAI's formats, plus this service's raw float32 `pcm_f32le`.",
+        json_schema_extra={"enum": list(ALL_FORMATS)},
+    )
+    speed: float = Field(default=1.0, json_schema_extra={"minimum": 0.25, "maximum": 4.0})
     instructions: str | None = None
     stream_format: Literal["audio", "sse"] = "audio"
 
@@ -84,36 +104,44 @@ async def list_models(request: Request) -> JSONResponse:
     """Every accepted model name, each with the engine and capabilities behind it."""
     state = gateway_state(request)
     info = await state.directory.current()
-    capabilities: dict[str, Any] = {
-        key: info.raw.get(key)
-        for key in (
-            "engine",
-            "model",
-            "model_version",
-            "sample_rate",
-            "modes",
-            "languages",
-            "default_voice",
-            "supports_cloning",
-            "supports_instructions",
-            "speed_range",
-        )
-    }
+    capabilities = Capabilities(
+        engine=info.engine,
+        model=info.model,
+        model_version=info.model_version,
+        sample_rate=info.sample_rate,
+        modes=list(info.modes),
+        languages=list(info.languages),
+        default_voice=info.default_voice,
+        supports_cloning=info.supports_cloning,
+        supports_instructions=info.supports_instructions,
+        speed_range=list(info.speed_range),
+    )
     names = dict.fromkeys([*state.settings.model_names, info.model])
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "cosyvoice-serve",
-            "capabilities": capabilities,
-        }
-        for name in names
-    ]
-    return JSONResponse({"object": "list", "data": data})
+    models = ModelList(data=[ModelObject(id=name, capabilities=capabilities) for name in names])
+    return JSONResponse(models.model_dump(mode="json"))
 
+
+BODY_MODELS: tuple[type[BaseModel], ...] = (SpeechBody,)
 
 ROUTES = [
-    Route("/v1/audio/speech", create_speech, methods=["POST"]),
-    Route("/v1/models", list_models, methods=["GET"]),
+    APIRoute(
+        "/v1/audio/speech",
+        create_speech,
+        methods=["POST"],
+        summary="Synthesize speech (OpenAI-compatible)",
+        response_class=Response,
+        responses={
+            **audio_doc("The audio, streamed as it is made (or SSE events).", sse=True),
+            **errors(400, 401, 413, 415, 422, 429, 502, 503, 504),
+        },
+        openapi_extra=request_body({"application/json": SpeechBody}),
+    ),
+    APIRoute(
+        "/v1/models",
+        list_models,
+        methods=["GET"],
+        summary="Models and the engine behind them",
+        response_model=ModelList,
+        responses=errors(401, 429, 502, 503),
+    ),
 ]

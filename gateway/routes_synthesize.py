@@ -7,18 +7,21 @@ import base64
 import json
 from typing import Any
 
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from contract.audio import AudioFormat
 from contract.errors import STATUS_BY_CODE, ErrorCode, ServiceError, error_body
 from gateway.middleware import request_id_of
-from gateway.parsing import audio_format, parse_model, require_content_type
+from gateway.openapi import audio_response as audio_doc
+from gateway.openapi import errors, request_body
+from gateway.parsing import audio_format, parse_model, read_form, require_content_type
 from gateway.prompt import PromptAudio, PromptLimits, check_prompt
 from gateway.responses import audio_response
+from gateway.schemas import ALL_FORMATS, BatchResponse, SynthesizeForm, SynthesizeUrlencodedForm
 from gateway.service import CacheMode, SpeechInput, SpeechService, cache_mode
 from gateway.settings import GatewaySettings
 from gateway.single_flight import FlightAbortedError
@@ -41,7 +44,7 @@ async def synthesize(request: Request) -> Response:
             ErrorCode.PROMPT_TOO_LARGE,
             f"The upload has {declared} bytes; a prompt may have at most {limits.max_bytes}.",
         )
-    form = await request.form(max_files=1, max_fields=16)
+    form = await read_form(request, max_files=1, max_fields=16)
     try:
         given = await _form_input(form, limits, cache_mode(request.headers.get("cache-control")))
     finally:
@@ -99,20 +102,34 @@ def _text_field(form: FormData, name: str) -> str | None:
 
 
 class BatchItem(BaseModel):
+    """One item of a batch; format, speed and text limits are checked after parsing."""
+
     model_config = ConfigDict(extra="forbid")
 
-    text: str
+    text: str = Field(json_schema_extra={"minLength": 1})
     voice: str | None = None
     instruction: str | None = None
     prompt_text: str | None = None
-    format: str = AudioFormat.PCM_F32LE.value
-    speed: float = 1.0
+    format: str = Field(
+        default=AudioFormat.PCM_F32LE.value, json_schema_extra={"enum": list(ALL_FORMATS)}
+    )
+    speed: float = Field(default=1.0, json_schema_extra={"minimum": 0.25, "maximum": 4.0})
 
 
 class BatchBody(BaseModel):
+    """What the route parses: items stay raw so that each is validated on its own."""
+
     model_config = ConfigDict(extra="forbid")
 
     items: list[dict[str, Any]] = Field(min_length=1)
+
+
+class BatchRequest(BaseModel):
+    """The batch body as documented: BatchBody with its items' shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[BatchItem] = Field(min_length=1)
 
 
 async def synthesize_batch(request: Request) -> JSONResponse:
@@ -187,7 +204,33 @@ def _pass_through_body(error: PassThroughError) -> dict[str, Any]:
     return error_body(ErrorCode.UPSTREAM_ERROR, "The worker refused the item.")
 
 
+BODY_MODELS: tuple[type[BaseModel], ...] = (SynthesizeForm, SynthesizeUrlencodedForm, BatchRequest)
+
 ROUTES = [
-    Route("/synthesize", synthesize, methods=["POST"]),
-    Route("/synthesize_batch", synthesize_batch, methods=["POST"]),
+    APIRoute(
+        "/synthesize",
+        synthesize,
+        methods=["POST"],
+        summary="Synthesize speech from a form (the seed service's call)",
+        response_class=Response,
+        responses={
+            **audio_doc("The audio, streamed as it is made; default raw float32 PCM."),
+            **errors(401, 413, 415, 422, 429, 502, 503, 504),
+        },
+        openapi_extra=request_body(
+            {
+                "multipart/form-data": SynthesizeForm,
+                "application/x-www-form-urlencoded": SynthesizeUrlencodedForm,
+            }
+        ),
+    ),
+    APIRoute(
+        "/synthesize_batch",
+        synthesize_batch,
+        methods=["POST"],
+        summary="Synthesize many items; each succeeds or fails on its own",
+        response_model=BatchResponse,
+        responses=errors(400, 401, 413, 415, 422, 429, 502, 503),
+        openapi_extra=request_body({"application/json": BatchRequest}),
+    ),
 ]

@@ -11,30 +11,40 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from typing import Annotated
 
+from fastapi import Path
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from contract.errors import ErrorCode, ServiceError
-from gateway.parsing import require_content_type
+from gateway.openapi import errors, request_body
+from gateway.parsing import read_form, require_content_type
 from gateway.routes_synthesize import FORM_TYPES, prompt_limits, read_prompt
+from gateway.schemas import BuiltinVoiceOut, RegisteredVoiceOut, VoiceForm, VoiceList
 from gateway.settings import OPENAI_VOICE_NAMES
 from gateway.state import GatewayState, gateway_state
 from gateway.voices import VOICE_ID_PATTERN, RegisteredVoice
 from gateway.workers import BuiltinVoice, EngineInfo
 
+VoiceId = Annotated[str, Path(description="A built-in or registered voice id.")]
 
-def _builtin(voice: BuiltinVoice, info: EngineInfo) -> dict[str, object]:
-    return {
-        "id": voice.id,
-        "name": voice.name,
-        "type": "builtin",
-        "engine": info.engine,
-        "language": voice.language,
-        "description": voice.description,
-        "default": voice.id == info.default_voice,
-    }
+
+def _builtin(voice: BuiltinVoice, info: EngineInfo) -> BuiltinVoiceOut:
+    return BuiltinVoiceOut(
+        id=voice.id,
+        name=voice.name,
+        engine=info.engine,
+        language=voice.language,
+        description=voice.description,
+        default=voice.id == info.default_voice,
+    )
+
+
+def _registered(voice: RegisteredVoice) -> RegisteredVoiceOut:
+    return RegisteredVoiceOut.model_validate(voice.public())
 
 
 async def list_voices(request: Request) -> JSONResponse:
@@ -46,29 +56,31 @@ async def list_voices(request: Request) -> JSONResponse:
         name: state.settings.openai_voices.get(name, info.default_voice)
         for name in OPENAI_VOICE_NAMES
     }
-    data = [_builtin(voice, info) for voice in info.voices]
-    data += [voice.public() for voice in registered]
-    return JSONResponse({"object": "list", "data": data, "openai_aliases": aliases})
+    data: list[BuiltinVoiceOut | RegisteredVoiceOut] = [
+        _builtin(voice, info) for voice in info.voices
+    ]
+    data += [_registered(voice) for voice in registered]
+    voices = VoiceList(data=data, openai_aliases=aliases)
+    return JSONResponse(voices.model_dump(mode="json"))
 
 
-async def get_voice(request: Request) -> JSONResponse:
-    voice_id = str(request.path_params["voice_id"])
+async def get_voice(request: Request, voice_id: VoiceId) -> JSONResponse:
     state = gateway_state(request)
     info = await state.directory.current()
     for voice in info.voices:
         if voice.id == voice_id:
-            return JSONResponse(_builtin(voice, info))
+            return JSONResponse(_builtin(voice, info).model_dump(mode="json"))
     registered = await state.voices.get(voice_id)
     if registered is None:
         raise ServiceError(ErrorCode.VOICE_NOT_FOUND, f"No voice {voice_id!r}.")
-    return JSONResponse(registered.public())
+    return JSONResponse(_registered(registered).model_dump(mode="json"))
 
 
 async def register_voice(request: Request) -> JSONResponse:
     """Multipart `prompt_audio` (file), `prompt_text`, optional `name` and `id`; 201 + voice."""
     require_content_type(request, *FORM_TYPES)
     state = gateway_state(request)
-    form = await request.form(max_files=1, max_fields=8)
+    form = await read_form(request, max_files=1, max_fields=8)
     try:
         prompt = await read_prompt(form.get("prompt_audio"), prompt_limits(state.settings))
         fields = {name: form.get(name) for name in ("id", "name", "prompt_text")}
@@ -78,7 +90,7 @@ async def register_voice(request: Request) -> JSONResponse:
         raise ServiceError(ErrorCode.INVALID_REQUEST, "prompt_audio: a recording is required")
     texts = {name: value if isinstance(value, str) else None for name, value in fields.items()}
     voice = await _register(state, prompt.data, texts)
-    return JSONResponse(voice.public(), status_code=201)
+    return JSONResponse(_registered(voice).model_dump(mode="json"), status_code=201)
 
 
 async def _register(
@@ -110,8 +122,7 @@ async def _register(
     return voice
 
 
-async def delete_voice(request: Request) -> Response:
-    voice_id = str(request.path_params["voice_id"])
+async def delete_voice(request: Request, voice_id: VoiceId) -> Response:
     state = gateway_state(request)
     info = await state.directory.current()
     if info.has_voice(voice_id):
@@ -121,9 +132,42 @@ async def delete_voice(request: Request) -> Response:
     return Response(status_code=204)
 
 
+BODY_MODELS: tuple[type[BaseModel], ...] = (VoiceForm,)
+
 ROUTES = [
-    Route("/v1/voices", list_voices, methods=["GET"]),
-    Route("/v1/voices/{voice_id}", get_voice, methods=["GET"]),
-    Route("/v1/voices", register_voice, methods=["POST"]),
-    Route("/v1/voices/{voice_id}", delete_voice, methods=["DELETE"]),
+    APIRoute(
+        "/v1/voices",
+        list_voices,
+        methods=["GET"],
+        summary="Built-in and registered voices",
+        response_model=VoiceList,
+        responses=errors(401, 429, 502, 503),
+    ),
+    APIRoute(
+        "/v1/voices/{voice_id}",
+        get_voice,
+        methods=["GET"],
+        summary="One voice",
+        response_model=BuiltinVoiceOut | RegisteredVoiceOut,
+        responses=errors(401, 404, 422, 429, 502, 503),
+    ),
+    APIRoute(
+        "/v1/voices",
+        register_voice,
+        methods=["POST"],
+        summary="Register a voice from a prompt recording",
+        status_code=201,
+        response_model=RegisteredVoiceOut,
+        responses=errors(401, 413, 415, 422, 429, 502, 503),
+        openapi_extra=request_body({"multipart/form-data": VoiceForm}),
+    ),
+    APIRoute(
+        "/v1/voices/{voice_id}",
+        delete_voice,
+        methods=["DELETE"],
+        summary="Delete a registered voice",
+        status_code=204,
+        response_class=Response,
+        responses=errors(401, 403, 404, 422, 429, 502, 503),
+    ),
 ]
