@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+
+from loadtest.runner.texts import PHRASES
 
 REPO = Path(__file__).resolve().parents[2]
 K6_DIR = REPO / "loadtest" / "k6"
@@ -134,3 +137,15 @@ def test_scenarios_do_what_their_names_say() -> None:
 def test_api_key_is_sent_as_bearer_token() -> None:
     doc = dry_run("hits.js", api_key="secret")
     assert all(r["headers"]["Authorization"] == "Bearer secret" for r in doc["requests"])
+
+
+def test_phrases_are_the_same_in_k6_wrk_and_the_runner() -> None:
+    """The three tools repeat the same phrases, so a cache primed by one serves the others."""
+    js = (K6_DIR / "lib" / "common.js").read_text()
+    js_block = js.split("export const PHRASES = [")[1].split("];")[0]
+    js_phrases = [p.replace("\\'", "'") for p in re.findall(r"'((?:[^'\\]|\\.)*)'", js_block)]
+    lua = (REPO / "loadtest" / "wrk" / "common.lua").read_text()
+    lua_block = lua.split("M.phrases = {")[1].split("}")[0]
+    lua_phrases = re.findall(r'"([^"]*)"', lua_block)
+    assert len(js_phrases) == 8
+    assert js_phrases == lua_phrases == list(PHRASES[: len(js_phrases)])
