@@ -59,3 +59,19 @@ def test_a_sentence_without_stops_streams_in_pieces() -> None:
     assert len(pieces) >= 4
     rate = engine.capabilities().sample_rate
     assert all(0.5 < len(piece) / rate < 12 for piece in pieces)
+
+
+def test_slow_speech_is_cut_into_pieces_of_bounded_audio() -> None:
+    engine = create_engine("piper", threads=1, max_chunk_phonemes=120)
+    engine.load()
+    text = " ".join(["the long road winds on and on past the quiet hills"] * 3)
+    rate = engine.capabilities().sample_rate
+    normal = engine.synthesize_all(  # type: ignore[attr-defined]
+        EngineRequest(text=text, voice="joe", speed=1.0, seed=1)
+    )
+    slow = engine.synthesize_all(  # type: ignore[attr-defined]
+        EngineRequest(text=text, voice="joe", speed=0.25, seed=1)
+    )
+    longest_normal = max(len(piece) for piece in normal) / rate
+    assert len(slow) > len(normal)
+    assert max(len(piece) for piece in slow) / rate < 2.5 * longest_normal

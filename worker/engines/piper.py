@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_VOICE = "joe"
 WARM_UP_TEXT = "Warming up the voice. It is ready now."
+WARM_UP_LONG_SENTENCE = " ".join(["one two three four five six seven eight nine ten"] * 4)
+MIN_CHUNK_PHONEMES = 32
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,10 @@ class PiperEngine:
         `spin` lets idle ONNX Runtime threads busy-wait for work (ONNX Runtime's default). Off
         by default: interleaved runs showed no latency difference for one request, and spinning
         threads burn the cores that concurrent requests and the other services need.
-        `max_chunk_phonemes` bounds one synthesis run (about 14 s of speech); longer sentences
-        are cut at clause marks or words (see `piper_chunks`).
+        `max_chunk_phonemes` bounds one synthesis run (about 14 s of speech at speed 1; the
+        bound shrinks with slower speeds, so that a run's audio, and the memory ONNX Runtime
+        keeps for it, stay bounded); longer sentences are cut at clause marks or words (see
+        `piper_chunks`).
 
         `gain` multiplies every sample (then clipped to [-1, 1]); `noise_scale` and
         `noise_w_scale` override each voice's own values when set.
@@ -121,9 +125,15 @@ class PiperEngine:
         self._capabilities = self._build_capabilities()
 
     def warm_up(self) -> None:
-        """Synthesize a short text with every voice, so the first request pays no set-up cost."""
+        """Synthesize with every voice, so the first request pays no set-up cost.
+
+        The text includes a sentence cut into pieces of the longest size, so that ONNX Runtime's
+        memory arena reaches the size one run needs before the worker is ready: the worker's
+        memory grows at start-up, not under the first long request.
+        """
         for voice_id in self._voices:
-            request = EngineRequest(text=WARM_UP_TEXT, voice=voice_id, speed=1.0, seed=0)
+            text = f"{WARM_UP_TEXT} {WARM_UP_LONG_SENTENCE}."
+            request = EngineRequest(text=text, voice=voice_id, speed=1.0, seed=0)
             samples = sum(len(audio) for audio in self.synthesize_all(request))
             if samples == 0:
                 raise RuntimeError(f"Warm-up of voice {voice_id!r} produced no audio")
@@ -140,7 +150,7 @@ class PiperEngine:
         thread, and no further sentence starts.
         """
         loaded = self._voice(request.voice)
-        pieces = await asyncio.to_thread(self._pieces, loaded, request.text)
+        pieces = await asyncio.to_thread(self._pieces, loaded, request.text, request.speed)
         rng = np.random.default_rng(request.seed)
         for phonemes in pieces:
             yield await asyncio.to_thread(self._synthesize_sentence, loaded, phonemes, request, rng)
@@ -151,14 +161,15 @@ class PiperEngine:
         rng = np.random.default_rng(request.seed)
         return [
             self._synthesize_sentence(loaded, phonemes, request, rng)
-            for phonemes in self._pieces(loaded, request.text)
+            for phonemes in self._pieces(loaded, request.text, request.speed)
         ]
 
-    def _pieces(self, loaded: _LoadedVoice, text: str) -> list[list[str]]:
+    def _pieces(self, loaded: _LoadedVoice, text: str, speed: float) -> list[list[str]]:
+        limit = max(MIN_CHUNK_PHONEMES, round(self._max_chunk_phonemes * min(speed, 1.0)))
         return [
             piece
             for sentence in loaded.voice.phonemize(text)
-            for piece in split_phonemes(sentence, self._max_chunk_phonemes)
+            for piece in split_phonemes(sentence, limit)
         ]
 
     def _synthesize_sentence(
