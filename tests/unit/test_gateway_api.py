@@ -60,9 +60,9 @@ class FakeRedis:
         self.values[key] = value
         return True
 
-    async def smembers(self, key: str) -> set[bytes]:
+    async def smembers(self, key: str) -> frozenset[bytes]:
         self._check()
-        return set()
+        return frozenset()
 
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
         self._check()
