@@ -33,6 +33,7 @@ from tests.support.processes import RunningProcess, free_port, python_service, r
 
 MAX_TEXT_CHARS = 120
 BATCH_MAX_ITEMS = 3
+API_KEY = "fuzz-key"
 # Examples per operation and mode; FUZZ_MAX_EXAMPLES raises it for a longer local run.
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
 CHECKS = [
@@ -70,7 +71,19 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run
             log_dir=root,
         ) as gateway,
     ):
-        yield {"redis": store, "worker": worker, "gateway": gateway}
+        keyed_port = free_port()
+        with python_service(
+            "gateway",
+            {
+                "GATEWAY_PORT": str(keyed_port),
+                "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{store.port}/0",
+                "GATEWAY_WORKER_URL": worker.url,
+                "GATEWAY_API_KEYS": API_KEY,
+            },
+            port=keyed_port,
+            log_dir=root,
+        ) as keyed:
+            yield {"redis": store, "worker": worker, "gateway": gateway, "keyed": keyed}
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +147,47 @@ def test_public_api_conforms_to_its_schema(
         case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=120)
 
     check()
+
+
+@pytest.fixture(scope="module")
+def keyed_schema(services: dict[str, RunningProcess]) -> schemathesis.BaseSchema:
+    """The schema of the gateway with API keys; reading it takes the key too."""
+    return schemathesis.openapi.from_url(
+        f"{services['keyed'].url}/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+
+
+@pytest.mark.parametrize(("method", "path"), OPERATIONS)
+def test_api_keys_conform_to_the_schema(
+    keyed_schema: schemathesis.BaseSchema,
+    services: dict[str, RunningProcess],
+    method: str,
+    path: str,
+) -> None:
+    """A gateway with API keys declares Bearer auth; requests without the key get the
+    documented 401 JSON error, and the health routes stay open."""
+    operation = keyed_schema[path][method]
+    secured = "security" in operation.definition.raw
+    assert secured == (path not in {"/healthz", "/livez", "/readyz"})
+    statuses: set[int] = set()
+
+    @given(case=operation.as_strategy())
+    @settings(
+        max_examples=5,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def check(case: schemathesis.Case[Any]) -> None:
+        case.headers.pop("Authorization", None)
+        response = case.call_and_validate(
+            base_url=services["keyed"].url, checks=CHECKS, timeout=120
+        )
+        statuses.add(response.status_code)
+
+    check()
+    assert statuses == ({401} if secured else {200}), statuses
 
 
 def test_gateway_still_serves_after_fuzzing(services: dict[str, RunningProcess]) -> None:
