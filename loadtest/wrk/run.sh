@@ -3,6 +3,8 @@
 # Bounded: each run lasts LOADTEST_DURATION (default 10s, at most 600s).
 #   LOADTEST_URL          base URL (default http://127.0.0.1:8080, nginx's public listener)
 #   LOADTEST_DURATION     per script, e.g. 10s or 2m (default 10s)
+#   LOADTEST_MISS_DURATION  the miss path's own duration (default LOADTEST_DURATION): wrk only
+#                         counts requests that finish in time, and a synthesis takes seconds
 #   LOADTEST_THREADS      wrk threads (default 2)
 #   LOADTEST_HIT_CONNECTIONS, LOADTEST_MISS_CONNECTIONS  open connections (default 8 and 2)
 #   WRK_API, WRK_FORMAT, WRK_VOICE, WRK_API_KEY, WRK_TEXT  see common.lua
@@ -14,6 +16,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 url="${LOADTEST_URL:-http://127.0.0.1:8080}"
 url="${url%/}"
 duration="${LOADTEST_DURATION:-10s}"
+miss_duration="${LOADTEST_MISS_DURATION:-$duration}"
 threads="${LOADTEST_THREADS:-2}"
 hit_connections="${LOADTEST_HIT_CONNECTIONS:-8}"
 miss_connections="${LOADTEST_MISS_CONNECTIONS:-2}"
@@ -24,10 +27,17 @@ fail() {
 }
 
 [[ "$url" =~ ^https?://[^/]+$ ]] || fail "LOADTEST_URL=$url must be http(s)://host[:port]"
-[[ "$duration" =~ ^([0-9]+)(s|m)?$ ]] || fail "LOADTEST_DURATION=$duration must look like 10s or 2m"
-seconds="${BASH_REMATCH[1]}"
-[[ "${BASH_REMATCH[2]}" == "m" ]] && seconds=$((seconds * 60))
-((seconds >= 1 && seconds <= 600)) || fail "LOADTEST_DURATION=$duration must be 1s to 600s"
+# Seconds in a duration like 10s or 2m, bounded to 1..600; exits 2 otherwise.
+seconds_of() {
+  local name="$1" value="$2" count
+  [[ "$value" =~ ^([0-9]+)(s|m)?$ ]] || fail "$name=$value must look like 10s or 2m"
+  count="${BASH_REMATCH[1]}"
+  [[ "${BASH_REMATCH[2]}" == "m" ]] && count=$((count * 60))
+  ((count >= 1 && count <= 600)) || fail "$name=$value must be 1s to 600s"
+  echo "$count"
+}
+seconds="$(seconds_of LOADTEST_DURATION "$duration")" || exit 2
+miss_seconds="$(seconds_of LOADTEST_MISS_DURATION "$miss_duration")" || exit 2
 for name in threads hit_connections miss_connections; do
   value="${!name}"
   [[ "$value" =~ ^[0-9]+$ ]] && ((value >= 1 && value <= 1024)) \
@@ -43,5 +53,5 @@ ready="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$url/readyz" || tr
 
 wrk -t"$threads" -c"$hit_connections" -d"${seconds}s" --timeout 30s \
   -s "$here/hit.lua" "$url"
-wrk -t"$threads" -c"$miss_connections" -d"${seconds}s" --timeout 120s \
+wrk -t"$threads" -c"$miss_connections" -d"${miss_seconds}s" --timeout 120s \
   -s "$here/miss.lua" "$url"

@@ -36,6 +36,8 @@ def run_script(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"LOADTEST_DURATION": "1h"}, "must look like 10s or 2m"),
         ({"LOADTEST_DURATION": "0s"}, "must be 1s to 600s"),
         ({"LOADTEST_DURATION": "11m"}, "must be 1s to 600s"),
+        ({"LOADTEST_MISS_DURATION": "5h"}, "LOADTEST_MISS_DURATION=5h must look like"),
+        ({"LOADTEST_MISS_DURATION": "601s"}, "LOADTEST_MISS_DURATION=601s must be 1s to 600s"),
         ({"LOADTEST_URL": "127.0.0.1:8080"}, "must be http(s)://host[:port]"),
         ({"LOADTEST_URL": "http://h/v1"}, "must be http(s)://host[:port]"),
         ({"LOADTEST_THREADS": "x"}, "threads=x must be a whole number"),
