@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     # Voice, format, speed and modes.
     UNKNOWN_VOICE = "unknown_voice"
     VOICE_NOT_FOUND = "voice_not_found"
+    VOICE_OUTDATED = "voice_outdated"
     UNSUPPORTED_FORMAT = "unsupported_format"
     SPEED_OUT_OF_RANGE = "speed_out_of_range"
     INSTRUCTION_UNSUPPORTED = "instruction_unsupported"
@@ -55,6 +56,7 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.TEXT_INVALID: 422,
     ErrorCode.UNKNOWN_VOICE: 422,
     ErrorCode.VOICE_NOT_FOUND: 404,
+    ErrorCode.VOICE_OUTDATED: 422,
     ErrorCode.UNSUPPORTED_FORMAT: 422,
     ErrorCode.SPEED_OUT_OF_RANGE: 422,
     ErrorCode.INSTRUCTION_UNSUPPORTED: 422,

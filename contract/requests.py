@@ -14,6 +14,9 @@ DEFAULT_MAX_TEXT_CHARS = 4096
 SPEED_MIN = 0.25
 SPEED_MAX = 4.0
 REQUEST_ID_HEADER = "X-Request-ID"
+ENGINE_HEADER = "X-Engine"
+MODEL_VERSION_HEADER = "X-Model-Version"
+VOICE_FEATURES_PATH = "/v1/voices/features"
 
 
 class SynthesisRequest(BaseModel):
@@ -22,12 +25,21 @@ class SynthesisRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str
-    voice: str | None = Field(default=None, description="Voice id; the engine's default when unset.")
+    voice: str | None = Field(
+        default=None, description="Voice id; the engine's default when unset."
+    )
     instruction: str | None = Field(default=None, description="Style instruction (instruct mode).")
     prompt_audio: Base64Bytes | None = Field(
         default=None, description="A prompt recording to clone, as the uploaded file's bytes."
     )
     prompt_text: str | None = Field(default=None, description="Transcript of the prompt recording.")
+    voice_features: Base64Bytes | None = Field(
+        default=None,
+        description=(
+            "A registered voice's prompt features, as the engine's `POST /v1/voices/features` "
+            "returned them; `voice` then names the registered voice."
+        ),
+    )
     speed: float = 1.0
     format: AudioFormat = AudioFormat.PCM_F32LE
     seed: int | None = Field(
@@ -36,6 +48,19 @@ class SynthesisRequest(BaseModel):
         lt=2**63,
         description="Sampling seed; derived from the request itself when unset.",
     )
+
+
+class VoiceFeaturesRequest(BaseModel):
+    """A prompt recording to turn into voice features, as `POST /v1/voices/features` takes it.
+
+    The worker answers with the engine's feature blob (application/octet-stream) and names the
+    engine and model version that made it in `X-Engine` and `X-Model-Version`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_audio: Base64Bytes = Field(description="The recording, as the uploaded file's bytes.")
+    prompt_text: str | None = Field(default=None, description="Transcript of the recording.")
 
 
 def normalize_text(text: str) -> str:
@@ -80,16 +105,15 @@ def seed_from_digest(hex_digest: str) -> int:
 
 def default_seed(request: SynthesisRequest) -> int:
     """The seed for a request that names none: a digest of everything that shapes the audio."""
-    digest = hashlib.sha256(
-        "\x1f".join(
-            [
-                normalize_text(request.text),
-                request.voice or "",
-                request.instruction or "",
-                request.prompt_text or "",
-                hashlib.sha256(request.prompt_audio or b"").hexdigest(),
-                repr(float(request.speed)),
-            ]
-        ).encode()
-    ).hexdigest()
+    parts = [
+        normalize_text(request.text),
+        request.voice or "",
+        request.instruction or "",
+        request.prompt_text or "",
+        hashlib.sha256(request.prompt_audio or b"").hexdigest(),
+        repr(float(request.speed)),
+    ]
+    if request.voice_features:
+        parts.append(hashlib.sha256(request.voice_features).hexdigest())
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
     return seed_from_digest(digest)

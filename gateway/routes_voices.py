@@ -1,13 +1,15 @@
 """The voices API: list built-in and registered voices, register one from a prompt, delete it.
 
 Registration validates the prompt like /synthesize does and is refused (422
-`prompt_unsupported`) by engines that cannot clone. For engines that can, the voice is stored
-in Redis (see gateway.voices); computing its prompt features once, on a worker, belongs in
-`_register` when workers offer that endpoint.
+`prompt_unsupported`) by engines that cannot clone, before any worker is contacted. For engines
+that can, one worker computes the prompt's features once (`POST /v1/voices/features`); they are
+stored in Redis with the voice (see gateway.voices) and sent with every synthesis that names
+the voice, so no request recomputes them.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 import uuid
@@ -20,6 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from contract.errors import ErrorCode, ServiceError
+from contract.requests import VoiceFeaturesRequest
+from gateway.middleware import request_id_of
 from gateway.openapi import errors, request_body
 from gateway.parsing import read_form, require_content_type
 from gateway.routes_synthesize import FORM_TYPES, prompt_limits, read_prompt
@@ -89,12 +93,12 @@ async def register_voice(request: Request) -> JSONResponse:
     if prompt is None:
         raise ServiceError(ErrorCode.INVALID_REQUEST, "prompt_audio: a recording is required")
     texts = {name: value if isinstance(value, str) else None for name, value in fields.items()}
-    voice = await _register(state, prompt.data, texts)
+    voice = await _register(state, prompt.data, texts, request_id_of(request.scope))
     return JSONResponse(_registered(voice).model_dump(mode="json"), status_code=201)
 
 
 async def _register(
-    state: GatewayState, prompt_audio: bytes, fields: dict[str, str | None]
+    state: GatewayState, prompt_audio: bytes, fields: dict[str, str | None], request_id: str
 ) -> RegisteredVoice:
     info = await state.directory.current()
     if not info.supports_cloning:
@@ -107,16 +111,25 @@ async def _register(
         raise ServiceError(ErrorCode.INVALID_REQUEST, "id: must match ^[A-Za-z0-9_-]{1,64}$")
     if info.has_voice(voice_id) or voice_id in OPENAI_VOICE_NAMES:
         raise ServiceError(ErrorCode.INVALID_REQUEST, f"id: {voice_id!r} names a built-in voice")
+    prompt_text = (fields.get("prompt_text") or "").strip() or None
+    # Base64Bytes validates base64 text into bytes: hand it the encoded upload.
+    computed = await state.speech.voice_features(
+        VoiceFeaturesRequest(
+            prompt_audio=base64.b64encode(prompt_audio), prompt_text=prompt_text
+        ),
+        request_id,
+    )
+    if not computed.data:
+        raise ServiceError(ErrorCode.UPSTREAM_ERROR, "The worker returned no voice features.")
     voice = RegisteredVoice(
         id=voice_id,
         name=fields.get("name") or voice_id,
-        engine=info.engine,
-        model_version=info.model_version,
-        prompt_audio=prompt_audio,
-        prompt_text=(fields.get("prompt_text") or "").strip() or None,
+        engine=computed.engine or info.engine,
+        model_version=computed.model_version or info.model_version,
+        prompt_text=prompt_text,
         prompt_sha256=hashlib.sha256(prompt_audio).hexdigest(),
         created_at=time.time(),
-        features=None,  # to be filled by a worker's feature extraction once it exists
+        features=computed.data,
     )
     await state.voices.save(voice)
     return voice
@@ -156,9 +169,14 @@ ROUTES = [
         register_voice,
         methods=["POST"],
         summary="Register a voice from a prompt recording",
+        description=(
+            "A worker computes the recording's prompt features once; they are stored with the "
+            "voice (no expiry) and used by every request that names its id. Engines that cannot "
+            "clone answer 422 `prompt_unsupported`."
+        ),
         status_code=201,
         response_model=RegisteredVoiceOut,
-        responses=errors(401, 413, 415, 422, 429, 502, 503),
+        responses=errors(401, 413, 415, 422, 429, 502, 503, 504),
         openapi_extra=request_body({"multipart/form-data": VoiceForm}),
     ),
     APIRoute(

@@ -90,14 +90,21 @@ class BuiltinVoiceOut(BaseModel):
 
 
 class RegisteredVoiceOut(BaseModel):
+    """A voice registered from a prompt recording; its features are stored, not the recording."""
+
     id: str
     name: str
     type: Literal["registered"] = "registered"
     engine: str
-    model_version: str
+    model_version: str = Field(
+        description=(
+            "Model version that computed the stored features; once the workers run another, "
+            "requests naming the voice get 422 `voice_outdated` until it is registered again."
+        )
+    )
     prompt_text: str | None
-    prompt_sha256: str
-    created_at: int
+    prompt_sha256: str = Field(description="SHA-256 of the uploaded recording.")
+    created_at: int = Field(description="Registration time, Unix seconds.")
 
 
 class VoiceList(BaseModel):

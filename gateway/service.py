@@ -14,18 +14,24 @@ import base64
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from contract.audio import CONTENT_TYPES, AudioFormat, output_sample_rate, stream_headers
 from contract.cache_key import CACHE_KEY_PREFIX, CanonicalRequest
 from contract.errors import ErrorCode, ServiceError
-from contract.requests import SynthesisRequest, check_speed, check_text, seed_from_digest
+from contract.requests import (
+    SynthesisRequest,
+    VoiceFeaturesRequest,
+    check_speed,
+    check_text,
+    seed_from_digest,
+)
 from gateway.cache import AudioCache, CachedAudio
 from gateway.metrics import GatewayMetrics
 from gateway.prompt import PromptAudio
 from gateway.single_flight import Flight, FlightAbortedError, SingleFlight
-from gateway.upstream import Upstream
+from gateway.upstream import ComputedFeatures, Upstream
 from gateway.voices import VoiceStore, resolve_voice
 from gateway.workers import EngineInfo, WorkerDirectory
 
@@ -76,6 +82,8 @@ class SpeechJob:
     cache_mode: CacheMode
     request_id: str
     arrived: float = field(default_factory=time.monotonic)
+    registered_voice: str | None = None
+    """A registered voice whose stored features go to the worker with `synthesis`."""
 
 
 @dataclass
@@ -130,22 +138,28 @@ class SpeechService:
         """
         info = await self._directory.current()
         remembered = self._prepared.get(given) if given.prompt is None else None
+        registered: str | None = None
         if remembered is not None and remembered[0] is info:
             _, key, synthesis = remembered
         else:
-            key, synthesis, reusable = await self._key_and_request(given, info)
-            if reusable:
+            key, synthesis, registered, reusable = await self._key_and_request(given, info)
+            if reusable and registered is None:
                 if len(self._prepared) >= PREPARED_MEMO_SIZE:
                     self._prepared.clear()
                 self._prepared[given] = (info, key, synthesis)
         return SpeechJob(
-            key=key, synthesis=synthesis, cache_mode=given.cache_mode, request_id=request_id
+            key=key,
+            synthesis=synthesis,
+            cache_mode=given.cache_mode,
+            request_id=request_id,
+            registered_voice=registered,
         )
 
     async def _key_and_request(
         self, given: SpeechInput, info: EngineInfo
-    ) -> tuple[str, SynthesisRequest, bool]:
-        """The cache key, the worker request, and whether both may be reused for `given`."""
+    ) -> tuple[str, SynthesisRequest, str | None, bool]:
+        """The cache key, the worker request, the registered voice whose features it needs, and
+        whether the first two may be reused for `given` (never for a registered voice)."""
         text = check_text(given.text, self._max_text_chars)
         speed = check_speed(given.speed, *info.speed_range)
         instruction = given.instruction.strip() if given.instruction else None
@@ -160,8 +174,10 @@ class SpeechService:
                 f"Engine {info.engine!r} cannot clone a voice from a prompt recording.",
             )
         voice = await resolve_voice(given.voice, info, self._voices, self._openai_voices)
-        prompt_audio = given.prompt.data if given.prompt is not None else voice.prompt_audio
-        prompt_text = given.prompt_text if given.prompt is not None else voice.prompt_text
+        registered = voice.registered if given.prompt is None else None
+        worker_voice = None if given.prompt and voice.registered else voice.worker_voice
+        prompt_audio = given.prompt.data if given.prompt is not None else None
+        prompt_text = given.prompt_text if given.prompt is not None else None
         canonical = CanonicalRequest.build(
             text=text,
             instruction=instruction,
@@ -173,10 +189,18 @@ class SpeechService:
             engine=info.engine,
             model_version=info.model_version,
         )
+        if registered is not None:
+            # The voice id plus its recording's digest: re-registering an id with another
+            # recording must not hand out the old voice's audio.
+            canonical = replace(
+                canonical,
+                prompt_audio_sha256=registered.prompt_sha256,
+                prompt_text=registered.prompt_text,
+            )
         digest = canonical.digest()
         synthesis = SynthesisRequest(
             text=text,
-            voice=voice.worker_voice,
+            voice=worker_voice,
             instruction=instruction,
             # Base64Bytes validates base64 text into bytes: hand it the encoded upload.
             prompt_audio=base64.b64encode(prompt_audio) if prompt_audio else None,
@@ -186,7 +210,8 @@ class SpeechService:
             seed=seed_from_digest(digest),
         )
         # Registered voices live in Redis and may change; only built-in voices are reusable.
-        return CACHE_KEY_PREFIX + digest, synthesis, prompt_audio is None
+        registered_id = registered.id if registered is not None else None
+        return CACHE_KEY_PREFIX + digest, synthesis, registered_id, prompt_audio is None
 
     async def lookup(self, job: SpeechJob) -> AudioResult | None:
         """The cached answer, or None (a miss, a bypass, or a synthesis still running).
@@ -272,7 +297,8 @@ class SpeechService:
         self._metrics.active_flights.inc()
         try:
             async with asyncio.timeout(self._deadline_s):
-                stream = await self._upstream.open_stream(job.synthesis, job.request_id)
+                synthesis = await self._with_features(job)
+                stream = await self._upstream.open_stream(synthesis, job.request_id)
                 try:
                     headers = _audio_headers(stream.headers, job.synthesis.format)
                     flight.set_headers(headers)
@@ -289,6 +315,36 @@ class SpeechService:
         flight.finish()
         if job.cache_mode is not CacheMode.NO_STORE and flight.size > 0:
             await self._cache.put(job.key, CachedAudio(audio=flight.body(), headers=headers))
+
+
+    async def _with_features(self, job: SpeechJob) -> SynthesisRequest:
+        """The worker request, with a registered voice's features read from Redis now.
+
+        They are read only here, on a miss, so hits never move them. A voice deleted since
+        `prepare` is 422 `unknown_voice`; one stored without features (registered before
+        features existed) is 422 `voice_outdated`.
+        """
+        if job.registered_voice is None:
+            return job.synthesis
+        features = await self._voices.features(job.registered_voice)
+        if features is None:
+            if await self._voices.get(job.registered_voice) is None:
+                raise ServiceError(
+                    ErrorCode.UNKNOWN_VOICE,
+                    f"Unknown voice {job.registered_voice!r}; see GET /v1/voices.",
+                )
+            raise ServiceError(
+                ErrorCode.VOICE_OUTDATED,
+                f"Voice {job.registered_voice!r} has no stored features; register it again.",
+            )
+        # model_copy skips validation: the bytes go in as they are and leave as base64.
+        return job.synthesis.model_copy(update={"voice_features": features})
+
+    async def voice_features(
+        self, request: VoiceFeaturesRequest, request_id: str
+    ) -> ComputedFeatures:
+        """A prompt's features, computed once by a worker, for registering a voice."""
+        return await self._upstream.voice_features(request, request_id)
 
 
 def _audio_headers(worker_headers: dict[str, str], audio_format: AudioFormat) -> dict[str, str]:

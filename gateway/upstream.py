@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -24,7 +25,14 @@ from contract.audio import (
     SAMPLE_RATE_HEADER,
 )
 from contract.errors import ErrorCode, ServiceError
-from contract.requests import REQUEST_ID_HEADER, SynthesisRequest
+from contract.requests import (
+    ENGINE_HEADER,
+    MODEL_VERSION_HEADER,
+    REQUEST_ID_HEADER,
+    VOICE_FEATURES_PATH,
+    SynthesisRequest,
+    VoiceFeaturesRequest,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 
@@ -82,6 +90,15 @@ class UpstreamStream:
         await self._response.aclose()
 
 
+@dataclass(frozen=True)
+class ComputedFeatures:
+    """A registered voice's features as a worker computed them, and what computed them."""
+
+    data: bytes
+    engine: str
+    model_version: str
+
+
 class Upstream:
     def __init__(
         self,
@@ -122,6 +139,33 @@ class Upstream:
                 self._metrics.upstream_attempts.labels(outcome="ok").inc()
                 return UpstreamStream(response, self._metrics)
             await self._read_and_close(response)
+            outcome = _RETRYABLE.get(response.status_code)
+            if outcome is None or attempt >= self._retries:
+                raise self._error_for(response)
+            self._metrics.upstream_attempts.labels(outcome=outcome).inc()
+            await asyncio.sleep(self._backoff_s * 2**attempt)
+            attempt += 1
+
+    async def voice_features(
+        self, request: VoiceFeaturesRequest, request_id: str
+    ) -> ComputedFeatures:
+        """A prompt's features from a worker (`POST /v1/voices/features`), retried when busy.
+
+        A worker's 4xx (a bad prompt) is raised as `PassThroughError`, like a synthesis's.
+        """
+        body = request.model_dump_json(exclude_none=True).encode()
+        headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: request_id}
+        attempt = 0
+        while True:
+            response = await self._send("POST", VOICE_FEATURES_PATH, content=body, headers=headers)
+            await self._read_and_close(response)
+            if response.status_code == 200:
+                self._metrics.upstream_attempts.labels(outcome="ok").inc()
+                return ComputedFeatures(
+                    data=response.content,
+                    engine=response.headers.get(ENGINE_HEADER, ""),
+                    model_version=response.headers.get(MODEL_VERSION_HEADER, ""),
+                )
             outcome = _RETRYABLE.get(response.status_code)
             if outcome is None or attempt >= self._retries:
                 raise self._error_for(response)

@@ -2,12 +2,13 @@
 
 Storage: one hash `voice:{id}` per registered voice, with no TTL (Redis runs volatile-lru, so
 only cache keys are ever evicted), plus the set `voices` indexing the ids. Fields: `name`,
-`engine`, `model_version`, `prompt_text`, `prompt_sha256`, `prompt_audio` (the upload's bytes),
-`created_at`, and `features`: the engine's prompt features, computed once at registration.
+`engine`, `model_version`, `prompt_text`, `prompt_sha256`, `created_at`, and `features`: the
+engine's prompt features, computed once by a worker at registration. The recording itself is
+not kept.
 
-Computing features needs a worker endpoint that the cloning engine will add; until then a
-registered voice is served by sending its stored prompt with each request (see
-`resolve_voice`), and `features` stays empty. Engines without cloning refuse registration.
+Resolving and listing read the small fields only; the features (160-480 kB for a 10-30 s
+prompt) are read when a synthesis is actually sent to a worker, so a cache hit on a registered
+voice costs one small Redis read.
 """
 
 from __future__ import annotations
@@ -28,20 +29,23 @@ from gateway.workers import EngineInfo
 VOICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 VOICE_KEY_PREFIX = "voice:"
 VOICE_INDEX_KEY = "voices"
+FEATURES_FIELD = "features"
+_META_FIELDS = ("name", "engine", "model_version", "prompt_text", "prompt_sha256", "created_at")
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class RegisteredVoice:
+    """A registered voice's description; `features` is empty unless read with them."""
+
     id: str
     name: str
     engine: str
     model_version: str
-    prompt_audio: bytes
     prompt_text: str | None
     prompt_sha256: str
     created_at: float
-    features: bytes | None = None
+    features: bytes = b""
 
     def public(self) -> dict[str, object]:
         return {
@@ -58,12 +62,15 @@ class RegisteredVoice:
 
 @dataclass(frozen=True)
 class ResolvedVoice:
-    """What a request's `voice` means: a built-in id, or a registered voice's prompt."""
+    """What a request's `voice` means: a built-in id, or a registered voice (by id).
+
+    `key_voice` is the voice id the cache key uses; `registered` is set for a registered
+    voice, whose features the gateway sends along with `worker_voice`.
+    """
 
     key_voice: str
     worker_voice: str | None
-    prompt_audio: bytes | None = None
-    prompt_text: str | None = None
+    registered: RegisteredVoice | None = None
 
 
 class VoiceStore:
@@ -72,15 +79,17 @@ class VoiceStore:
         self._timeout_s = timeout_s
 
     async def save(self, voice: RegisteredVoice) -> None:
+        """Store (or replace) a voice and its features, with no TTL."""
+        if not voice.features:
+            raise ValueError("a registered voice is stored with its features")
         mapping: dict[str, bytes | str | float] = {
             "name": voice.name,
             "engine": voice.engine,
             "model_version": voice.model_version,
-            "prompt_audio": voice.prompt_audio,
             "prompt_text": voice.prompt_text or "",
             "prompt_sha256": voice.prompt_sha256,
             "created_at": voice.created_at,
-            "features": voice.features or b"",
+            FEATURES_FIELD: voice.features,
         }
 
         async def write() -> None:
@@ -93,12 +102,27 @@ class VoiceStore:
         await self._bounded(write())
 
     async def get(self, voice_id: str) -> RegisteredVoice | None:
+        """The voice's description, without its features; None when there is no such voice."""
         if not VOICE_ID_PATTERN.match(voice_id):
             return None
-        fields = await self._bounded(self._client.hgetall(VOICE_KEY_PREFIX + voice_id))
-        if not fields:
+        values = await self._bounded(
+            self._client.hmget(VOICE_KEY_PREFIX + voice_id, list(_META_FIELDS))
+        )
+        if all(value is None for value in values):
             return None
-        return _from_hash(voice_id, {_bytes(k): _bytes(v) for k, v in fields.items()})
+        fields = {
+            name.encode(): _bytes(value)
+            for name, value in zip(_META_FIELDS, values, strict=True)
+            if value is not None
+        }
+        return _from_hash(voice_id, fields)
+
+    async def features(self, voice_id: str) -> bytes | None:
+        """The voice's stored features; None when the voice is gone or has none."""
+        if not VOICE_ID_PATTERN.match(voice_id):
+            return None
+        value = await self._bounded(self._client.hget(VOICE_KEY_PREFIX + voice_id, FEATURES_FIELD))
+        return _bytes(value) if value else None
 
     async def list(self) -> list[RegisteredVoice]:
         ids = await self._bounded(self._client.smembers(VOICE_INDEX_KEY))
@@ -139,9 +163,10 @@ async def resolve_voice(
 ) -> ResolvedVoice:
     """Map a request's voice to the engine: built-in id, OpenAI name, or registered voice.
 
-    An OpenAI name maps through `openai_voices`, else to the engine's default voice. A
-    registered voice is sent as its stored prompt (and keyed by its id plus the prompt's
-    SHA-256 in the cache key), until workers accept precomputed features.
+    An OpenAI name maps through `openai_voices`, else to the engine's default voice. An
+    unknown id is 422 `unknown_voice`; a registered voice whose features were computed by
+    another engine or model version than the workers' is 422 `voice_outdated` (register the
+    recording again).
     """
     if not requested:
         return ResolvedVoice(key_voice=info.default_voice, worker_voice=info.default_voice)
@@ -157,17 +182,19 @@ async def resolve_voice(
         raise ServiceError(
             ErrorCode.UNKNOWN_VOICE, f"Unknown voice {requested!r}; see GET /v1/voices."
         )
-    if registered.engine != info.engine:
+    check_current(registered, info)
+    return ResolvedVoice(key_voice=registered.id, worker_voice=registered.id, registered=registered)
+
+
+def check_current(voice: RegisteredVoice, info: EngineInfo) -> None:
+    """422 `voice_outdated` unless the voice's features fit the workers' engine and model."""
+    if voice.engine != info.engine or voice.model_version != info.model_version:
         raise ServiceError(
-            ErrorCode.UNKNOWN_VOICE,
-            f"Voice {requested!r} was registered for engine {registered.engine!r}.",
+            ErrorCode.VOICE_OUTDATED,
+            f"Voice {voice.id!r} was registered with {voice.engine} model version "
+            f"{voice.model_version!r}; the service now runs {info.engine} model version "
+            f"{info.model_version!r}. Register the recording again.",
         )
-    return ResolvedVoice(
-        key_voice=registered.id,
-        worker_voice=None,
-        prompt_audio=registered.prompt_audio,
-        prompt_text=registered.prompt_text,
-    )
 
 
 def _bytes(value: bytes | str) -> bytes:
@@ -180,9 +207,8 @@ def _from_hash(voice_id: str, fields: dict[bytes, bytes]) -> RegisteredVoice:
         name=fields.get(b"name", b"").decode(),
         engine=fields.get(b"engine", b"").decode(),
         model_version=fields.get(b"model_version", b"").decode(),
-        prompt_audio=fields.get(b"prompt_audio", b""),
         prompt_text=fields.get(b"prompt_text", b"").decode() or None,
         prompt_sha256=fields.get(b"prompt_sha256", b"").decode(),
         created_at=float(fields.get(b"created_at", b"0")),
-        features=fields.get(b"features") or None,
+        features=fields.get(FEATURES_FIELD.encode(), b""),
     )

@@ -22,12 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.errors import ErrorCode, ServiceError, error_body
 from worker.admission import Admission
+from worker.body import read_body, require_json
 from worker.disconnect import ClientDisconnectedError, unless_disconnected
 from worker.engines import create_engine, declares_option
 from worker.engines.base import Engine
 from worker.metrics import WorkerMetrics
 from worker.request_id import RequestIdMiddleware
 from worker.responses import AudioStreamResponse
+from worker.routes_voices import install_voice_routes
 from worker.settings import WorkerSettings
 from worker.synthesis import CLIENT_DISCONNECTED, Synthesis, SynthesisLimits, start_synthesis
 from worker.torch_setup import configure_torch_for_cuda, is_cuda_device
@@ -132,8 +134,8 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
     async def synthesize(request: Request) -> Response:
         arrived = time.monotonic()
         try:
-            _require_json(request)
-            body = await _read_body(request, settings.max_body_bytes)
+            require_json(request)
+            body = await read_body(request, settings.max_body_bytes)
             parsed = parse_body(body)
             state.require_ready()
             validated = validate(
@@ -165,6 +167,7 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
             synthesis.body(), headers=synthesis.headers, on_close=synthesis.close
         )
 
+    install_voice_routes(app, state)
     return app
 
 
@@ -182,30 +185,6 @@ def _engine_options(settings: WorkerSettings) -> dict[str, Any]:
             options.pop("threads"),
         )
     return options
-
-
-def _require_json(request: Request) -> None:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise ServiceError(
-            ErrorCode.UNSUPPORTED_MEDIA_TYPE, "Send the request as application/json."
-        )
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    body = bytearray()
-    async for part in request.stream():
-        body.extend(part)
-        if len(body) > limit:
-            raise _too_large(limit)
-    return bytes(body)
-
-
-def _too_large(limit: int) -> ServiceError:
-    return ServiceError(ErrorCode.PAYLOAD_TOO_LARGE, f"The body is over {limit} bytes.")
 
 
 def _add_error_handlers(app: FastAPI) -> None:

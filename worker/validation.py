@@ -41,18 +41,23 @@ def parse_body(body: bytes) -> SynthesisRequest:
     try:
         return SynthesisRequest.model_validate(data)
     except ValidationError as e:
-        raise ServiceError(ErrorCode.INVALID_REQUEST, _describe(e)) from e
+        raise ServiceError(ErrorCode.INVALID_REQUEST, describe_error(e)) from e
 
 
 def validate(
     request: SynthesisRequest, capabilities: Capabilities, *, max_text_chars: int
 ) -> ValidatedRequest:
-    """Check a parsed request against the engine's capabilities."""
+    """Check a parsed request against the engine's capabilities.
+
+    A voice id the engine does not know is accepted only with `voice_features` (a registered
+    voice: the engine speaks with the features, the id only names them).
+    """
     text = check_text(request.text, max_text_chars)
     low, high = capabilities.speed_range
     speed = check_speed(request.speed, low, high)
     voice = request.voice or capabilities.default_voice
-    if voice not in {known.id for known in capabilities.voices}:
+    features = request.voice_features or None
+    if features is None and voice not in {known.id for known in capabilities.voices}:
         raise ServiceError(ErrorCode.UNKNOWN_VOICE, f"Unknown voice {voice!r}; see /v1/info.")
     instruction = _present(request.instruction)
     if instruction is not None and not capabilities.supports_instructions:
@@ -66,6 +71,16 @@ def validate(
         raise ServiceError(
             ErrorCode.PROMPT_UNSUPPORTED,
             f"The {capabilities.engine} engine cannot clone a voice from prompt audio.",
+        )
+    if features is not None and not capabilities.supports_cloning:
+        raise ServiceError(
+            ErrorCode.PROMPT_UNSUPPORTED,
+            f"The {capabilities.engine} engine has no registered voices.",
+        )
+    if features is not None and has_prompt:
+        raise ServiceError(
+            ErrorCode.INVALID_REQUEST,
+            "Send either voice_features or a prompt recording, not both.",
         )
     prompt_audio, prompt_rate = (None, None)
     if request.prompt_audio:
@@ -81,6 +96,7 @@ def validate(
             prompt_audio=prompt_audio,
             prompt_sample_rate=prompt_rate,
             prompt_text=prompt_text,
+            voice_features=features,
         ),
         audio_format=request.format,
     )
@@ -113,7 +129,7 @@ def _present(value: str | None) -> str | None:
     return value.strip()
 
 
-def _describe(error: ValidationError) -> str:
+def describe_error(error: ValidationError) -> str:
     parts = []
     for item in error.errors(include_url=False, include_input=False):
         location = ".".join(str(part) for part in item["loc"]) or "body"

@@ -343,6 +343,8 @@ def test_unresponsive_redis_costs_a_bounded_wait(
 
 
 def test_voice_store_keeps_voices_without_ttl(tmp_path: Path) -> None:
+    from dataclasses import replace
+
     from redis.asyncio import Redis
 
     from gateway.voices import RegisteredVoice, VoiceStore
@@ -352,17 +354,18 @@ def test_voice_store_keeps_voices_without_ttl(tmp_path: Path) -> None:
         name="Narrator",
         engine="cosyvoice",
         model_version="v2",
-        prompt_audio=b"RIFF" + bytes(range(256)) * 4,
         prompt_text="A short transcript.",
         prompt_sha256="ab" * 32,
         created_at=1.0,
+        features=b"PK" + bytes(range(256)) * 4,
     )
 
     async def round_trip(port: int) -> None:
         client = Redis(port=port)
         store = VoiceStore(client, timeout_s=2.0)
         await store.save(voice)
-        assert await store.get("narrator_1") == voice
+        assert await store.get("narrator_1") == replace(voice, features=b"")
+        assert await store.features("narrator_1") == voice.features
         assert [v.id for v in await store.list()] == ["narrator_1"]
         assert await client.ttl("voice:narrator_1") == -1
         assert await store.delete("narrator_1")

@@ -68,6 +68,14 @@ class FakeRedis:
         self._check()
         return {}
 
+    async def hmget(self, key: str, names: list[str]) -> list[bytes | None]:
+        self._check()
+        return [None] * len(names)
+
+    async def hget(self, key: str, name: str) -> bytes | None:
+        self._check()
+        return None
+
     async def aclose(self) -> None:
         return None
 

@@ -41,7 +41,12 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """A validated request: text normalized, voice resolved, prompt decoded, seed fixed."""
+    """A validated request: text normalized, voice resolved, prompt decoded, seed fixed.
+
+    `voice_features` are a registered voice's prompt features, as this engine's
+    `compute_voice` made them; when set, the engine speaks with them instead of a built-in
+    speaker, and `voice` is only the registered voice's id.
+    """
 
     text: str
     voice: str
@@ -51,6 +56,7 @@ class EngineRequest:
     prompt_audio: Audio | None = None
     prompt_sample_rate: int | None = None
     prompt_text: str | None = None
+    voice_features: bytes | None = None
 
 
 class Engine(Protocol):
@@ -68,3 +74,13 @@ class Engine(Protocol):
     def capabilities(self) -> Capabilities: ...
 
     def stream(self, request: EngineRequest) -> AsyncIterator[Audio]: ...
+
+    def compute_voice(self, audio: Audio, sample_rate: int, text: str) -> bytes:
+        """A prompt recording's features, once, as a self-describing blob for storage.
+
+        Any worker running the same engine and model version accepts the blob as
+        `EngineRequest.voice_features`. Blocking (call it off the event loop); raises
+        `ServiceError` (4xx) for an unusable prompt, and `prompt_unsupported` on engines whose
+        capabilities say `supports_cloning=False`.
+        """
+        ...

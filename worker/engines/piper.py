@@ -34,6 +34,7 @@ import onnxruntime
 from piper.config import PiperConfig
 from piper.voice import PiperVoice
 
+from contract.errors import ErrorCode, ServiceError
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
 from worker.engines.piper_chunks import split_phonemes
 from worker.engines.piper_noise import (
@@ -156,6 +157,12 @@ class PiperEngine:
         rng = np.random.default_rng(request.seed)
         for phonemes in pieces:
             yield await asyncio.to_thread(self._synthesize_sentence, loaded, phonemes, request, rng)
+
+    def compute_voice(self, audio: Audio, sample_rate: int, text: str) -> bytes:
+        """Piper voices are fixed models: no voice can be cloned from a recording."""
+        raise ServiceError(
+            ErrorCode.PROMPT_UNSUPPORTED, "The piper engine cannot clone a voice from prompt audio."
+        )
 
     def synthesize_all(self, request: EngineRequest) -> list[Audio]:
         """Synthesize every sentence in the calling thread (warm-up, scripts)."""

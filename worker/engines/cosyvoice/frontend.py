@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,14 +48,15 @@ class VoicePrompt:
     speech_tokens: torch.Tensor
     embedding: torch.Tensor
     mel: torch.Tensor
+    model_version: str = ""
 
     def to_bytes(self) -> bytes:
         """A self-describing binary form (npz) for storage, e.g. in Redis."""
+        meta = {"format": VOICE_FORMAT, "text": self.text, "model_version": self.model_version}
         buffer = io.BytesIO()
         np.savez(
             buffer,
-            meta=np.frombuffer(json.dumps({"format": VOICE_FORMAT, "text": self.text}).encode(),
-                               dtype=np.uint8),
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
             speech_tokens=self.speech_tokens.cpu().numpy().astype(np.int32),
             embedding=self.embedding.cpu().float().numpy(),
             mel=self.mel.cpu().float().numpy(),
@@ -73,8 +75,9 @@ class VoicePrompt:
                     speech_tokens=torch.from_numpy(npz["speech_tokens"]),
                     embedding=torch.from_numpy(npz["embedding"]),
                     mel=torch.from_numpy(npz["mel"]),
+                    model_version=str(meta.get("model_version", "")),
                 )
-        except (ValueError, KeyError, OSError) as e:
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
             raise ServiceError(ErrorCode.INVALID_REQUEST, "Stored voice data is unreadable.") from e
 
 
