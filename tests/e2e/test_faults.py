@@ -31,7 +31,7 @@ from tests.support.processes import free_port
 LONG_TEXT = " ".join(
     f"This is sentence number {n} of a long passage, read slowly and with care." for n in range(12)
 )
-WORKER_READ_TIMEOUT_S = 3
+WORKER_READ_TIMEOUT_S = 6
 
 
 @pytest.fixture(scope="module")
