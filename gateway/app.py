@@ -20,6 +20,7 @@ from gateway.loop_lag import LoopLagMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.openapi import install_openapi
+from gateway.request_log import RequestLog
 from gateway.service import SpeechService
 from gateway.settings import GatewaySettings
 from gateway.single_flight import SingleFlight
@@ -80,6 +81,9 @@ def create_app(
         openai_voices=settings.openai_voices,
         max_text_chars=settings.max_text_chars,
         deadline_s=settings.request_deadline_s,
+        request_log=RequestLog(
+            enabled=settings.log_requests, redact_text=settings.log_redact_text
+        ),
     )
 
     @asynccontextmanager

@@ -30,6 +30,7 @@ from contract.requests import (
 from gateway.cache import AudioCache, CachedAudio
 from gateway.metrics import GatewayMetrics
 from gateway.prompt import PromptAudio
+from gateway.request_log import RequestLog
 from gateway.single_flight import Flight, FlightAbortedError, SingleFlight
 from gateway.upstream import ComputedFeatures, Upstream
 from gateway.voices import VoiceStore, resolve_voice
@@ -113,6 +114,7 @@ class SpeechService:
         openai_voices: dict[str, str],
         max_text_chars: int,
         deadline_s: float,
+        request_log: RequestLog,
     ) -> None:
         self._cache = cache
         self._flights = flights
@@ -123,6 +125,7 @@ class SpeechService:
         self._openai_voices = openai_voices
         self._max_text_chars = max_text_chars
         self._deadline_s = deadline_s
+        self._request_log = request_log
         self._prepared: dict[SpeechInput, tuple[EngineInfo, str, SynthesisRequest]] = {}
         lookups, first_byte = metrics.cache_lookups, metrics.time_to_first_byte
         self._lookups = {label: lookups.labels(result=label.lower()) for label in CACHE_LABELS}
@@ -232,6 +235,7 @@ class SpeechService:
 
     def _hit(self, job: SpeechJob, entry: CachedAudio) -> AudioResult:
         self._lookups["HIT"].inc()
+        self._log(job, "HIT")
         self._first_byte["HIT"].observe(time.monotonic() - job.arrived)
         return AudioResult(cache="HIT", key=job.key, headers=entry.headers, body=entry.audio)
 
@@ -255,6 +259,7 @@ class SpeechService:
             flight = self._flights.start(None, lambda f: self._produce(job, f))
             label = "BYPASS"
         self._lookups[label].inc()
+        self._log(job, label)
         try:
             headers = await flight.headers()
         except BaseException:
@@ -262,6 +267,11 @@ class SpeechService:
             raise
         return AudioResult(
             cache=label, key=job.key, headers=headers, stream=self._relay(flight, job, label)
+        )
+
+    def _log(self, job: SpeechJob, cache: str) -> None:
+        self._request_log.record(
+            request_id=job.request_id, cache=cache, key=job.key, synthesis=job.synthesis
         )
 
     async def collect(self, job: SpeechJob) -> AudioResult:

@@ -105,6 +105,10 @@ class GatewaySettings(BaseSettings):
     log_json: bool = False
     # Root log level.
     log_level: str = "WARNING"
+    # One INFO line per synthesis request (id, cache outcome, key, voice, format, text).
+    log_requests: bool = False
+    # Privacy: request lines carry the text's length and a short hash, never the text.
+    log_redact_text: bool = False
 
     @field_validator("api_keys", "model_names", mode="before")
     @classmethod
