@@ -1,1 +1,1 @@
-"""The contract the gateway and the workers speak: request models, errors, audio formats, cache key."""
+"""The contract gateways and workers speak: requests, errors, audio formats, cache key."""

@@ -37,7 +37,7 @@ class CanonicalRequest:
         prompt_audio: bytes | None,
         prompt_text: str | None,
         speed: float,
-        format: str,  # noqa: A002 - the API's own field name
+        format: str,
         engine: str,
         model_version: str,
     ) -> CanonicalRequest:

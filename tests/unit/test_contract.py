@@ -56,7 +56,9 @@ def test_seed_collision_of_text_plus_instruction_is_gone() -> None:
     assert first.cache_key() != second.cache_key()
 
 
-@pytest.mark.parametrize(("text", "code"), [("   ", ErrorCode.TEXT_EMPTY), ("x" * 11, ErrorCode.TEXT_TOO_LONG)])
+@pytest.mark.parametrize(
+    ("text", "code"), [("   ", ErrorCode.TEXT_EMPTY), ("x" * 11, ErrorCode.TEXT_TOO_LONG)]
+)
 def test_text_checks(text: str, code: ErrorCode) -> None:
     with pytest.raises(ServiceError) as caught:
         check_text(text, max_chars=10)
