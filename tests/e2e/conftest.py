@@ -1,4 +1,4 @@
-"""Fixtures shared by the end-to-end tests: run directories and blocks of free ports."""
+"""Fixtures shared by the end-to-end tests: run directories, free ports, cluster settings."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster.probes import port_free
+from cluster.settings import ClusterSettings
 from tests.support.processes import free_port
 
 
@@ -22,6 +23,26 @@ def free_port_block(count: int) -> int:
         ):
             return first
     raise RuntimeError(f"no block of {count} free ports found")
+
+
+def cluster_on_free_ports(
+    run_dir: Path, *, gateways: int, workers: int, **overrides: object
+) -> ClusterSettings:
+    """Settings for a cluster whose every listener is on a free loopback port."""
+    values: dict[str, object] = {
+        "run_dir": run_dir,
+        "gateways": gateways,
+        "workers": workers,
+        "public_port": free_port(),
+        "h2c_port": free_port(),
+        "internal_port": free_port(),
+        "gateway_base_port": free_port_block(gateways),
+        "worker_base_port": free_port_block(workers),
+        "redis_port": free_port(),
+        "nginx_worker_processes": "1",
+        **overrides,
+    }
+    return ClusterSettings(**values)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ import soundfile as sf
 
 from cluster import launcher, nginx_config, processes
 from cluster.settings import ClusterSettings
-from tests.e2e.conftest import free_port_block
-from tests.support.processes import free_port
+from tests.e2e.conftest import cluster_on_free_ports
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 PARAGRAPH = (
@@ -31,20 +30,13 @@ PARAGRAPH = (
 
 @pytest.fixture(scope="module")
 def cluster(run_dir: Path) -> Iterator[ClusterSettings]:
-    settings = ClusterSettings(
-        run_dir=run_dir,
+    settings = cluster_on_free_ports(
+        run_dir,
         gateways=2,
         workers=2,
-        public_port=free_port(),
-        h2c_port=free_port(),
-        internal_port=free_port(),
-        gateway_base_port=free_port_block(2),
-        worker_base_port=free_port_block(2),
-        redis_port=free_port(),
         rate_per_addr="10r/s",
         burst_per_addr=20,
         max_body="1m",
-        nginx_worker_processes="1",
         ready_timeout=240,
     )
     try:

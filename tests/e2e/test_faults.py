@@ -25,8 +25,7 @@ import redis
 
 from cluster import launcher, processes
 from cluster.settings import ClusterSettings
-from tests.e2e.conftest import free_port_block
-from tests.support.processes import free_port
+from tests.e2e.conftest import cluster_on_free_ports
 
 LONG_TEXT = " ".join(
     f"This is sentence number {n} of a long passage, read slowly and with care." for n in range(12)
@@ -36,18 +35,11 @@ WORKER_READ_TIMEOUT_S = 6
 
 @pytest.fixture(scope="module")
 def cluster(run_dir: Path) -> Iterator[ClusterSettings]:
-    settings = ClusterSettings(
-        run_dir=run_dir,
+    settings = cluster_on_free_ports(
+        run_dir,
         gateways=1,
         workers=2,
-        public_port=free_port(),
-        h2c_port=free_port(),
-        internal_port=free_port(),
-        gateway_base_port=free_port_block(1),
-        worker_base_port=free_port_block(2),
-        redis_port=free_port(),
         worker_read_timeout=f"{WORKER_READ_TIMEOUT_S}s",
-        nginx_worker_processes="1",
     )
     try:
         with pytest.MonkeyPatch.context() as patch:

@@ -15,8 +15,7 @@ import pytest
 
 from cluster import launcher
 from cluster.settings import ClusterSettings
-from tests.e2e.conftest import free_port_block
-from tests.support.processes import free_port
+from tests.e2e.conftest import cluster_on_free_ports
 
 KEY = "e2e-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -25,18 +24,11 @@ LEAKS = ("Traceback", 'File "', "Exception", "site-packages", "line ")
 
 @pytest.fixture(scope="module")
 def cluster(run_dir: Path) -> Iterator[ClusterSettings]:
-    settings = ClusterSettings(
-        run_dir=run_dir,
+    settings = cluster_on_free_ports(
+        run_dir,
         gateways=1,
         workers=1,
-        public_port=free_port(),
-        h2c_port=free_port(),
-        internal_port=free_port(),
-        gateway_base_port=free_port_block(1),
-        worker_base_port=free_port_block(1),
-        redis_port=free_port(),
         max_body="2m",
-        nginx_worker_processes="1",
     )
     try:
         with pytest.MonkeyPatch.context() as patch:

@@ -18,29 +18,14 @@ import pytest
 from cluster import launcher
 from cluster.launcher import ClusterError
 from cluster.settings import REPO_ROOT, ClusterSettings
-from tests.e2e.conftest import free_port_block
-from tests.support.processes import free_port
+from tests.e2e.conftest import cluster_on_free_ports
 
 STUB = "tests.e2e.stub_worker"
 
 
 def _settings(run_dir: Path, **overrides: object) -> ClusterSettings:
-    values: dict[str, object] = {
-        "run_dir": run_dir,
-        "gateways": 1,
-        "workers": 2,
-        "worker_module": STUB,
-        "public_port": free_port(),
-        "h2c_port": free_port(),
-        "internal_port": free_port(),
-        "gateway_base_port": free_port_block(1),
-        "worker_base_port": free_port_block(2),
-        "redis_port": free_port(),
-        "nginx_worker_processes": "1",
-        "ready_timeout": 60,
-    }
-    values.update(overrides)
-    return ClusterSettings(**values)  # type: ignore[arg-type]
+    values: dict[str, object] = {"worker_module": STUB, "ready_timeout": 60, **overrides}
+    return cluster_on_free_ports(run_dir, gateways=1, workers=2, **values)
 
 
 @pytest.fixture

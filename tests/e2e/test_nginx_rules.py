@@ -21,8 +21,7 @@ import pytest
 from cluster import nginx_config, probes, processes
 from cluster.processes import ProcessRecord
 from cluster.settings import REPO_ROOT, ClusterSettings
-from tests.e2e.conftest import free_port_block
-from tests.support.processes import free_port
+from tests.e2e.conftest import cluster_on_free_ports
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -64,21 +63,15 @@ def _wait(check: Callable[[], bool], record: ProcessRecord, timeout: float = 30.
 
 @pytest.fixture(scope="module")
 def stack(run_dir: Path) -> Iterator[Stack]:
-    settings = ClusterSettings(
-        run_dir=run_dir,
+    settings = cluster_on_free_ports(
+        run_dir,
         gateways=2,
         workers=2,
-        public_port=free_port(),
-        h2c_port=free_port(),
-        internal_port=free_port(),
-        gateway_base_port=free_port_block(2),
-        worker_base_port=free_port_block(2),
         rate_per_addr="10r/s",
         burst_per_addr=20,
         rate_per_key="10r/s",
         burst_per_key=3,
         max_body="1m",
-        nginx_worker_processes="1",
     )
     stub = [sys.executable, "-m", "tests.e2e.stub_upstream"]
     records: list[ProcessRecord] = []

@@ -39,9 +39,8 @@ import pytest
 
 from cluster import launcher
 from cluster.settings import ClusterSettings
-from tests.e2e.conftest import free_port_block
+from tests.e2e.conftest import cluster_on_free_ports
 from tests.support.audio import decode
-from tests.support.processes import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +60,10 @@ MIB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def cluster(run_dir: Path) -> Iterator[ClusterSettings]:
-    settings = ClusterSettings(
-        run_dir=run_dir,
+    settings = cluster_on_free_ports(
+        run_dir,
         gateways=1,
         workers=1,
-        public_port=free_port(),
-        h2c_port=free_port(),
-        internal_port=free_port(),
-        gateway_base_port=free_port_block(1),
-        worker_base_port=free_port_block(1),
-        redis_port=free_port(),
-        nginx_worker_processes="1",
     )
     try:
         launcher.up(settings)
