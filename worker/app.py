@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.errors import ErrorCode, ServiceError, error_body
+from contract.requests import MAX_QUEUE_WAIT_HEADER, SYNTHESIZE_PATH
 from worker.admission import Admission
 from worker.body import read_body, require_json
 from worker.disconnect import ClientDisconnectedError, unless_disconnected
@@ -37,7 +38,6 @@ from worker.validation import parse_body, validate
 
 logger = logging.getLogger(__name__)
 
-SYNTHESIZE_PATH = "/v1/synthesize"
 
 
 class WorkerState:
@@ -52,6 +52,7 @@ class WorkerState:
             max_queue=settings.max_queue,
             retry_after_s=settings.retry_after_s,
         )
+        self.metrics.watch_admission(self.admission, settings.max_concurrency)
         self.limits = SynthesisLimits(
             queue_timeout_s=settings.queue_timeout_s,
             request_deadline_s=settings.request_deadline_s,
@@ -149,6 +150,9 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
                     limits=state.limits,
                     request=validated,
                     arrived=arrived,
+                    max_queue_wait=state.limits.queue_wait(
+                        request.headers.get(MAX_QUEUE_WAIT_HEADER)
+                    ),
                 ),
                 request.receive,
                 discard=Synthesis.close,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from worker.admission import Admission
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RTF_BUCKETS = (0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+# 0 counts streams that never made a listener wait; 0.1 is contract.playback's underrun line.
+GAP_BUCKETS = (0.0, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class WorkerMetrics:
@@ -52,6 +56,33 @@ class WorkerMetrics:
             "Seconds of audio produced.",
             registry=self.registry,
         )
+        self.stream_worst_gap = Histogram(
+            "worker_stream_worst_gap_seconds",
+            "Per stream that sent audio, its longest wait behind a listener's playback "
+            "(wall time between chunks beyond the audio already sent; contract.playback).",
+            buckets=GAP_BUCKETS,
+            registry=self.registry,
+        )
+        self.streams_without_underrun = Counter(
+            "worker_streams_without_underrun",
+            "Streams that never fell more than 100 ms behind playback.",
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "worker_queued_requests",
+            "Requests waiting for a synthesis slot right now.",
+            registry=self.registry,
+        )
+        self.max_concurrency = Gauge(
+            "worker_max_concurrency",
+            "Synthesis slots this worker has (saturation = active streams / this).",
+            registry=self.registry,
+        )
+
+    def watch_admission(self, admission: Admission, max_concurrency: int) -> None:
+        """Export the admission queue's length, read at each scrape, and the slot count."""
+        self.queued.set_function(lambda: admission.waiting)
+        self.max_concurrency.set(max_concurrency)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

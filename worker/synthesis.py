@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from contract.audio import stream_headers
 from contract.errors import ErrorCode, ServiceError
+from contract.playback import PlaybackClock
 from worker.admission import Admission
 from worker.encoders import StreamEncoder, close_encoder, create_encoder
 from worker.engines.base import Audio, Engine
@@ -35,6 +37,18 @@ class SynthesisLimits:
     queue_timeout_s: float
     request_deadline_s: float
 
+    def queue_wait(self, asked: str | None) -> float:
+        """The longest queue wait for a request whose caller asked for `asked` seconds at most
+        (`X-Max-Queue-Wait`, e.g. the gateway's remaining retry budget); never more than
+        `queue_timeout_s`. An unreadable or absent value leaves `queue_timeout_s`."""
+        try:
+            wanted = float(asked) if asked is not None else self.queue_timeout_s
+        except ValueError:
+            return self.queue_timeout_s
+        if not math.isfinite(wanted):
+            return self.queue_timeout_s
+        return max(0.0, min(self.queue_timeout_s, wanted))
+
 
 async def start_synthesis(
     *,
@@ -44,14 +58,17 @@ async def start_synthesis(
     limits: SynthesisLimits,
     request: ValidatedRequest,
     arrived: float,
+    max_queue_wait: float | None = None,
 ) -> Synthesis:
     """Admit, start the engine and get its first chunk; raise ServiceError on any failure.
 
     `arrived` is the request's `time.monotonic()` arrival: the deadline counts from it.
+    `max_queue_wait` (at most `limits.queue_timeout_s`) shortens the queue wait.
     """
     deadline = arrived + limits.request_deadline_s
     remaining = deadline - time.monotonic()
-    wait = await admission.acquire(max_wait=max(0.0, min(limits.queue_timeout_s, remaining)))
+    queue_wait = limits.queue_timeout_s if max_queue_wait is None else max_queue_wait
+    wait = await admission.acquire(max_wait=max(0.0, min(queue_wait, remaining)))
     metrics.queue_wait.observe(wait)
     metrics.active_streams.inc()
     chunks: AsyncIterator[Audio] | None = None
@@ -111,6 +128,7 @@ class Synthesis:
         self._admission = admission
         self._metrics = metrics
         self._samples = 0
+        self._playback = PlaybackClock()
         self._code = CLIENT_DISCONNECTED
         self._closed = False
 
@@ -118,10 +136,12 @@ class Synthesis:
         """The encoded stream. Raises (after logging) on engine failure or the deadline."""
         try:
             self._samples = len(self._first)
+            self._sent(self._first)
             yield self._encoder.encode(self._first)
             try:
                 while (chunk := await _next_chunk(self._chunks, self._deadline)) is not None:
                     self._samples += len(chunk)
+                    self._sent(chunk)
                     data = self._encoder.encode(chunk)
                     if data:
                         yield data
@@ -145,6 +165,10 @@ class Synthesis:
     def audio_seconds(self) -> float:
         return self._samples / self._sample_rate
 
+    def _sent(self, chunk: Audio) -> None:
+        """Follow the listener's playback: this chunk leaves now (encoded right after)."""
+        self._playback.chunk(time.monotonic(), len(chunk) / self._sample_rate)
+
     async def close(self) -> None:
         """Free the slot and the encoder, stop the engine, count the request; once only."""
         if self._closed:
@@ -154,6 +178,10 @@ class Synthesis:
         self._admission.release()
         self._metrics.audio_seconds.inc(self.audio_seconds)
         self._metrics.requests.labels(status="200", code=self._code).inc()
+        if self._playback.audio_s > 0:
+            self._metrics.stream_worst_gap.observe(self._playback.worst_gap_s)
+            if not self._playback.underrun:
+                self._metrics.streams_without_underrun.inc()
         logger.info(
             "Stream ended (%s): %.2f s of audio in %.2f s",
             self._code or "complete",
