@@ -1,4 +1,10 @@
-"""One measured request: stream the response, time its first audio byte, count its audio."""
+"""One measured request: stream the response, time its first audio byte, count its audio.
+
+For uncompressed formats (`pcm`, `pcm_f32le`, `wav`) it also follows a listener's playback
+(contract.playback) from the bytes as they arrive: a constant number of bytes per second of
+audio maps each arrival to its audio (to within a WAV header's 44 bytes). Compressed formats
+have no such mapping while streaming, so their gap is not measured.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,14 @@ import time
 
 import httpx
 
-from loadtest.runner.audio import AudioDecodeError, audio_stats
+from contract.playback import PlaybackClock
+from loadtest.runner.audio import RAW_DTYPES, AudioDecodeError, audio_stats
 from loadtest.runner.stats import Sample
 from loadtest.runner.targets import Target
 
 ERROR_BODY_LIMIT = 64 * 1024
 SILENCE_PEAK = 1e-3
+CONSTANT_RATE_FORMATS = frozenset({*RAW_DTYPES, "wav"})
 
 
 async def measure(
@@ -30,6 +38,7 @@ async def measure(
     started = time.perf_counter()
     first: float | None = None
     chunks: list[bytes] = []
+    arrivals: list[float] = []
     status = 0
     headers: dict[str, str] = {}
     try:
@@ -37,9 +46,11 @@ async def measure(
             status = response.status_code
             headers = {k.lower(): v for k, v in response.headers.items()}
             async for chunk in response.aiter_bytes():
+                now = time.perf_counter()
                 if chunk and first is None:
-                    first = time.perf_counter()
+                    first = now
                 chunks.append(chunk)
+                arrivals.append(now)
                 if not response.is_success and sum(map(len, chunks)) > ERROR_BODY_LIMIT:
                     break
     except httpx.TimeoutException as e:
@@ -65,7 +76,21 @@ async def measure(
         ttfa_s=(first - started) if first is not None else None,
         audio_s=audio.seconds,
         cache=headers.get("x-cache"),
+        worst_gap_s=_worst_gap(target.format, chunks, arrivals, audio.seconds),
     )
+
+
+def _worst_gap(
+    audio_format: str, chunks: list[bytes], arrivals: list[float], audio_s: float
+) -> float | None:
+    """The stream's longest wait behind playback, from each chunk's arrival and size."""
+    if audio_format not in CONSTANT_RATE_FORMATS:
+        return None
+    seconds_per_byte = audio_s / sum(map(len, chunks))
+    clock = PlaybackClock()
+    for chunk, arrived in zip(chunks, arrivals, strict=True):
+        clock.chunk(arrived, len(chunk) * seconds_per_byte)
+    return clock.worst_gap_s
 
 
 def _failed(

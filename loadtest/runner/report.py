@@ -18,8 +18,10 @@ SCHEMA = "loadtest.runner/1"
 
 HEADER = (
     f"{'target':<12} {'conc':>4} {'reqs':>5} {'err':>4} {'req/s':>7} {'audio-s/s':>9} "
-    f"{'ttfa p50':>8} {'p95':>6} {'p99':>6} {'lat p50':>7} {'p95':>6} {'rtf p50':>7} {'hit%':>5}"
+    f"{'ttfa p50':>8} {'p95':>6} {'p99':>6} {'lat p50':>7} {'p95':>6} {'rtf p50':>7} {'hit%':>5} "
+    f"{'gap p50':>7} {'p99':>6} {'smooth%':>7}"
 )
+"""`gap`: each stream's longest wait behind playback; `smooth%`: streams never >100 ms behind."""
 
 
 def document(
@@ -50,12 +52,14 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 def table_row(result: LevelResult) -> str:
     hit = "-" if result.cache_hit_ratio is None else f"{100 * result.cache_hit_ratio:.0f}"
+    smooth = _percent(result.without_underrun_ratio)
     return (
         f"{result.target[:12]:<12} {result.concurrency:>4} {result.requests:>5} "
         f"{result.errors:>4} {result.requests_per_s:>7.2f} {result.audio_seconds_per_s:>9.2f} "
         f"{_ms(result.ttfa_s.p50):>8} {_ms(result.ttfa_s.p95):>6} {_ms(result.ttfa_s.p99):>6} "
         f"{_ms(result.latency_s.p50):>7} {_ms(result.latency_s.p95):>6} "
-        f"{_num(result.rtf.p50):>7} {hit:>5}"
+        f"{_num(result.rtf.p50):>7} {hit:>5} "
+        f"{_ms(result.worst_gap_s.p50):>7} {_ms(result.worst_gap_s.p99):>6} {smooth:>7}"
     )
 
 
@@ -81,6 +85,10 @@ def cache_line(result: LevelResult) -> str | None:
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{1000 * seconds:.0f}ms"
+
+
+def _percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{100 * ratio:.0f}"
 
 
 def _num(value: float | None) -> str:

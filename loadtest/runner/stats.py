@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from contract.playback import UNDERRUN_THRESHOLD_S
+
 PERCENTILES = (50.0, 95.0, 99.0)
 
 
@@ -25,6 +27,7 @@ class Sample:
     audio_s: float = 0.0
     cache: str | None = None
     error: str | None = None
+    worst_gap_s: float | None = None  # longest wait behind playback; None when not measured
 
     @property
     def ok(self) -> bool:
@@ -69,6 +72,8 @@ class LevelResult:
     latency_s: Distribution
     rtf: Distribution
     cache_hit_ratio: float | None
+    worst_gap_s: Distribution = field(default_factory=lambda: distribution([]))
+    without_underrun_ratio: float | None = None  # share of measured streams never >100 ms behind
     cache: dict[str, int] = field(default_factory=dict)
     by_cache: dict[str, CacheSplit] = field(default_factory=dict)
 
@@ -115,7 +120,9 @@ def summarize(
     requests only, and are split again by `X-Cache` value in `by_cache` (a mix of hits and
     misses has two very different latencies); the cache hit ratio counts responses with an
     `X-Cache` of HIT or MISS (BYPASS and absent headers are left out; None when there are
-    none).
+    none). `worst_gap_s` is the distribution of each ok stream's longest wait behind playback
+    and `without_underrun_ratio` the share never more than 100 ms behind (contract.playback),
+    over the streams whose format allows it (None when none did).
     """
     if elapsed_s <= 0:
         raise ValueError("elapsed_s must be positive")
@@ -126,6 +133,7 @@ def summarize(
     cache = Counter(s.cache for s in samples if s.cache)
     looked_up = cache.get("HIT", 0) + cache.get("MISS", 0)
     audio_total = sum(s.audio_s for s in ok)
+    gaps = [s.worst_gap_s for s in ok if s.worst_gap_s is not None]
     return LevelResult(
         target=target,
         concurrency=concurrency,
@@ -143,6 +151,10 @@ def summarize(
         latency_s=distribution([s.latency_s for s in ok]),
         rtf=distribution([s.latency_s / s.audio_s for s in ok if s.audio_s > 0]),
         cache_hit_ratio=cache.get("HIT", 0) / looked_up if looked_up else None,
+        worst_gap_s=distribution(gaps),
+        without_underrun_ratio=(
+            sum(gap <= UNDERRUN_THRESHOLD_S for gap in gaps) / len(gaps) if gaps else None
+        ),
         cache=dict(sorted(cache.items())),
         by_cache={
             value: CacheSplit(
