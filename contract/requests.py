@@ -17,6 +17,11 @@ REQUEST_ID_HEADER = "X-Request-ID"
 ENGINE_HEADER = "X-Engine"
 MODEL_VERSION_HEADER = "X-Model-Version"
 VOICE_FEATURES_PATH = "/v1/voices/features"
+SYNTHESIZE_PATH = "/v1/synthesize"
+"""The worker's synthesis route (`SynthesisRequest` as JSON in, the audio stream out)."""
+MAX_QUEUE_WAIT_HEADER = "X-Max-Queue-Wait"
+"""Seconds a worker may keep the request in its queue before refusing it with 503 `busy`
+(the gateway's remaining retry budget); the worker's own `queue_timeout_s` still caps it."""
 
 
 class SynthesisRequest(BaseModel):

@@ -15,7 +15,7 @@ from gateway.openapi import audio_response as audio_doc
 from gateway.openapi import errors, request_body
 from gateway.parsing import audio_format, parse_model, require_content_type
 from gateway.responses import audio_response, sse_response
-from gateway.schemas import ALL_FORMATS, Capabilities, ModelList, ModelObject
+from gateway.schemas import ALL_FORMATS, ModelList, ModelObject
 from gateway.service import SpeechInput, SpeechJob, cache_mode
 from gateway.state import GatewayState, gateway_state
 
@@ -104,20 +104,8 @@ async def list_models(request: Request) -> JSONResponse:
     """Every accepted model name, each with the engine and capabilities behind it."""
     state = gateway_state(request)
     info = await state.directory.current()
-    capabilities = Capabilities(
-        engine=info.engine,
-        model=info.model,
-        model_version=info.model_version,
-        sample_rate=info.sample_rate,
-        modes=list(info.modes),
-        languages=list(info.languages),
-        default_voice=info.default_voice,
-        supports_cloning=info.supports_cloning,
-        supports_instructions=info.supports_instructions,
-        speed_range=list(info.speed_range),
-    )
     names = dict.fromkeys([*state.settings.model_names, info.model])
-    models = ModelList(data=[ModelObject(id=name, capabilities=capabilities) for name in names])
+    models = ModelList(data=[ModelObject(id=name, capabilities=info) for name in names])
     return JSONResponse(models.model_dump(mode="json"))
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 from contract.audio import AudioFormat
+from contract.info import EngineInfo
 
 VOICE_ID_REGEX = r"^[A-Za-z0-9_-]{1,64}$"
 OPENAI_FORMATS = ("mp3", "opus", "flac", "wav", "pcm")
@@ -51,27 +52,14 @@ class Readiness(BaseModel):
     cache: Literal["up", "down"] = Field(description="Whether Redis answers; not required.")
 
 
-class Capabilities(BaseModel):
-    """The engine behind a model name, as the workers report it."""
-
-    engine: str
-    model: str
-    model_version: str
-    sample_rate: int
-    modes: list[str]
-    languages: list[str]
-    default_voice: str
-    supports_cloning: bool
-    supports_instructions: bool
-    speed_range: list[float] = Field(min_length=2, max_length=2)
-
-
 class ModelObject(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "cosyvoice-serve"
-    capabilities: Capabilities
+    capabilities: EngineInfo = Field(
+        description="The engine behind the name, as the workers report it."
+    )
 
 
 class ModelList(BaseModel):

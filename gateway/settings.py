@@ -80,8 +80,14 @@ class GatewaySettings(BaseSettings):
     upstream_busy_retries: int = Field(default=3, ge=0)
     # First back-off after a "busy" answer, in seconds; it doubles on each retry.
     upstream_busy_backoff_s: float = Field(default=0.05, ge=0)
+    # Longest a request spends on refusals (workers' queue waits and back-offs) before the
+    # client gets 503 busy, in seconds; never past the request deadline.
+    upstream_retry_budget_s: float = Field(default=2.0, gt=0)
     # Whole-request deadline from arrival to the last audio byte, in seconds.
     request_deadline_s: float = Field(default=300.0, gt=0)
+    # On SIGTERM: how long responses in progress may go on before they are cut, in seconds (no
+    # new connection is accepted meanwhile); Kubernetes sets it to the request deadline.
+    shutdown_grace_s: float = Field(default=5.0, gt=0)
     # How often the workers' GET /v1/info and /readyz are polled, in seconds.
     info_refresh_s: float = Field(default=5.0, gt=0)
     # Longest input text, in characters after normalization.

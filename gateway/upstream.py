@@ -2,7 +2,8 @@
 
 Faults become contract errors before the first byte: a worker's 503 "busy" (and a 502 from
 nginx's worker listener) is retried a few times with a short doubling back-off (nginx in front
-of the workers picks another one), then passed on with `Retry-After`; connection failures are
+of the workers picks another one), within one total retry budget (`upstream_retry_budget_s`,
+queue waits on the workers included), then passed on with `Retry-After`; connection failures are
 502 `upstream_unavailable`; timeouts are 504 `upstream_timeout`; a worker's own 4xx JSON
 error is passed through unchanged. A stream that breaks after its first byte raises
 `UpstreamAbortedError`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +27,13 @@ from contract.audio import (
     SAMPLE_RATE_HEADER,
 )
 from contract.errors import ErrorCode, ServiceError
+from contract.info import INFO_PATH
 from contract.requests import (
     ENGINE_HEADER,
+    MAX_QUEUE_WAIT_HEADER,
     MODEL_VERSION_HEADER,
     REQUEST_ID_HEADER,
+    SYNTHESIZE_PATH,
     VOICE_FEATURES_PATH,
     SynthesisRequest,
     VoiceFeaturesRequest,
@@ -109,6 +114,7 @@ class Upstream:
         self._metrics = metrics
         self._retries = settings.upstream_busy_retries
         self._backoff_s = settings.upstream_busy_backoff_s
+        self._retry_budget_s = settings.upstream_retry_budget_s
         self._client = httpx.AsyncClient(
             base_url=settings.worker_url,
             transport=transport,
@@ -128,23 +134,16 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def open_stream(self, request: SynthesisRequest, request_id: str) -> UpstreamStream:
-        """Start a synthesis on a worker and return once its 200 headers have arrived."""
+    async def open_stream(
+        self, request: SynthesisRequest, request_id: str, *, deadline: float | None = None
+    ) -> UpstreamStream:
+        """Start a synthesis on a worker and return once its 200 headers have arrived.
+
+        `deadline` (`time.monotonic()`) is the request's; retries never run past it.
+        """
         body = request.model_dump_json(exclude_none=True).encode()
-        headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: request_id}
-        attempt = 0
-        while True:
-            response = await self._send("POST", "/v1/synthesize", content=body, headers=headers)
-            if response.status_code == 200:
-                self._metrics.upstream_attempts.labels(outcome="ok").inc()
-                return UpstreamStream(response, self._metrics)
-            await self._read_and_close(response)
-            outcome = _RETRYABLE.get(response.status_code)
-            if outcome is None or attempt >= self._retries:
-                raise self._error_for(response)
-            self._metrics.upstream_attempts.labels(outcome=outcome).inc()
-            await asyncio.sleep(self._backoff_s * 2**attempt)
-            attempt += 1
+        response = await self._with_retries(SYNTHESIZE_PATH, body, request_id, deadline)
+        return UpstreamStream(response, self._metrics)
 
     async def voice_features(
         self, request: VoiceFeaturesRequest, request_id: str
@@ -154,28 +153,56 @@ class Upstream:
         A worker's 4xx (a bad prompt) is raised as `PassThroughError`, like a synthesis's.
         """
         body = request.model_dump_json(exclude_none=True).encode()
-        headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: request_id}
+        response = await self._with_retries(VOICE_FEATURES_PATH, body, request_id, None)
+        await self._read_and_close(response)
+        return ComputedFeatures(
+            data=response.content,
+            engine=response.headers.get(ENGINE_HEADER, ""),
+            model_version=response.headers.get(MODEL_VERSION_HEADER, ""),
+        )
+
+    async def _with_retries(
+        self, path: str, body: bytes, request_id: str, deadline: float | None
+    ) -> httpx.Response:
+        """POST `body` until a worker answers 200 (its response is returned, unread).
+
+        A "try again" answer (`_RETRYABLE`) is retried with a doubling back-off, at most
+        `upstream_busy_retries` times and only while the retry budget lasts: every attempt
+        tells the worker how long it may queue the request (`X-Max-Queue-Wait`, the budget's
+        remainder), so that the last refusal reaches the client within the budget (and never
+        past `deadline`), however long the workers' own queue timeout is.
+        """
+        budget_end = time.monotonic() + self._retry_budget_s
+        if deadline is not None:
+            budget_end = min(budget_end, deadline)
         attempt = 0
         while True:
-            response = await self._send("POST", VOICE_FEATURES_PATH, content=body, headers=headers)
-            await self._read_and_close(response)
+            queue_wait = max(0.0, budget_end - time.monotonic())
+            headers = {
+                "Content-Type": "application/json",
+                REQUEST_ID_HEADER: request_id,
+                MAX_QUEUE_WAIT_HEADER: f"{queue_wait:.3f}",
+            }
+            response = await self._send("POST", path, content=body, headers=headers)
             if response.status_code == 200:
                 self._metrics.upstream_attempts.labels(outcome="ok").inc()
-                return ComputedFeatures(
-                    data=response.content,
-                    engine=response.headers.get(ENGINE_HEADER, ""),
-                    model_version=response.headers.get(MODEL_VERSION_HEADER, ""),
-                )
+                return response
+            await self._read_and_close(response)
             outcome = _RETRYABLE.get(response.status_code)
-            if outcome is None or attempt >= self._retries:
+            delay = self._backoff_s * 2**attempt
+            if (
+                outcome is None
+                or attempt >= self._retries
+                or time.monotonic() + delay >= budget_end
+            ):
                 raise self._error_for(response)
             self._metrics.upstream_attempts.labels(outcome=outcome).inc()
-            await asyncio.sleep(self._backoff_s * 2**attempt)
+            await asyncio.sleep(delay)
             attempt += 1
 
     async def info(self) -> dict[str, Any]:
         """The engine capabilities a worker reports at GET /v1/info."""
-        response = await self._send("GET", "/v1/info")
+        response = await self._send("GET", INFO_PATH)
         await self._read_and_close(response)
         if response.status_code != 200:
             raise self._error_for(response)

@@ -9,73 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import Any
+
+from pydantic import ValidationError
 
 from contract.errors import ErrorCode, ServiceError
+from contract.info import EngineInfo, VoiceInfo
 from gateway.metrics import GatewayMetrics
 from gateway.upstream import PassThroughError, Upstream
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class BuiltinVoice:
-    id: str
-    name: str
-    language: str
-    description: str
+BuiltinVoice = VoiceInfo
+__all__ = ["BuiltinVoice", "EngineInfo", "WorkerDirectory", "parse_info"]
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    """The worker's Capabilities, as GET /v1/info reports them."""
-
-    engine: str
-    model: str
-    model_version: str
-    sample_rate: int
-    modes: tuple[str, ...]
-    languages: tuple[str, ...]
-    voices: tuple[BuiltinVoice, ...]
-    default_voice: str
-    supports_cloning: bool
-    supports_instructions: bool
-    speed_range: tuple[float, float]
-    raw: dict[str, Any]
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> EngineInfo:
-        """Parse GET /v1/info; raises ValueError when a field is missing or mistyped."""
-        try:
-            low, high = data.get("speed_range", (0.25, 4.0))
-            return cls(
-                engine=str(data["engine"]),
-                model=str(data["model"]),
-                model_version=str(data["model_version"]),
-                sample_rate=int(data["sample_rate"]),
-                modes=tuple(str(mode) for mode in data.get("modes", ())),
-                languages=tuple(str(lang) for lang in data.get("languages", ())),
-                voices=tuple(
-                    BuiltinVoice(
-                        id=str(voice["id"]),
-                        name=str(voice.get("name", voice["id"])),
-                        language=str(voice.get("language", "")),
-                        description=str(voice.get("description", "")),
-                    )
-                    for voice in data.get("voices", ())
-                ),
-                default_voice=str(data["default_voice"]),
-                supports_cloning=bool(data.get("supports_cloning", False)),
-                supports_instructions=bool(data.get("supports_instructions", False)),
-                speed_range=(float(low), float(high)),
-                raw=data,
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"unreadable worker capabilities: {error}") from error
-
-    def has_voice(self, voice_id: str) -> bool:
-        return any(voice.id == voice_id for voice in self.voices)
+def parse_info(data: object) -> EngineInfo:
+    """Parse GET /v1/info with the contract's model; ValueError when a field is missing or
+    mistyped."""
+    try:
+        return EngineInfo.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(f"unreadable worker capabilities: {error}") from error
 
 
 class WorkerDirectory:
@@ -102,8 +56,8 @@ class WorkerDirectory:
             try:
                 ready = await self._upstream.ready()
                 if ready:
-                    info = EngineInfo.from_json(await self._upstream.info())
-                    if self._info is None or info.raw != self._info.raw:
+                    info = parse_info(await self._upstream.info())
+                    if self._info is None or info != self._info:
                         self._info = info
             except (ServiceError, PassThroughError, ValueError) as error:
                 logger.warning("worker capabilities unavailable: %s", error)

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.errors import ErrorCode, ServiceError, error_body
+from contract.info import INFO_PATH, EngineInfo
 from contract.requests import MAX_QUEUE_WAIT_HEADER, SYNTHESIZE_PATH
 from worker.admission import Admission
 from worker.body import read_body, require_json
@@ -122,10 +122,10 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
             "max_queue": settings.max_queue,
         }
 
-    @app.get("/v1/info")
-    async def info() -> dict[str, Any]:
+    @app.get(INFO_PATH)
+    async def info() -> EngineInfo:
         state.require_ready()
-        return asdict(state.engine.capabilities())
+        return state.engine.capabilities()
 
     @app.get("/metrics")
     async def metrics() -> Response:

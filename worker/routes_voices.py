@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from contract.errors import ErrorCode, ServiceError
 from contract.requests import (
     ENGINE_HEADER,
+    MAX_QUEUE_WAIT_HEADER,
     MODEL_VERSION_HEADER,
     VOICE_FEATURES_PATH,
     VoiceFeaturesRequest,
@@ -78,7 +79,9 @@ def install_voice_routes(app: FastAPI, state: WorkerState) -> None:
             if text.strip():
                 text = check_text(text, settings.max_text_chars)
             audio, rate = decode_prompt(parsed.prompt_audio)
-            await state.admission.acquire(max_wait=settings.queue_timeout_s)
+            await state.admission.acquire(
+                max_wait=state.limits.queue_wait(request.headers.get(MAX_QUEUE_WAIT_HEADER))
+            )
             work = asyncio.ensure_future(
                 asyncio.to_thread(state.engine.compute_voice, audio, rate, text.strip())
             )

@@ -33,7 +33,7 @@ def _capabilities(cloning: bool) -> Capabilities:
         sample_rate=RATE,
         modes=("sft", "zero_shot"),
         languages=("en",),
-        voices=(VoiceInfo("v", "V", "en"),),
+        voices=(VoiceInfo(id="v", name="V", language="en"),),
         default_voice="v",
         supports_cloning=cloning,
         supports_instructions=False,

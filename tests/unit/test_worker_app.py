@@ -48,7 +48,7 @@ class FakeEngine:
             sample_rate=RATE,
             modes=("sft",),
             languages=("en",),
-            voices=(VoiceInfo("v", "V", "en"),),
+            voices=(VoiceInfo(id="v", name="V", language="en"),),
             default_voice="v",
             supports_cloning=False,
             supports_instructions=False,

@@ -3,7 +3,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,12 +20,15 @@ PIPER_LIKE = Capabilities(
     sample_rate=22050,
     modes=("sft",),
     languages=("en",),
-    voices=(VoiceInfo("joe", "Joe", "en"), VoiceInfo("amy", "Amy", "en")),
+    voices=(
+        VoiceInfo(id="joe", name="Joe", language="en"),
+        VoiceInfo(id="amy", name="Amy", language="en"),
+    ),
     default_voice="joe",
     supports_cloning=False,
     supports_instructions=False,
 )
-CLONING = replace(PIPER_LIKE, supports_cloning=True, supports_instructions=True)
+CLONING = PIPER_LIKE.model_copy(update={"supports_cloning": True, "supports_instructions": True})
 
 
 def check(body: dict[str, object], capabilities: Capabilities = PIPER_LIKE) -> ErrorCode:

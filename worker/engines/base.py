@@ -3,40 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from contract.info import EngineInfo, VoiceInfo
+
 Audio = npt.NDArray[np.float32]
 """Mono float32 samples in [-1, 1] at the engine's sample rate."""
 
+Capabilities = EngineInfo
+"""What an engine can serve: the contract's `GET /v1/info` model, built by the engine."""
 
-@dataclass(frozen=True)
-class VoiceInfo:
-    id: str
-    name: str
-    language: str
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What an engine can serve; the worker validates requests against it."""
-
-    engine: str
-    model: str
-    model_version: str
-    sample_rate: int
-    modes: tuple[str, ...]
-    languages: tuple[str, ...]
-    voices: tuple[VoiceInfo, ...]
-    default_voice: str
-    supports_cloning: bool
-    supports_instructions: bool
-    speed_range: tuple[float, float] = (0.25, 4.0)
-    extras: dict[str, str] = field(default_factory=dict)
+__all__ = ["Audio", "Capabilities", "Engine", "EngineRequest", "VoiceInfo"]
 
 
 @dataclass(frozen=True)
