@@ -44,6 +44,7 @@ from worker.engines.piper_noise import (
     NoiseInput,
     make_noise_seedable,
 )
+from worker.engines.piper_phonemes import StatelessPhonemizer
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class VoiceFiles:
 class _LoadedVoice:
     files: VoiceFiles
     voice: PiperVoice
+    phonemizer: StatelessPhonemizer
     noise_inputs: tuple[NoiseInput, ...]
     language: str
     description: str
@@ -177,7 +179,7 @@ class PiperEngine:
         limit = max(MIN_CHUNK_PHONEMES, round(self._max_chunk_phonemes * min(speed, 1.0)))
         return [
             piece
-            for sentence in loaded.voice.phonemize(text)
+            for sentence in loaded.phonemizer.phonemize(text)
             for piece in split_phonemes(sentence, limit)
         ]
 
@@ -217,6 +219,7 @@ class PiperEngine:
             f"noise={self._noise_scale},{self._noise_w_scale}",
             f"noise-draw={self._noise.layout}/{NOISE_FRAMES}",
             f"chunk={self._max_chunk_phonemes}",
+            "phonemes=stateless",  # entries made before phonemization was stateless may be wrong
             *sorted(
                 f"{voice_id}:{loaded.files.model.stat().st_size}"
                 for voice_id, loaded in self._voices.items()
@@ -244,9 +247,11 @@ class PiperEngine:
             model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
         )
         language = config_dict.get("language", {})
+        voice = PiperVoice(session=session, config=PiperConfig.from_dict(config_dict))
         return _LoadedVoice(
             files=files,
-            voice=PiperVoice(session=session, config=PiperConfig.from_dict(config_dict)),
+            voice=voice,
+            phonemizer=StatelessPhonemizer(voice),
             noise_inputs=noise_inputs,
             language=str(language.get("family") or config_dict["espeak"]["voice"]).split("-")[0],
             description=(
