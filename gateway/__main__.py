@@ -47,7 +47,7 @@ async def run(settings: GatewaySettings) -> None:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.errorlog.addFilter(AbortedStreamFilter())
     config.keep_alive_timeout = 75
-    config.graceful_timeout = 5
+    config.graceful_timeout = settings.shutdown_grace_s
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -28,7 +28,7 @@ def hypercorn_config(settings: WorkerSettings) -> Config:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
-    config.graceful_timeout = 5
+    config.graceful_timeout = settings.shutdown_grace_s
     return config
 
 

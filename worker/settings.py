@@ -45,6 +45,9 @@ class WorkerSettings(BaseSettings):
     queue_timeout_s: float = Field(default=10.0, gt=0)
     # Deadline for a whole request, queue wait included; past it the stream is aborted.
     request_deadline_s: float = Field(default=300.0, gt=0)
+    # On SIGTERM: how long streams in progress may go on before they are cut, in seconds (no new
+    # connection is accepted meanwhile); Kubernetes sets it to the request deadline.
+    shutdown_grace_s: float = Field(default=5.0, gt=0)
     # Seconds a refused client is told to wait (Retry-After).
     retry_after_s: int = Field(default=1, ge=0)
     # Longest accepted text, in characters after normalization.
