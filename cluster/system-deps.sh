@@ -14,6 +14,7 @@ command -v make >/dev/null 2>&1 || need+=(make)
 for package in "$@"; do
   command="$package"
   [ "$package" = nodejs ] && command=node
+  [ "$package" = kubernetes-client ] && command=kubectl
   command -v "$command" >/dev/null 2>&1 || need+=("$package")
 done
 
