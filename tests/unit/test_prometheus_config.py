@@ -1,24 +1,23 @@
 """deploy/prometheus: configs and rules pass promtool, alerts pass their unit tests, and every
-metric the rules read is one the services export."""
+series the rules read is one the services export."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
-import yaml
-from prometheus_client import CollectorRegistry
 
-from gateway.metrics import GatewayMetrics
-from worker.metrics import WorkerMetrics
-
-PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
-RULE_FILES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
-# Series Prometheus makes itself, not the services.
-BUILT_IN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+from tests.support.monitoring import (
+    BUILT_IN,
+    PROMETHEUS_DIR,
+    RULE_FILES,
+    alert_rules,
+    exported_series,
+    metric_names,
+    recording_rules,
+)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -47,38 +46,22 @@ def test_alert_unit_tests_pass() -> None:
     assert "SUCCESS" in result.stdout + result.stderr
 
 
-def exported_series() -> set[str]:
-    """Every series name the gateway and worker registries can expose (histogram parts too)."""
-    names: set[str] = set()
-    registries: list[CollectorRegistry] = [GatewayMetrics().registry, WorkerMetrics().registry]
-    for registry in registries:
-        for family in registry.collect():
-            names.add(family.name)
-            suffixes = {
-                "counter": ("_total",),
-                "histogram": ("_bucket", "_count", "_sum"),
-            }.get(family.type, ())
-            names.update(family.name + suffix for suffix in suffixes)
-    return names
+def test_metric_names_finds_series_only() -> None:
+    expr = (
+        'max(gateway_worker_ready) / sum by (le, code) (rate(worker_x_bucket{code="a b"}[5m]))'
+        " or on() vector(0) > tts:recorded:rate5m"
+    )
+    assert metric_names(expr) == {"gateway_worker_ready", "worker_x_bucket"}
 
 
-def rule_metric_names() -> set[str]:
-    """Names of raw series in rule expressions: identifiers followed by a selector or range."""
-    recorded = set()
-    expressions = []
-    for path in RULE_FILES:
-        for group in yaml.safe_load(path.read_text())["groups"]:
-            for rule in group["rules"]:
-                expressions.append(rule["expr"])
-                if "record" in rule:
-                    recorded.add(rule["record"])
-    found: set[str] = set()
-    for expr in expressions:
-        found.update(re.findall(r"(?<![\w:])([a-z_][a-z0-9_]*)\s*[{\[]", expr))
-    return found - recorded - {"rate", "sum", "max", "vector", "histogram_quantile", "scalar"}
+def test_rules_read_only_exported_or_recorded_series() -> None:
+    recorded = set(recording_rules())
+    known = exported_series() | BUILT_IN
+    for name, expr in {**recording_rules(), **alert_rules()}.items():
+        assert metric_names(expr) <= known, (name, metric_names(expr) - known)
+        for used in set(recorded_names(expr)):
+            assert used in recorded, (name, used)
 
 
-def test_rules_read_only_exported_metrics() -> None:
-    names = rule_metric_names()
-    assert "worker_stream_worst_gap_seconds_bucket" in names
-    assert names - BUILT_IN <= exported_series(), names - BUILT_IN - exported_series()
+def recorded_names(expr: str) -> list[str]:
+    return re.findall(r"\btts(?:_instance)?:[a-z0-9_]+:[a-z0-9_]+", expr)
