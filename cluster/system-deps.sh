@@ -15,6 +15,7 @@ for package in "$@"; do
   command="$package"
   [ "$package" = nodejs ] && command=node
   [ "$package" = kubernetes-client ] && command=kubectl
+  [ "$package" = chromium-driver ] && command=chromedriver
   command -v "$command" >/dev/null 2>&1 || need+=("$package")
 done
 

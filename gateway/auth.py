@@ -1,7 +1,8 @@
 """Optional Bearer API-key authentication, as plain ASGI middleware.
 
-Off when no keys are configured. Otherwise every route but health and metrics needs
-`Authorization: Bearer <key>` with a configured key; anything else gets 401 JSON.
+Off when no keys are configured. Otherwise every route but health, metrics and the web page
+(gateway.routes_web, where the key is typed in) needs `Authorization: Bearer <key>` with a
+configured key; anything else gets 401 JSON.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contract.errors import ErrorCode, error_body
 from gateway.errors import ERROR_CODE_SCOPE_KEY
+from gateway.routes_web import is_web_path
 
 EXEMPT_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
 _UNAUTHORIZED = json.dumps(
@@ -26,7 +28,12 @@ class ApiKeyMiddleware:
         self._keys = [key.encode() for key in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS or self._authorized(scope):
+        if (
+            scope["type"] != "http"
+            or scope["path"] in EXEMPT_PATHS
+            or is_web_path(scope["path"])
+            or self._authorized(scope)
+        ):
             await self._app(scope, receive, send)
             return
         scope[ERROR_CODE_SCOPE_KEY] = ErrorCode.UNAUTHORIZED.value
