@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 WORKERS ?= 2
 GATEWAYS ?= 1
 ENGINE ?= piper
+# `make up MONITOR=1` also starts Prometheus (Debian's, installed when missing) on :9090.
+MONITOR ?=
+MONITOR_ON := $(filter 1 yes true,$(MONITOR))
 
 .PHONY: venv test lint system-deps up down status logs
 
@@ -27,10 +30,11 @@ lint: venv
 
 # Debian's nginx, redis-server and python3-venv, when missing (installs as root; else says how).
 system-deps:
-	@cluster/system-deps.sh
+	@cluster/system-deps.sh $(if $(MONITOR_ON),prometheus)
 
 up: system-deps venv
-	$(PY) -m cluster up --workers $(WORKERS) --gateways $(GATEWAYS) --engine $(ENGINE)
+	$(PY) -m cluster up --workers $(WORKERS) --gateways $(GATEWAYS) --engine $(ENGINE) \
+		$(if $(MONITOR_ON),--monitor)
 
 down:
 	$(PY) -m cluster down

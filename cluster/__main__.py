@@ -21,6 +21,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gateways", type=int, help="number of gateways (CLUSTER_GATEWAYS)")
     parser.add_argument("--engine", help="engine every worker loads (CLUSTER_ENGINE)")
     parser.add_argument("--run-dir", type=Path, help="pid files, logs, data (CLUSTER_RUN_DIR)")
+    parser.add_argument(
+        "--monitor",
+        action="store_true",
+        default=None,
+        help="also start Prometheus scraping every process (CLUSTER_MONITOR)",
+    )
     parser.add_argument("--follow", action="store_true", help="logs: keep following (tail -F)")
     parser.add_argument("--lines", type=int, default=40, help="logs: lines per service")
     return parser.parse_args(argv)
@@ -29,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def build_settings(args: argparse.Namespace) -> ClusterSettings:
     overrides = {
         name: value
-        for name in ("workers", "gateways", "engine", "run_dir")
+        for name in ("workers", "gateways", "engine", "run_dir", "monitor")
         if (value := getattr(args, name)) not in (None, "")
     }
     return ClusterSettings(**overrides)
@@ -44,6 +50,10 @@ def print_ready(settings: ClusterSettings) -> None:
         "       -d '{\"model\": \"tts-1\", \"input\": \"Hello from the cluster.\", "
         "\"voice\": \"alloy\", \"response_format\": \"wav\"}' -o hello.wav"
     )
+    if settings.monitor:
+        prometheus = settings.prometheus_url
+        print(f"\nPrometheus: {prometheus}  (targets /targets, alerts /alerts, rules /rules)")
+        print("Grafana: import deploy/grafana/tts.json with this Prometheus as its data source")
 
 
 def print_status(rows: list[launcher.ServiceStatus]) -> None:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster import nginx_config, probes, processes, services
+from cluster import monitor, nginx_config, probes, processes, services
 from cluster.processes import ProcessRecord
 from cluster.settings import REPO_ROOT, ClusterSettings
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "cluster.json"
 # Stop order: the entry first, then what it depends on.
-STOP_ORDER = ("nginx", "gateway", "worker", "redis")
+STOP_ORDER = ("prometheus", "nginx", "gateway", "worker", "redis")
 
 
 class ClusterError(RuntimeError):
@@ -87,6 +87,8 @@ def up(settings: ClusterSettings) -> list[ProcessRecord]:
         services.write_redis_config(settings)
         if any(svc.name == "nginx" for svc in to_start):
             nginx_config.write_config(settings)
+        if any(svc.name == "prometheus" for svc in to_start):
+            monitor.write_config(settings)
         _state_path(settings).write_text(settings.model_dump_json(indent=2))
     started: list[ProcessRecord] = []
     try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from cluster import nginx_config, probes
+from cluster import monitor, nginx_config, probes
 from cluster.settings import ClusterSettings
 
 
@@ -54,7 +54,8 @@ def redis_config(settings: ClusterSettings) -> str:
 
 
 def plan(settings: ClusterSettings) -> list[Service]:
-    """Every process of the cluster, in start order: Redis, workers, nginx, gateways."""
+    """Every process of the cluster, in start order: Redis, workers, nginx, gateways, and
+    Prometheus when `settings.monitor` is on."""
     python = sys.executable
     worker_threads = _worker_threads(settings.workers)
     redis_conf = settings.run_dir / "redis" / "redis.conf"
@@ -107,6 +108,16 @@ def plan(settings: ClusterSettings) -> list[Service]:
                     "GATEWAY_REDIS_URL": settings.redis_url,
                     "GATEWAY_WORKER_URL": settings.internal_url,
                 },
+            )
+        )
+    if settings.monitor:
+        services.append(
+            Service(
+                name="prometheus",
+                argv=monitor.prometheus_command(settings),
+                port=settings.prometheus_port,
+                binds=[("127.0.0.1", settings.prometheus_port)],
+                ready=partial(probes.http_ready, f"{settings.prometheus_url}/-/ready"),
             )
         )
     return services

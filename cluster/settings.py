@@ -63,6 +63,13 @@ class ClusterSettings(BaseSettings):
     nginx_worker_processes: str = "auto"
     # Seconds to wait for every service to be ready.
     ready_timeout: float = Field(default=240.0, gt=0)
+    # Also start Prometheus (Debian's `prometheus`), scraping every gateway and worker with
+    # the rules of deploy/prometheus (`make up MONITOR=1`).
+    monitor: bool = False
+    # Prometheus' port (bound to 127.0.0.1), when `monitor` is on.
+    prometheus_port: int = Field(default=9090, ge=1, le=65535)
+    # How often Prometheus scrapes and evaluates its rules.
+    prometheus_scrape_interval: str = Field(default="5s", pattern=r"^\d+(ms|s|m)$")
 
     @property
     def pid_dir(self) -> Path:
@@ -80,6 +87,10 @@ class ClusterSettings(BaseSettings):
     @property
     def internal_url(self) -> str:
         return f"http://127.0.0.1:{self.internal_port}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.prometheus_port}"
 
     @property
     def redis_url(self) -> str:
