@@ -2,8 +2,9 @@
 
 No build step and no CDN: the page is one HTML file, one script, one style sheet and an icon,
 served as they are, so it works on a cluster with no network but its own. The HTML carries the
-gateway's text limit (for its character counter) and a Content-Security-Policy that lets it
-load and reach nothing but this origin. Only the files listed here are served; any other name
+gateway's text limit (for its character counter), whether API keys are required (the page then
+asks for one before calling the API), and a Content-Security-Policy that lets it load and reach
+nothing but this origin. Only the files listed here are served; any other name
 under `/web/assets/` is a 404 JSON error, so no path can reach outside the folder.
 """
 
@@ -28,6 +29,7 @@ ASSET_TYPES = {
     "favicon.svg": "image/svg+xml",
 }
 MAX_CHARS_PLACEHOLDER = "{{max_text_chars}}"
+API_KEYS_PLACEHOLDER = "{{api_keys}}"
 # Audio the page plays or offers for download lives in blob: URLs it makes itself.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -51,14 +53,17 @@ def is_web_path(path: str) -> bool:
 
 
 @functools.cache
-def _page(max_text_chars: int) -> bytes:
+def _page(max_text_chars: int, keys_required: bool) -> bytes:
     html = (WEB_DIR / "index.html").read_text(encoding="utf-8")
-    return html.replace(MAX_CHARS_PLACEHOLDER, str(max_text_chars)).encode()
+    html = html.replace(MAX_CHARS_PLACEHOLDER, str(max_text_chars))
+    return html.replace(API_KEYS_PLACEHOLDER, "required" if keys_required else "off").encode()
 
 
 async def page(request: Request) -> Response:
-    """The page; scripts read the text limit from its `tts-max-text-chars` meta tag."""
-    body = _page(gateway_state(request).settings.max_text_chars)
+    """The page; its script reads the text limit and whether keys are required from meta tags
+    (`tts-max-text-chars`, `tts-api-keys`)."""
+    settings = gateway_state(request).settings
+    body = _page(settings.max_text_chars, bool(settings.api_keys))
     return HTMLResponse(body, headers=SECURITY_HEADERS)
 
 

@@ -1,9 +1,10 @@
 """The web page in a real browser: Debian's headless Chromium, driven by Selenium through
 chromium-driver, against a whole cluster (Piper workers) through nginx.
 
-One cluster and one browser for the module. Audio is checked by what the page played and
-decoded, against what the API returns for the same text. Set WEB_SCREENSHOT to a path to keep
-the screenshot taken after a synthesis (README.md's comes from there).
+One cluster and one browser for the module. The cluster requires an API key, so the page's key
+field is exercised on the way (the key is typed once and remembered). Audio is checked by what
+the page played and decoded, against what the API returns for the same text. Set WEB_SCREENSHOT
+to a path to keep the screenshot taken after a synthesis (README.md's comes from there).
 """
 
 from __future__ import annotations
@@ -36,13 +37,17 @@ SPOKEN = "The page plays speech as it streams. The second sentence arrives a lit
 CACHED = "Spoken twice, made once."
 TESTIDS = ("text", "voice", "format", "speed", "speak", "audio", "status", "error")
 SYNTHESIS_TIMEOUT_S = 90
+KEY = "web-page-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def cluster(run_dir: Path) -> Iterator[ClusterSettings]:
     settings = cluster_on_free_ports(run_dir, gateways=1, workers=2, ready_timeout=240)
     try:
-        launcher.up(settings)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("GATEWAY_API_KEYS", KEY)  # read by the gateways the launcher starts
+            launcher.up(settings)
         yield settings
     finally:
         records = launcher.load_records(settings)
@@ -93,10 +98,29 @@ def browser(downloads: Path) -> Iterator[webdriver.Chrome]:
         driver.quit()
 
 
-def _open(browser: webdriver.Chrome, url: str) -> None:
-    browser.get(url)
+def _wait_ready(browser: webdriver.Chrome) -> None:
     WebDriverWait(browser, 30).until(
         lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true"
+    )
+
+
+def _open(browser: webdriver.Chrome, url: str) -> None:
+    """Load the page; its key was remembered by the first test (or is entered here)."""
+    browser.get(url)
+    _wait_ready(browser)
+    if not _testid(browser, "api-key").get_attribute("value"):
+        _enter_key(browser, KEY)
+    assert _testid(browser, "status").text == "Ready.", _testid(browser, "error").text
+
+
+def _enter_key(browser: webdriver.Chrome, key: str) -> None:
+    field = _testid(browser, "api-key")
+    field.clear()
+    field.send_keys(key, Keys.ENTER)
+    WebDriverWait(browser, 30).until(
+        lambda _: (
+            _testid(browser, "status").text == "Ready." or _testid(browser, "error").is_displayed()
+        )
     )
 
 
@@ -133,11 +157,11 @@ def _api_speech(url: str, text: str, voice: str, response_format: str) -> httpx.
         "response_format": response_format,
         "speed": 1.0,
     }
-    return httpx.post(f"{url}/v1/audio/speech", json=body, timeout=120)
+    return httpx.post(f"{url}/v1/audio/speech", json=body, headers=AUTH, timeout=120)
 
 
 def _default_voice(url: str) -> str:
-    voices = httpx.get(f"{url}/v1/voices", timeout=30).json()["data"]
+    voices = httpx.get(f"{url}/v1/voices", headers=AUTH, timeout=30).json()["data"]
     return next(voice["id"] for voice in voices if voice.get("default"))
 
 
@@ -185,15 +209,32 @@ def test_nginx_serves_the_page_and_nothing_internal(cluster: ClusterSettings) ->
         assert status in (400, 404), (path, status)
         assert headers["Content-Type"].startswith("application/json"), path
         assert b'"error"' in body, path
+    # The page is public; the API behind it still needs the key.
+    status, _, body = _raw_get(cluster, "/v1/voices")
+    assert status == 401
+    assert b'"unauthorized"' in body
 
 
 def test_page_loads_clean_with_voices_from_the_api(
     cluster: ClusterSettings, browser: webdriver.Chrome
 ) -> None:
     url = cluster.public_url
-    listed = httpx.get(f"{url}/v1/voices", timeout=30).json()
-    _open(browser, f"{url}/")
+    listed = httpx.get(f"{url}/v1/voices", headers=AUTH, timeout=30).json()
+    browser.get(f"{url}/")
+    _wait_ready(browser)
+    # Keys are required: the page asks for one before it calls the API at all.
+    assert _testid(browser, "api-key").is_displayed()
+    assert "requires an API key" in _testid(browser, "status").text
     assert _console_errors(browser) == []
+    _enter_key(browser, "not-the-key")
+    assert _testid(browser, "error-code").text == "unauthorized"
+    browser.get_log("browser")  # the refused requests' own console lines
+    browser.find_element(By.ID, "remember-key").click()
+    _enter_key(browser, KEY)
+    assert _testid(browser, "status").text == "Ready.", _testid(browser, "error").text
+    assert _console_errors(browser) == []
+    assert KEY not in browser.current_url
+    assert browser.execute_script("return localStorage.getItem('tts-api-key')") == KEY
     for name in TESTIDS:
         _testid(browser, name)
     select = Select(_testid(browser, "voice"))
@@ -206,8 +247,7 @@ def test_page_loads_clean_with_voices_from_the_api(
     # Piper cannot clone: the page says so and keeps the registration form disabled.
     assert "cannot clone" in _testid(browser, "clone-note").text
     assert not _testid(browser, "register").is_enabled()
-    # No keys configured: no key field; instructions hidden for an engine without them.
-    assert not _testid(browser, "api-key").is_displayed()
+    # Instructions are hidden for an engine that takes none.
     assert not _testid(browser, "instructions").is_displayed()
     unlabelled = browser.execute_script(
         """return [...document.querySelectorAll("input, select, textarea, button, audio")]
@@ -218,11 +258,13 @@ def test_page_loads_clean_with_voices_from_the_api(
             .map((el) => el.id || el.outerHTML.slice(0, 60));"""
     )
     assert unlabelled == []
-    origins = browser.execute_script(
-        "return performance.getEntriesByType('resource').map((e) => new URL(e.name).origin)"
+    resources = browser.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => e.name)"
     )
-    assert set(origins) == {url}
-    assert len(origins) >= 5  # script, style sheet, icon, models, voices
+    assert {resource.rsplit("/", 1)[0] for resource in resources} >= {f"{url}/web/assets"}
+    assert [r for r in resources if not r.startswith(f"{url}/")] == []
+    assert [r for r in resources if KEY in r] == []
+    assert len(resources) >= 5  # script, style sheet, icon, models, voices
 
 
 def test_speak_plays_the_stream_and_download_keeps_it(
@@ -335,7 +377,8 @@ def test_a_microphone_recording_is_a_prompt_the_gateway_accepts(
           const form = new FormData();
           form.append("prompt_audio", wav, "recording.wav");
           form.append("prompt_text", "A fake microphone.");
-          const response = await fetch("/v1/voices", { method: "POST", body: form });
+          const response = await fetch("/v1/voices", {
+            method: "POST", body: form, headers: authHeaders() });
           const bytes = new Uint8Array(await wav.arrayBuffer());
           return { status: response.status, body: await response.json(),
                    head: String.fromCharCode(...bytes.slice(0, 4)), size: bytes.length };

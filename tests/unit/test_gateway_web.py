@@ -15,16 +15,19 @@ from tests.unit.test_gateway_api import FakeRedis, MockWorker
 KEY = "page-test-key"
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    settings = GatewaySettings(max_text_chars=321, api_keys=[KEY])  # type: ignore[call-arg]
+def _client(settings: GatewaySettings) -> httpx.AsyncClient:
     app = create_app(
         settings,
         upstream_transport=httpx.MockTransport(MockWorker().handle),
         redis=FakeRedis(),  # type: ignore[arg-type]
     )
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    settings = GatewaySettings(max_text_chars=321, api_keys=[KEY])  # type: ignore[call-arg]
+    async with _client(settings) as client:
         yield client
 
 
@@ -34,11 +37,19 @@ async def test_page_is_served_without_a_key(client: httpx.AsyncClient, path: str
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert '<meta name="tts-max-text-chars" content="321">' in response.text
+    assert '<meta name="tts-api-keys" content="required">' in response.text
     assert "{{" not in response.text
     policy = response.headers["content-security-policy"]
     assert "default-src 'none'" in policy
     assert "connect-src 'self'" in policy
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_page_without_keys_says_so() -> None:
+    async with _client(GatewaySettings()) as client:
+        response = await client.get("/")
+    assert '<meta name="tts-api-keys" content="off">' in response.text
+    assert '<meta name="tts-max-text-chars" content="4096">' in response.text
 
 
 async def test_every_asset_the_page_names_is_served(client: httpx.AsyncClient) -> None:

@@ -9,7 +9,9 @@ const EXTENSIONS = { mp3: "mp3", opus: "opus", flac: "flac", wav: "wav", pcm: "p
 const MAX_RECORD_S = 30;
 
 const $ = (id) => document.getElementById(id);
-const maxChars = Number(document.querySelector('meta[name="tts-max-text-chars"]').content);
+const meta = (name) => document.querySelector(`meta[name="${name}"]`).content;
+const maxChars = Number(meta("tts-max-text-chars"));
+const keysRequired = meta("tts-api-keys") === "required";
 const page = { model: "tts-1", caps: null, abort: null, player: null, ctx: null, resultUrl: null };
 
 class ApiError extends Error {
@@ -583,6 +585,7 @@ async function register(event) {
 // ---- Start
 
 async function load() {
+  document.body.dataset.ready = "false";
   clearError();
   setStatus("Loading the engine and its voices…");
   try {
@@ -601,8 +604,8 @@ function init() {
   if (key) {
     $("api-key").value = key;
     $("remember-key").checked = localStorage.getItem(KEY_NAME) !== null;
-    showKeySection();
   }
+  if (key || keysRequired) showKeySection();
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     saveKey();
@@ -611,6 +614,7 @@ function init() {
   $("forget-key").addEventListener("click", () => {
     $("api-key").value = "";
     saveKey();
+    setStatus("The API key is forgotten by this browser.");
   });
   $("speak-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -632,7 +636,13 @@ function init() {
   $("prompt-file").addEventListener("change", () => setPrompt($("prompt-file").files[0] ?? null));
   $("register-form").addEventListener("submit", register);
   updateCount();
-  load();
+  if (keysRequired && !key) {
+    setStatus("This service requires an API key: enter it above.");
+    document.body.dataset.ready = "true";
+    $("api-key").focus();
+  } else {
+    load();
+  }
 }
 
 init();
