@@ -7,9 +7,6 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from gateway import routes_health, routes_openai, routes_synthesize, routes_voices, routes_web
 from gateway.auth import ApiKeyMiddleware
@@ -20,6 +17,7 @@ from gateway.loop_lag import LoopLagMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.openapi import install_openapi
+from gateway.redis_client import RedisClient, redis_client, voice_key_prefix
 from gateway.request_log import RequestLog
 from gateway.service import SpeechService
 from gateway.settings import GatewaySettings
@@ -32,31 +30,19 @@ from gateway.workers import WorkerDirectory
 VOICE_STORE_TIMEOUT_S = 2.0
 
 
-def redis_client(url: str, connect_timeout_s: float) -> Redis:
-    """An async Redis client that fails fast: bounded connects and no hidden retries.
-
-    Reads and writes have no socket timeout of their own: every caller bounds its whole call
-    with `asyncio.timeout` (redis-py would otherwise start a task per command to time it).
-    """
-    client: Redis = Redis.from_url(
-        url,
-        socket_timeout=None,
-        socket_connect_timeout=connect_timeout_s,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return client
-
-
 def create_app(
     settings: GatewaySettings,
     *,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
-    redis: Redis | None = None,
+    redis: RedisClient | None = None,
 ) -> FastAPI:
     """Build the app. `upstream_transport` and `redis` replace the real ones in unit tests."""
     metrics = GatewayMetrics()
-    cache_redis = redis or redis_client(settings.redis_url, settings.cache_budget_s)
-    voice_redis = redis or redis_client(settings.redis_url, VOICE_STORE_TIMEOUT_S)
+    cluster = settings.redis_cluster
+    cache_redis = redis or redis_client(
+        settings.redis_url, settings.cache_budget_s, cluster=cluster
+    )
+    voice_redis = redis or redis_client(settings.redis_url, VOICE_STORE_TIMEOUT_S, cluster=cluster)
     upstream = Upstream(settings, metrics, transport=upstream_transport)
     directory = WorkerDirectory(upstream, metrics, settings.info_refresh_s)
     loop_lag = LoopLagMonitor()
@@ -69,7 +55,7 @@ def create_app(
         retry_after_s=settings.cache_retry_after_s,
         loop_lag=lambda: loop_lag.lag_s,
     )
-    voices = VoiceStore(voice_redis, VOICE_STORE_TIMEOUT_S)
+    voices = VoiceStore(voice_redis, VOICE_STORE_TIMEOUT_S, key_prefix=voice_key_prefix(cluster))
     flights = SingleFlight()
     speech = SpeechService(
         cache=cache,

@@ -18,11 +18,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.budget import CallBudget
 from gateway.metrics import GatewayMetrics
+from gateway.redis_client import RedisClient
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def decode_entry(value: bytes) -> CachedAudio:
 class AudioCache:
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         metrics: GatewayMetrics,
         ttl_s: int,

@@ -58,6 +58,8 @@ class GatewaySettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     # Redis holding the audio cache (keys with a TTL) and registered voices (no TTL).
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # GATEWAY_REDIS_URL is one node of a Redis Cluster: keys are spread over its nodes by slot.
+    redis_cluster: bool = False
     # Base URL of one worker, or of nginx's internal listener that balances the workers.
     worker_url: str = "http://127.0.0.1:8001"
     # Comma-separated Bearer API keys; empty turns authentication off.

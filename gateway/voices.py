@@ -19,10 +19,10 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from contract.errors import ErrorCode, ServiceError
+from gateway.redis_client import RedisClient
 from gateway.settings import OPENAI_VOICE_NAMES
 from gateway.workers import EngineInfo
 
@@ -74,9 +74,13 @@ class ResolvedVoice:
 
 
 class VoiceStore:
-    def __init__(self, client: Redis, timeout_s: float) -> None:
+    def __init__(
+        self, client: RedisClient, timeout_s: float, *, key_prefix: str = VOICE_KEY_PREFIX
+    ) -> None:
         self._client = client
         self._timeout_s = timeout_s
+        # Hash-tagged in a Redis Cluster (gateway.redis_client.voice_key_prefix).
+        self._prefix = key_prefix
 
     async def save(self, voice: RegisteredVoice) -> None:
         """Store (or replace) a voice and its features, with no TTL."""
@@ -94,8 +98,8 @@ class VoiceStore:
 
         async def write() -> None:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(VOICE_KEY_PREFIX + voice.id)
-                pipe.hset(VOICE_KEY_PREFIX + voice.id, mapping=mapping)  # type: ignore[arg-type]
+                pipe.delete(self._prefix + voice.id)
+                pipe.hset(self._prefix + voice.id, mapping=mapping)  # type: ignore[arg-type]
                 pipe.sadd(VOICE_INDEX_KEY, voice.id)
                 await pipe.execute()
 
@@ -106,7 +110,7 @@ class VoiceStore:
         if not VOICE_ID_PATTERN.match(voice_id):
             return None
         values = await self._bounded(
-            self._client.hmget(VOICE_KEY_PREFIX + voice_id, list(_META_FIELDS))
+            self._client.hmget(self._prefix + voice_id, list(_META_FIELDS))
         )
         if all(value is None for value in values):
             return None
@@ -121,7 +125,7 @@ class VoiceStore:
         """The voice's stored features; None when the voice is gone or has none."""
         if not VOICE_ID_PATTERN.match(voice_id):
             return None
-        value = await self._bounded(self._client.hget(VOICE_KEY_PREFIX + voice_id, FEATURES_FIELD))
+        value = await self._bounded(self._client.hget(self._prefix + voice_id, FEATURES_FIELD))
         return _bytes(value) if value else None
 
     async def list(self) -> list[RegisteredVoice]:
@@ -136,7 +140,7 @@ class VoiceStore:
     async def delete(self, voice_id: str) -> bool:
         async def remove() -> int:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(VOICE_KEY_PREFIX + voice_id)
+                pipe.delete(self._prefix + voice_id)
                 pipe.srem(VOICE_INDEX_KEY, voice_id)
                 deleted, _ = await pipe.execute()
                 return int(deleted)
