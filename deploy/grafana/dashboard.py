@@ -24,6 +24,7 @@ from grafana_foundation_sdk.models.dashboard import DataSourceRef
 OUTPUT = Path(__file__).with_name("tts.json")
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "[$__rate_interval]"
+API_ROUTES = 'route!~"/healthz|/readyz|/metrics"'
 
 OPTIONAL_METRICS = frozenset({"worker_gpu_memory_bytes", "worker_gpu_memory_limit_bytes"})
 """Series only some engines export (GPU memory: the cosyvoice engine); panels that read them
@@ -115,9 +116,9 @@ def build() -> dict[str, object]:
         .with_panel(
             _stat(
                 "Requests/s",
-                "Public requests answered by the gateways.",
+                "API requests answered by the gateways (probes and scrapes left out).",
                 "reqps",
-                Query(f"sum(rate(gateway_requests_total{RATE}))", "requests/s"),
+                Query(f"sum(rate(gateway_requests_total{{{API_ROUTES}}}{RATE}))", "requests/s"),
             )
         )
         .with_panel(
