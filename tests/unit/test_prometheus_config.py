@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
-import pytest
+import yaml
 
 from tests.support.monitoring import (
     BUILT_IN,
@@ -28,9 +29,26 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("config", ["prometheus.yml", "kubernetes.yml"])
-def test_configs_pass_promtool(config: str) -> None:
-    result = promtool("check", "config", config)
+def test_local_config_passes_promtool() -> None:
+    result = promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 rule files found" in result.stdout
+
+
+def test_kubernetes_config_passes_promtool(tmp_path: Path) -> None:
+    """Debian's promtool has no Kubernetes service discovery: the pod discovery block is
+    checked for its shape here, and everything else (relabelling, rules) by promtool with
+    static targets in its place."""
+    doc = yaml.safe_load((PROMETHEUS_DIR / "kubernetes.yml").read_text())
+    (pods,) = [job for job in doc["scrape_configs"] if "kubernetes_sd_configs" in job]
+    assert pods.pop("kubernetes_sd_configs") == [{"role": "pod", "namespaces": {"names": ["tts"]}}]
+    pods["static_configs"] = [{"targets": ["10.0.0.1:8000"]}]
+    relabelled = {rule.get("target_label") for rule in pods["relabel_configs"]}
+    assert {"job", "namespace", "pod", "instance", "__address__"} <= relabelled
+    doc["rule_files"] = [str(PROMETHEUS_DIR / path) for path in doc["rule_files"]]
+    checked = tmp_path / "kubernetes.yml"
+    checked.write_text(yaml.safe_dump(doc))
+    result = promtool("check", "config", str(checked))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 rule files found" in result.stdout
 
