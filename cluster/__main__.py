@@ -17,7 +17,14 @@ from cluster.settings import ClusterSettings
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status", "logs"])
-    parser.add_argument("--workers", type=int, help="number of workers (CLUSTER_WORKERS)")
+    parser.add_argument(
+        "--workers", help="number of workers, or auto: one per worker device (CLUSTER_WORKERS)"
+    )
+    parser.add_argument(
+        "--worker-devices",
+        help="devices given to the workers in turn, e.g. cuda:0,cuda:1, or auto "
+        "(CLUSTER_WORKER_DEVICES)",
+    )
     parser.add_argument("--gateways", type=int, help="number of gateways (CLUSTER_GATEWAYS)")
     parser.add_argument("--engine", help="engine every worker loads (CLUSTER_ENGINE)")
     parser.add_argument("--run-dir", type=Path, help="pid files, logs, data (CLUSTER_RUN_DIR)")
@@ -35,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def build_settings(args: argparse.Namespace) -> ClusterSettings:
     overrides = {
         name: value
-        for name in ("workers", "gateways", "engine", "run_dir", "monitor")
+        for name in ("workers", "worker_devices", "gateways", "engine", "run_dir", "monitor")
         if (value := getattr(args, name)) not in (None, "")
     }
     return ClusterSettings(**overrides)

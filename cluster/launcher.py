@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster import monitor, nginx_config, probes, processes, services
+from cluster import devices, monitor, nginx_config, probes, processes, services
 from cluster.processes import ProcessRecord
 from cluster.settings import REPO_ROOT, ClusterSettings
 
@@ -75,6 +75,8 @@ def up(settings: ClusterSettings) -> list[ProcessRecord]:
     records = load_records(settings)
     _check_same_settings(settings, records)
     plan = services.plan(settings)
+    for line in devices.describe(settings.worker_assignment(), settings.worker_device_list()):
+        logger.info("%s", line)
     to_start = [svc for svc in plan if not (svc.name in records and records[svc.name].alive())]
     for svc in to_start:
         for host, port in svc.binds:

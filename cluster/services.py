@@ -68,7 +68,9 @@ def plan(settings: ClusterSettings) -> list[Service]:
             ready=partial(probes.redis_ready, settings.redis_port),
         )
     ]
+    assignment = settings.worker_assignment()
     for index, port in enumerate(settings.worker_ports()):
+        device = assignment[index]
         services.append(
             Service(
                 name=f"worker-{index}",
@@ -81,6 +83,7 @@ def plan(settings: ClusterSettings) -> list[Service]:
                     "WORKER_PORT": str(port),
                     "WORKER_ENGINE": settings.engine,
                     **worker_threads,
+                    **({"WORKER_DEVICE": device} if device is not None else {}),
                 },
             )
         )

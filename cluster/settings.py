@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cluster import devices
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +25,11 @@ class ClusterSettings(BaseSettings):
     run_dir: Path = REPO_ROOT / "run"
     # Number of gateways behind nginx's public listener.
     gateways: int = Field(default=1, ge=1, le=64)
-    # Number of workers behind nginx's internal listener.
+    # Number of workers behind nginx's internal listener; `auto`: one per worker device.
     workers: int = Field(default=2, ge=1, le=64)
+    # Devices the workers run on, given to worker i in turn as WORKER_DEVICE (`cuda:0,cuda:1`),
+    # or `auto`: one per visible GPU. Empty: every worker gets WORKER_DEVICE as set.
+    worker_devices: str = ""
     # Engine every worker loads (WORKER_ENGINE).
     engine: str = "piper"
     # Python module each worker runs (`python -m ...`); benchmarks swap in a stand-in.
@@ -70,6 +76,29 @@ class ClusterSettings(BaseSettings):
     prometheus_port: int = Field(default=9090, ge=1, le=65535)
     # How often Prometheus scrapes and evaluates its rules.
     prometheus_scrape_interval: str = Field(default="5s", pattern=r"^\d+(ms|s|m)$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _workers_auto(cls, data: Any) -> Any:
+        """`workers=auto`: one worker per device (per visible GPU when none are listed)."""
+        if isinstance(data, dict) and str(data.get("workers", "")).strip().lower() == "auto":
+            listed = devices.parse_devices(str(data.get("worker_devices") or devices.AUTO))
+            data = {**data, "workers": len(listed), "worker_devices": ",".join(listed)}
+        return data
+
+    @field_validator("worker_devices")
+    @classmethod
+    def _explicit_devices(cls, value: str) -> str:
+        """Stored as the explicit list (`auto` resolved), so a running cluster's record says
+        which device each worker has."""
+        return ",".join(devices.parse_devices(value))
+
+    def worker_device_list(self) -> list[str]:
+        return devices.parse_devices(self.worker_devices)
+
+    def worker_assignment(self) -> list[str | None]:
+        """WORKER_DEVICE of worker i, or None where the environment's applies."""
+        return devices.assign(self.workers, self.worker_device_list())
 
     @property
     def pid_dir(self) -> Path:
