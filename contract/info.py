@@ -46,6 +46,11 @@ class EngineInfo(BaseModel):
     supports_instructions: bool = False
     speed_range: tuple[float, float] = (SPEED_MIN, SPEED_MAX)
     extras: dict[str, str] = Field(default_factory=dict)
+    max_streams: int | None = Field(
+        default=None, ge=1,
+        description="Streams the engine serves at once (none: no limit of its own); the "
+        "worker admits no more than this.",
+    )
 
     def has_voice(self, voice_id: str) -> bool:
         return any(voice.id == voice_id for voice in self.voices)

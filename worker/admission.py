@@ -26,6 +26,16 @@ class Admission:
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
+    def max_concurrency(self) -> int:
+        return self._max_concurrency
+
+    def limit_to(self, max_concurrency: int) -> None:
+        """Lower the slot count (e.g. to what the engine says it can hold); never raises it."""
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        self._max_concurrency = min(self._max_concurrency, max_concurrency)
+
+    @property
     def active(self) -> int:
         return self._active
 

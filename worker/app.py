@@ -68,6 +68,10 @@ class WorkerState:
             started = time.monotonic()
             await asyncio.to_thread(self.engine.load)
             await asyncio.to_thread(self.engine.warm_up)
+            engine_streams = self.engine.capabilities().max_streams
+            if engine_streams is not None:
+                self.admission.limit_to(engine_streams)
+                self.metrics.max_concurrency.set(self.admission.max_concurrency)
         except Exception:
             logger.critical("The engine failed to load or warm up", exc_info=True)
             self.fatal.set()
@@ -118,7 +122,7 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
             "engine": settings.engine,
             "active": state.admission.active,
             "waiting": state.admission.waiting,
-            "max_concurrency": settings.max_concurrency,
+            "max_concurrency": state.admission.max_concurrency,
             "max_queue": settings.max_queue,
         }
 

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from contract.audio import stream_headers
 from contract.errors import ErrorCode, ServiceError
@@ -76,7 +76,7 @@ async def start_synthesis(
     try:
         sample_rate = engine.capabilities().sample_rate
         encoder = create_encoder(request.audio_format, sample_rate)
-        chunks = engine.stream(request.engine_request)
+        chunks = engine.stream(replace(request.engine_request, deadline=deadline))
         metrics.syntheses_started.inc()
         started = time.monotonic()
         first = await _first_chunk(chunks, deadline)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,8 @@ from worker.engines.cosyvoice.config import ModelDirError
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 
 SR = 24000
+BATCH_AUDIO_TOLERANCE = 1e-3
+"""Largest sample difference allowed between a request served alone and within a batch."""
 TEXT = "Hello there, this is a streaming test of the speech engine today."
 
 
@@ -72,34 +72,35 @@ def _text_tokens(engine: CosyVoiceEngine, text: str) -> int:
 async def test_every_mode_streams_audio_while_decoding(
     engine: CosyVoiceEngine, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fields: dict[str, Any] = {"text": TEXT, "voice": "english_male", "speed": 1.0, "seed": 5}
+    text = TEXT + " " + TEXT  # at least 2 x 30 speech tokens: more than the first chunk needs
+    fields: dict[str, Any] = {"text": text, "voice": "english_male", "speed": 1.0, "seed": 5}
     if kind in ("zero_shot", "cross_lingual", "instruct2"):
         fields |= {"voice": "", "prompt_audio": _prompt(), "prompt_sample_rate": 16000}
     if kind == "zero_shot":
         fields["prompt_text"] = "A short prompt transcript."
     if kind.startswith("instruct2"):
         fields["instruction"] = "Speak slowly and happily."
-    stages = engine._require()[0]
-    steps = {"n": 0}
-    original = stages.llm.step
+    decoder = engine._require()[0].decoder
+    first_chunk = threading.Event()
+    original = decoder.step
+    held = {"steps": 0}
 
-    def counting_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-        # Paced like a real model's decoding (25 tokens/s), which the tiny one far outruns.
-        time.sleep(0.04)
-        steps["n"] += 1
-        return original(*args, **kwargs)
+    def gated_step(rows: list[Any]) -> list[int]:
+        # Decoding pauses at step 40 until the first audio has reached the caller: audio that
+        # only came once every token was decoded would never open the gate.
+        held["steps"] += 1
+        if held["steps"] == 40:
+            held["opened"] = first_chunk.wait(timeout=60)
+        return original(rows)
 
-    monkeypatch.setattr(stages.llm, "step", counting_step)
-    seen_at_first_chunk = -1
+    monkeypatch.setattr(decoder, "step", gated_step)
     chunks = []
     async for chunk in engine.stream(EngineRequest(**fields)):
-        if seen_at_first_chunk < 0:
-            seen_at_first_chunk = steps["n"]
+        first_chunk.set()
         chunks.append(chunk)
+    assert held.get("opened") is True
     assert len(chunks) >= 2
-    # The first chunk left while the LLM still had tokens to decode.
-    assert seen_at_first_chunk < steps["n"]
-    _check_audio(chunks, _text_tokens(engine, TEXT))
+    _check_audio(chunks, _text_tokens(engine, text))
 
 
 async def test_chinese_text_is_normalised_and_spoken(engine: CosyVoiceEngine) -> None:
@@ -109,16 +110,20 @@ async def test_chinese_text_is_normalised_and_spoken(engine: CosyVoiceEngine) ->
     _check_audio(chunks, _text_tokens(engine, spoken))
 
 
-async def test_same_seed_same_audio_even_when_concurrent(engine: CosyVoiceEngine) -> None:
+async def test_same_seed_same_audio_alone_and_close_when_batched(
+    engine: CosyVoiceEngine,
+) -> None:
     request = EngineRequest(text=TEXT, voice="english_male", speed=1.0, seed=42,
                             prompt_audio=_prompt(), prompt_sample_rate=16000)
     other = EngineRequest(text="Something else entirely, and a little longer than that.",
                           voice="中文女", speed=1.0, seed=7)
     solo = np.concatenate(await _collect(engine, request))
+    np.testing.assert_array_equal(np.concatenate(await _collect(engine, request)), solo)
     together = await asyncio.gather(_collect(engine, request), _collect(engine, other),
                                     _collect(engine, request))
-    np.testing.assert_array_equal(np.concatenate(together[0]), solo)
-    np.testing.assert_array_equal(np.concatenate(together[2]), solo)
+    for audio in (np.concatenate(together[0]), np.concatenate(together[2])):
+        assert audio.shape == solo.shape  # the same speech tokens
+        np.testing.assert_allclose(audio, solo, atol=BATCH_AUDIO_TOLERANCE)
 
 
 async def test_registered_voice_reuses_features(engine: CosyVoiceEngine) -> None:
@@ -163,17 +168,17 @@ async def test_bad_input_is_refused_before_audio(
 async def test_failure_mid_decoding_reaches_the_caller(
     engine: CosyVoiceEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stages = engine._require()[0]
-    original = stages.llm.step
+    decoder = engine._require()[0].decoder
+    original = decoder.step
     calls = {"n": 0}
 
-    def failing_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+    def failing_step(rows: list[Any]) -> list[int]:
         calls["n"] += 1
         if calls["n"] > 40:
             raise RuntimeError("device lost")
-        return original(*args, **kwargs)
+        return original(rows)
 
-    monkeypatch.setattr(stages.llm, "step", failing_step)
+    monkeypatch.setattr(decoder, "step", failing_step)
     request = EngineRequest(text=TEXT + " " + TEXT, voice="english_male", speed=1.0, seed=9)
 
     async def consume() -> None:
@@ -188,24 +193,29 @@ async def test_failure_mid_decoding_reaches_the_caller(
 async def test_cancellation_stops_decoding(
     engine: CosyVoiceEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stages = engine._require()[0]
-    original: Callable[..., torch.Tensor] = stages.llm.step
-    calls = {"n": 0}
+    scheduler = engine._require()[0]
+    decoder = scheduler.decoder
+    original = decoder.step
+    seen: list[int] = []
+    cancelled = threading.Event()
+    after_cancel = {"steps": 0}
 
-    def counting_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls["n"] += 1
-        return original(*args, **kwargs)
+    def counting_step(rows: list[Any]) -> list[int]:
+        seen.append(len(rows))
+        if cancelled.is_set():
+            after_cancel["steps"] += 1
+        return original(rows)
 
-    monkeypatch.setattr(stages.llm, "step", counting_step)
-    before = threading.active_count()
+    monkeypatch.setattr(decoder, "step", counting_step)
     stream = engine.stream(EngineRequest(text=TEXT + " " + TEXT, voice="english_male",
                                          speed=1.0, seed=2))
     await anext(stream)
     await stream.aclose()
-    stopped_at = calls["n"]
-    await asyncio.sleep(0.3)
-    assert calls["n"] == stopped_at
-    assert threading.active_count() <= before + 2
+    cancelled.set()
+    assert await asyncio.to_thread(scheduler.wait_idle, 30.0)
+    # At most the step already under way when the request left ran for it.
+    assert after_cancel["steps"] <= 1
+    assert seen
 
 
 def test_missing_or_mismatched_files_are_named(model_dir: Path, tmp_path: Path) -> None:

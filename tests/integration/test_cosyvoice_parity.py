@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.support.cosyvoice_tiny import build_model_dir
+from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.features import prompt_mel, slaney_mel_filters
 from worker.engines.cosyvoice.llm import SpeechLM
@@ -85,7 +86,7 @@ def test_llm_logits_match_under_teacher_forcing(
     upstream: dict[str, Any], ours: CosyVoiceEngine
 ) -> None:
     stages, _ = ours._require()
-    mine: SpeechLM = stages.llm
+    mine: SpeechLM = stages.decoder.lm
     ref = upstream["llm"]
     gen = torch.Generator().manual_seed(1)
     text = torch.randint(0, 300, (1, 12), generator=gen)
@@ -103,11 +104,16 @@ def test_llm_logits_match_under_teacher_forcing(
         )
         hidden, _ = ref.llm(seq, torch.tensor([seq.size(1)]))
         want = ref.llm_decoder(hidden[:, embeds.size(1) - 1 :]).log_softmax(dim=-1)
-        # Incremental decoding must agree with the full pass too.
-        logp, state = mine.prefill(embeds, 8)
-        steps = [logp]
+        # Batched incremental decoding must agree with the full pass too, in any slot.
+        decoder = BatchDecoder(mine, stages.decoder.sampling, slots=4, positions=64,
+                               use_graphs=False)
+        row = Row(slot=2, seed=0, min_len=0, max_len=8)
+        decoder.prefill(row, embeds)
+        steps = [decoder.last_logp(2).unsqueeze(0)]
         for tok in target[0, :5].tolist():
-            steps.append(mine.step(tok, state))
+            row.tokens.append(tok)
+            decoder.step([row])
+            steps.append(decoder.last_logp(2).unsqueeze(0))
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.cat(steps, dim=0), want[0, :6], atol=1e-4, rtol=1e-4)
@@ -129,7 +135,7 @@ def test_flow_mel_matches(
         prompt_feat_len=torch.tensor([18]), embedding=embedding, streaming=streaming,
         finalize=finalize,
     )
-    got = stages.flow.mel(tokens, prompt_tokens, prompt_feat, embedding, finalize=finalize,
+    got = stages.audio.flow.mel(tokens, prompt_tokens, prompt_feat, embedding, finalize=finalize,
                           streaming=streaming)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
@@ -140,7 +146,7 @@ def test_hift_waveform_matches(upstream: dict[str, Any], ours: CosyVoiceEngine) 
     mel = torch.randn(1, 80, 40, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(11)
     want, want_source = upstream["hift"].inference(speech_feat=mel)
-    got, got_source = stages.hift(mel, None, torch.Generator().manual_seed(11))
+    got, got_source = stages.audio.hift(mel, None, torch.Generator().manual_seed(11))
     torch.testing.assert_close(got_source, want_source, atol=1e-5, rtol=1e-4)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -162,21 +168,25 @@ def test_prompt_mel_matches_training_features(upstream: dict[str, Any]) -> None:
                                atol=1e-6)
 
 
-def test_fixed_shape_step_matches_sliced_step(ours: CosyVoiceEngine) -> None:
-    """The CUDA-graph form of a decode step computes what the plain step computes."""
-    from worker.engines.cosyvoice.decode import StaticDecoder
+def test_batched_step_matches_a_full_pass_per_row(ours: CosyVoiceEngine) -> None:
+    """Rows at different positions step together as each would in one causal pass alone."""
+    from worker.engines.cosyvoice.decode import PoolDecoder, SlotPool
 
-    backbone = ours._require()[0].llm.backbone
-    decoder = StaticDecoder(backbone)
+    backbone = ours._require()[0].decoder.lm.backbone
+    pool = SlotPool(backbone, slots=3, positions=32)
+    decoder = PoolDecoder(backbone, pool)
     gen = torch.Generator().manual_seed(4)
     hidden = backbone.config.hidden_size
-    embeds = torch.randn(1, 10, hidden, generator=gen)
-    sliced, fixed = decoder.new_cache(1, 20), decoder.new_cache(1, 20)
-    decoder.forward(embeds, sliced)
-    decoder.forward(embeds, fixed)
-    for _ in range(4):
-        x = torch.randn(1, 1, hidden, generator=gen)
-        want = decoder.forward(x, sliced)
-        got = decoder.forward_at(x, torch.tensor([fixed.length]), fixed)
-        fixed.length += 1
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    prompts = [torch.randn(1, n, hidden, generator=gen) for n in (10, 4, 7)]
+    for slot, prompt in enumerate(prompts):
+        decoder.prefill(prompt, slot)
+    positions = torch.tensor([p.size(1) for p in prompts])
+    for _ in range(3):
+        x = torch.randn(3, 1, hidden, generator=gen)
+        got = decoder.step(x, positions)
+        for slot in range(3):
+            prompts[slot] = torch.cat([prompts[slot], x[slot : slot + 1]], dim=1)
+            alone = SlotPool(backbone, slots=1, positions=32)
+            want = PoolDecoder(backbone, alone).prefill(prompts[slot], 0)[:, -1]
+            torch.testing.assert_close(got[slot], want, atol=1e-5, rtol=1e-4)
+        positions += 1

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from worker.engines.cosyvoice.config import read_yaml
 from worker.engines.cosyvoice.frontend import VoicePrompt
-from worker.engines.cosyvoice.sampling import SamplingParams, nucleus, sample_token
+from worker.engines.cosyvoice.sampling import SamplingParams, sample, uniform
 from worker.engines.cosyvoice.text import (
     chinese_number,
     english_number,
@@ -72,26 +73,55 @@ def test_long_text_is_split_in_order() -> None:
                split_sentences(no_stops, lambda s: len(s.split()), 30, 20))
 
 
+def _draw(logp: torch.Tensor, seeds: list[int], history: list[list[int]] | None = None,
+          allow_eos: bool = False, counter: int = 0, eos: int = 10) -> list[int]:
+    n = len(seeds)
+    rows = logp.expand(n, -1)
+    hist = torch.tensor(history) if history is not None else torch.full((n, 10), -1)
+    return sample(rows, hist, torch.tensor(seeds), torch.full((n,), counter),
+                  torch.full((n,), allow_eos), SamplingParams(), eos=eos).tolist()
+
+
+def test_uniform_draws_are_spread_and_pure() -> None:
+    seeds = torch.arange(20000) * 7919
+    u = uniform(seeds, torch.zeros_like(seeds), 0)
+    assert float(u.min()) >= 0.0
+    assert float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    assert torch.equal(u, uniform(seeds, torch.zeros_like(seeds), 0))
+    assert not torch.equal(u, uniform(seeds, torch.ones_like(seeds), 0))
+    assert not torch.equal(u, uniform(seeds, torch.zeros_like(seeds), 1))
+
+
 def test_nucleus_keeps_top_p_within_top_k() -> None:
-    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
-    kept = nucleus(probs, top_p=0.8, top_k=25)
-    assert kept[0, 3] == 0
-    assert kept[0, 4] == 0
-    assert kept[0, :3].sum() == pytest.approx(1.0)
-    assert nucleus(probs, top_p=1.0, top_k=2)[0, 2:].sum() == 0
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05] + [0.0] * 7])
+    logp = probs.clamp(min=1e-12).log()
+    draws = _draw(logp, list(range(3000)))
+    counts = np.bincount(draws, minlength=12)
+    assert counts[3:].sum() == 0
+    assert counts[0] / 3000 == pytest.approx(0.5 / 0.85, abs=0.04)
+    assert counts[2] / 3000 == pytest.approx(0.15 / 0.85, abs=0.03)
 
 
-def test_sampling_is_seeded_and_respects_eos() -> None:
+def test_repeated_token_is_drawn_again_from_the_full_distribution() -> None:
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05] + [0.0] * 7])
+    logp = probs.clamp(min=1e-12).log()
+    history = [[0] * 10 for _ in range(3000)]
+    counts = np.bincount(_draw(logp, list(range(3000)), history), minlength=12)
+    # Token 0 fills the window: whenever the nucleus picks it, the full distribution decides.
+    assert counts[3] > 0
+    assert counts[0] / 3000 == pytest.approx(0.5 / 0.85 * 0.5, abs=0.04)
+
+
+def test_sampling_is_seeded_per_row_and_respects_eos() -> None:
     logp = torch.randn(1, 20, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
     logp[0, 10] = 5.0
-    params = SamplingParams()
-    draws = [sample_token(logp, [], params, torch.Generator().manual_seed(s), False, eos=10)
-             for s in range(30)]
+    draws = _draw(logp, list(range(30)))
     assert all(d < 10 for d in draws)
-    again = [sample_token(logp, [], params, torch.Generator().manual_seed(s), False, eos=10)
-             for s in range(30)]
-    assert draws == again
-    assert sample_token(logp, [], params, torch.Generator().manual_seed(0), True, eos=10) == 10
+    assert draws == _draw(logp, list(range(30)))
+    # A row's token depends on its own seed only, not on which rows share the batch.
+    assert [_draw(logp, [s])[0] for s in (3, 17, 29)] == [draws[3], draws[17], draws[29]]
+    assert _draw(logp, [0], allow_eos=True) == [10]
 
 
 def test_voice_prompt_round_trips() -> None:

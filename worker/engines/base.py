@@ -38,6 +38,8 @@ class EngineRequest:
     prompt_sample_rate: int | None = None
     prompt_text: str | None = None
     voice_features: bytes | None = None
+    deadline: float | None = None
+    """`time.monotonic()` after which the request is dropped rather than started."""
 
 
 class Engine(Protocol):

@@ -1,9 +1,9 @@
 """The `cosyvoice` engine: CosyVoice2 from an official model directory, streamed token by token.
 
-Per request, the LLM decodes in a worker thread and hands tokens to the request's coroutine; as
-soon as a chunk's tokens (plus look-ahead) are there, the flow and vocoder turn them into audio in
-another thread, while the LLM keeps decoding. Errors from any stage are raised to the caller;
-cancelling the stream stops the LLM at its next step and drops the request's state.
+`stream()` validates a request into utterances and hands them to the engine's one `Scheduler`,
+which batches every live request's LLM steps, flow chunks and vocoder chunks on the device; the
+request's coroutine only reads its own queue of audio. Errors of a request are raised to its
+caller; cancelling the stream removes the request from the batch at the next step.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import threading
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,13 +21,15 @@ import torch
 
 from contract.errors import ErrorCode, ServiceError
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
+from worker.engines.cosyvoice.batch_decode import BatchDecoder
 from worker.engines.cosyvoice.config import ModelDirError, check_model_dir
 from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend, VoicePrompt
 from worker.engines.cosyvoice.hift import HiFTGenerator
 from worker.engines.cosyvoice.llm import SpeechLM
-from worker.engines.cosyvoice.pipeline import Stages, Utterance
+from worker.engines.cosyvoice.pipeline import AudioStage, Utterance
 from worker.engines.cosyvoice.sampling import SamplingParams
+from worker.engines.cosyvoice.scheduler import DONE, DecodeLimits, Scheduler
 from worker.engines.cosyvoice.text import normalize, split_sentences
 from worker.engines.cosyvoice.weights import (
     flow_state,
@@ -43,7 +43,7 @@ from worker.engines.cosyvoice.weights import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DONE = object()
+DEFAULT_STREAMS = {"cpu": 8, "cuda": 128}
 
 
 class CosyVoiceEngine:
@@ -58,6 +58,10 @@ class CosyVoiceEngine:
         warm_up_text: str = "Hello.",
         threads: int | None = None,
         cuda_graph: bool = True,
+        max_streams: int | None = None,
+        max_positions: int = 3072,
+        flow_steps: int = 10,
+        max_audio_rows: int = 32,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -68,7 +72,12 @@ class CosyVoiceEngine:
         self.warm_up_text = warm_up_text
         self.threads = threads or 1
         self.cuda_graph = cuda_graph
-        self._stages: Stages | None = None
+        self.max_streams = max_streams or DEFAULT_STREAMS.get(self.device.type, 8)
+        self.max_positions = max_positions
+        self.flow_steps = flow_steps
+        self.max_audio_rows = max_audio_rows
+        self._scheduler: Scheduler | None = None
+        self._llm: SpeechLM | None = None
         self._frontend: Frontend | None = None
         self._speakers: dict[str, torch.Tensor] = {}
         self._voices: dict[str, VoicePrompt] = {}
@@ -91,7 +100,6 @@ class CosyVoiceEngine:
         load_into(hift, hift_state(read_state(self.model_dir / "hift.pt")),
                   self.model_dir / "hift.pt")
         llm.to(self.device, self.dtype).eval()
-        llm.use_cuda_graph = self.cuda_graph
         flow.to(self.device, self.dtype).eval()
         flow.noise = flow.noise.float()
         hift.to(self.device).eval()
@@ -99,8 +107,14 @@ class CosyVoiceEngine:
         self._frontend = Frontend(self.model_dir, config, onnx_threads=self.threads)
         sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
                                   config.llm.tau_r)
-        self._stages = Stages(llm, flow, hift, sampling, self.device,
-                              fixed_tokens=self.fixed_speech_tokens)
+        decoder = BatchDecoder(llm, sampling, slots=self.max_streams,
+                               positions=self.max_positions, use_graphs=self.cuda_graph)
+        audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
+        self._llm = llm
+        self._scheduler = Scheduler(
+            decoder, audio, self._embed, DecodeLimits(fixed_tokens=self.fixed_speech_tokens),
+            max_audio_rows=self.max_audio_rows,
+        )
         self._version = self._fingerprint()
 
     @staticmethod
@@ -120,7 +134,11 @@ class CosyVoiceEngine:
         return digest.hexdigest()[:12]
 
     def warm_up(self) -> None:
-        """One short synthesis through every stage, so readiness proves the model runs."""
+        """Capture the decode graphs, then one short synthesis through every stage, so readiness
+        proves the model runs."""
+        scheduler, _ = self._require()
+        scheduler.decoder.capture()
+        scheduler.start()
         request = EngineRequest(text=self.warm_up_text, voice=self.default_voice, speed=1.0, seed=0)
 
         async def run() -> int:
@@ -151,7 +169,7 @@ class CosyVoiceEngine:
             engine="cosyvoice",
             model=self.model_dir.name,
             model_version=self._version,
-            sample_rate=self._require()[0].hift.cfg.sampling_rate,
+            sample_rate=self._require()[0].audio.hift.cfg.sampling_rate,
             modes=("sft", "zero_shot", "cross_lingual", "instruct2"),
             languages=("zh", "en"),
             voices=voices,
@@ -159,12 +177,18 @@ class CosyVoiceEngine:
             supports_cloning=True,
             supports_instructions=True,
             speed_range=(0.5, 2.0),
+            max_streams=self.max_streams,
         )
 
-    def _require(self) -> tuple[Stages, Frontend]:
-        if self._stages is None or self._frontend is None:
+    def _require(self) -> tuple[Scheduler, Frontend]:
+        if self._scheduler is None or self._frontend is None:
             raise RuntimeError("engine used before load()")
-        return self._stages, self._frontend
+        return self._scheduler, self._frontend
+
+    def _embed(self, utt: Utterance) -> torch.Tensor:
+        assert self._llm is not None
+        text = torch.tensor([utt.text_ids], dtype=torch.long, device=self.device)
+        return self._llm.build_input(text, utt.llm_prompt_tokens.to(self.device))
 
     # -- registered voices ----------------------------------------------------------------------
 
@@ -203,7 +227,7 @@ class CosyVoiceEngine:
 
     def plan(self, request: EngineRequest) -> list[Utterance]:
         """Validate and turn a request into utterances; raises `ServiceError` (4xx) on bad input."""
-        stages, frontend = self._require()
+        scheduler, frontend = self._require()
         prompt: VoicePrompt | None = None
         speaker: torch.Tensor | None = None
         if request.prompt_audio is not None:
@@ -225,7 +249,7 @@ class CosyVoiceEngine:
                 "An instruction cannot be combined with a prompt transcript (zero-shot mode).",
             )
         empty_tokens = torch.zeros(1, 0, dtype=torch.int32)
-        mel_bins = stages.flow.cfg.output_size
+        mel_bins = scheduler.audio.flow.cfg.output_size
         if prompt is not None:
             embedding = prompt.embedding
             flow_tokens, prompt_mel = prompt.speech_tokens, prompt.mel
@@ -265,51 +289,19 @@ class CosyVoiceEngine:
     async def stream(self, request: EngineRequest) -> AsyncIterator[Audio]:
         """Audio chunks (float32, 24 kHz) in order; validation errors come before the first."""
         utterances = await asyncio.to_thread(self.plan, request)
-        for utt in utterances:
-            # Closed explicitly, so a cancelled request stops its decoder before this returns.
-            async with aclosing(self._stream_utterance(utt)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-
-    async def _stream_utterance(self, utt: Utterance) -> AsyncGenerator[Audio, None]:
-        stages, _ = self._require()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        stop = threading.Event()
-
-        def emit(token: int) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, token)
-
-        def decode() -> None:
-            try:
-                stages.generate_tokens(utt, emit, stop)
-            except BaseException as e:  # handed to the request, never lost
-                loop.call_soon_threadsafe(queue.put_nowait, e)
-                return
-            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        producer = loop.run_in_executor(None, decode)
-        tokens: list[int] = []
+        scheduler, _ = self._require()
+        scheduler.start()
+        job = scheduler.submit(utterances, request.deadline)
         try:
-            done = False
-            while not done:
-                item = await queue.get()
-                items = [item]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                for it in items:
-                    if it is _DONE:
-                        done = True
-                    elif isinstance(it, BaseException):
-                        raise RuntimeError("speech token decoding failed") from it
-                    else:
-                        assert isinstance(it, int)
-                        tokens.append(it)
-                while stages.ready(utt, len(tokens)):
-                    snapshot = list(tokens)
-                    yield await asyncio.to_thread(stages.chunk, utt, snapshot, False)
-            if tokens:
-                yield await asyncio.to_thread(stages.chunk, utt, tokens, True)
+            while True:
+                item = await job.queue.get()
+                if item is DONE:
+                    return
+                if isinstance(item, ServiceError):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise RuntimeError("speech synthesis failed") from item
+                assert isinstance(item, np.ndarray)
+                yield item
         finally:
-            stop.set()
-            await asyncio.shield(producer)
+            scheduler.cancel(job)

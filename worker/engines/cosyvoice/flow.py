@@ -1,10 +1,13 @@
 """Speech tokens -> mel frames: token embedding, upsampling encoder, conditional flow matching.
 
-Parameter names match the released `flow.pt`. `FlowModel.mel` is the stage a scheduler calls on a
-batch of requests; it returns only the new frames after each request's prompt.
+Parameter names match the released `flow.pt`. `FlowModel.mel_batch` is the stage the scheduler
+calls on the chunks of many requests at once; it returns only the new frames after each
+request's prompt.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -53,30 +56,65 @@ class FlowModel(nn.Module):
         streaming: bool,
         steps: int = 10,
     ) -> torch.Tensor:
-        """Mel [B, 80, frames] for `tokens` [B, T] after `prompt_tokens` [B, P].
+        """Mel [1, 80, frames] for one request: `tokens` [1, T] after `prompt_tokens` [1, P].
 
-        `prompt_mel` is [B, 2P, 80]. Unless `finalize`, the last `pre_lookahead_len` tokens are
-        look-ahead context only and produce no frames. Requests in one batch share T and P.
+        `prompt_mel` is [1, 2P, 80]. Unless `finalize`, the last `pre_lookahead_len` tokens are
+        look-ahead context only and produce no frames.
         """
+        row = FlowRow(tokens[0], prompt_tokens[0], prompt_mel[0], embedding[0], finalize,
+                      streaming)
+        return self.mel_batch([row], steps)[0].unsqueeze(0)
+
+    @torch.inference_mode()
+    def mel_batch(self, rows: list[FlowRow], steps: int = 10) -> list[torch.Tensor]:
+        """New mel frames [80, frames] after each row's prompt, for rows of any lengths at once.
+
+        Rows are padded on the right to the longest and masked: every layer is causal or masked
+        over padding, so a row's frames are what it would get alone, up to rounding.
+        """
+        device = self.input_embedding.weight.device
         dtype = self.spk_embed_affine_layer.weight.dtype
-        spks = self.spk_embed_affine_layer(F.normalize(embedding.to(dtype), dim=1))
-        all_tokens = torch.cat([prompt_tokens, tokens], dim=1).long().clamp(min=0)
-        xs = self.input_embedding(all_tokens)
-        context = None
-        if not finalize:
-            look = self.cfg.pre_lookahead_len
-            xs, context = xs[:, :-look], xs[:, -look:]
-        valid = torch.ones(xs.shape[:2], dtype=torch.bool, device=xs.device)
-        h, h_valid = self.encoder(xs, valid, context=context, streaming=streaming)
+        look = self.cfg.pre_lookahead_len
+        ratio = self.cfg.token_mel_ratio
+        lengths = [r.prompt_tokens.numel() + r.tokens.numel() for r in rows]
+        frames_in = [n if r.finalize else n - look for n, r in zip(lengths, rows, strict=True)]
+        width = max(frames_in)
+        b = len(rows)
+        token_ids = torch.zeros(b, width + look, dtype=torch.long)
+        present = torch.zeros(b, width + look, dtype=torch.bool)
+        for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
+            token_ids[i, :n] = torch.cat([r.prompt_tokens.long(), r.tokens.long()]).clamp(min=0)
+            present[i, :n] = True
+        valid = torch.arange(width).unsqueeze(0) < torch.tensor(frames_in).unsqueeze(1)
+        streaming = torch.tensor([r.streaming for r in rows], device=device)
+        xs = self.input_embedding(token_ids.to(device))
+        h, h_valid = self.encoder(xs, present.to(device), valid.to(device), streaming)
         h = self.encoder_proj(h)
-        prompt_frames = prompt_mel.size(1)
         total = h.size(1)
-        cond = torch.zeros(h.size(0), total, self.cfg.output_size, device=h.device, dtype=h.dtype)
-        cond[:, :prompt_frames] = prompt_mel.to(h.dtype)
+        cond = torch.zeros(b, total, self.cfg.output_size, device=device, dtype=h.dtype)
+        for i, r in enumerate(rows):
+            cond[i, : r.prompt_mel.size(0)] = r.prompt_mel.to(device, h.dtype)
+        embeddings = torch.stack([r.embedding for r in rows]).to(device, dtype)
+        spks = self.spk_embed_affine_layer(F.normalize(embeddings, dim=1))
         mask = h_valid.unsqueeze(1).to(h.dtype)
-        noise = self.noise[:, :, :total].to(h.dtype).expand(h.size(0), -1, -1)
+        noise = self.noise[:, :, :total].to(h.dtype).expand(b, -1, -1)
         feat = self.solver.solve(
-            noise, mask, h.transpose(1, 2).contiguous(), spks, cond.transpose(1, 2), steps,
-            streaming,
+            noise, mask, h.transpose(1, 2).contiguous(), spks, cond.transpose(1, 2), streaming,
+            steps,
         )
-        return feat[:, :, prompt_frames:]
+        return [
+            feat[i, :, r.prompt_mel.size(0) : n * ratio]
+            for i, (r, n) in enumerate(zip(rows, frames_in, strict=True))
+        ]
+
+
+@dataclass(frozen=True)
+class FlowRow:
+    """One request's flow input: every token so far (look-ahead included unless `finalize`)."""
+
+    tokens: torch.Tensor
+    prompt_tokens: torch.Tensor
+    prompt_mel: torch.Tensor
+    embedding: torch.Tensor
+    finalize: bool
+    streaming: bool

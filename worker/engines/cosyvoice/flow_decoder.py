@@ -187,13 +187,13 @@ class Estimator(nn.Module):
         t: torch.Tensor,
         spks: torch.Tensor,
         cond: torch.Tensor,
-        streaming: bool = False,
+        streaming: torch.Tensor,
     ) -> torch.Tensor:
+        """`streaming` [B] bool chooses chunk-causal attention per row."""
         temb = self.time_mlp(self.time_embeddings(t).to(t.dtype))
         spk = spks.unsqueeze(-1).expand(-1, -1, x.size(-1))
         h = torch.cat([x, mu, spk, cond], dim=1)
-        chunk = self.cfg.static_chunk_size if streaming else 0
-        allowed = attention_mask(mask[:, 0].bool(), chunk)
+        allowed = attention_mask(mask[:, 0].bool(), self.cfg.static_chunk_size, streaming)
         bias = (1.0 - allowed.to(h.dtype)) * -1.0e10
         resnet, blocks, down = cast(Any, self.down_blocks[0])
         h = resnet(h, mask, temb)
@@ -233,9 +233,10 @@ class EulerSolver:
         mu: torch.Tensor,
         spks: torch.Tensor,
         cond: torch.Tensor,
+        streaming: torch.Tensor,
         steps: int = 10,
-        streaming: bool = False,
     ) -> torch.Tensor:
+        """Mel [B, 80, T] from `noise` [B, 80, T]; `streaming` [B] bool per row."""
         b = noise.size(0)
         span = self.time_span(steps, noise.device, noise.dtype)
         x = noise
@@ -243,11 +244,12 @@ class EulerSolver:
         mu2 = torch.cat([mu, torch.zeros_like(mu)], dim=0)
         spks2 = torch.cat([spks, torch.zeros_like(spks)], dim=0)
         cond2 = torch.cat([cond, torch.zeros_like(cond)], dim=0)
+        streaming2 = torch.cat([streaming, streaming], dim=0)
         t = span[0]
         dt = span[1] - span[0]
         for step in range(1, steps + 1):
             v = self.estimator(
-                torch.cat([x, x], dim=0), mask2, mu2, t.expand(2 * b), spks2, cond2, streaming
+                torch.cat([x, x], dim=0), mask2, mu2, t.expand(2 * b), spks2, cond2, streaming2
             )
             guided, free = v[:b], v[b:]
             x = x + dt * ((1.0 + self.cfg_rate) * guided - self.cfg_rate * free)

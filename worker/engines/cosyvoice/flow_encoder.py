@@ -27,13 +27,22 @@ def chunk_mask(size: int, chunk: int, device: torch.device) -> torch.Tensor:
     return pos.unsqueeze(0) < limit.unsqueeze(1)
 
 
-def attention_mask(valid: torch.Tensor, chunk: int) -> torch.Tensor:
-    """[B, T, T] mask from a [B, T] validity mask and a chunk size (0: full context).
+def attention_mask(
+    valid: torch.Tensor, chunk: int, streaming: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, T, T] mask from a [B, T] validity mask, a chunk size and, per row, whether the row is
+    streamed (chunk-causal attention) or not (full context). Without `streaming`, every row is.
 
     A row with nothing to see (a padded frame) is opened fully so softmax stays finite; its output
     is masked away later.
     """
-    mask = valid.unsqueeze(1) & chunk_mask(valid.size(1), chunk, valid.device).unsqueeze(0)
+    size = valid.size(1)
+    mask = valid.unsqueeze(1).expand(-1, size, -1)
+    if chunk > 0:
+        causal = chunk_mask(size, chunk, valid.device).unsqueeze(0)
+        if streaming is not None:
+            causal = causal | ~streaming.view(-1, 1, 1)
+        mask = mask & causal
     empty = mask.sum(dim=-1) == 0
     return mask | empty.unsqueeze(-1)
 
@@ -150,16 +159,12 @@ class PreLookahead(nn.Module):
         self.conv1 = nn.Conv1d(channels, channels, kernel_size=lookahead + 1)
         self.conv2 = nn.Conv1d(channels, channels, kernel_size=3)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        y = x.transpose(1, 2)
-        if context is not None and context.size(1) > 0:
-            y = torch.cat([y, context.transpose(1, 2)], dim=2)
-            y = F.pad(y, (0, self.lookahead - context.size(1)))
-        else:
-            y = F.pad(y, (0, self.lookahead))
-        y = F.leaky_relu(self.conv1(y))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` [B, N + lookahead, C]: each row's frames followed by its look-ahead context (or
+        zeros where the row has none, as at the end of an utterance); returns [B, N, C]."""
+        y = F.leaky_relu(self.conv1(x.transpose(1, 2)))
         y = self.conv2(F.pad(y, (2, 0)))
-        return y.transpose(1, 2) + x
+        return y.transpose(1, 2) + x[:, : y.size(2)]
 
 
 class Upsample(nn.Module):
@@ -195,25 +200,27 @@ class UpsampleEncoder(nn.Module):
         self.after_norm = nn.LayerNorm(size, eps=1e-5)
 
     def forward(
-        self,
-        xs: torch.Tensor,
-        valid: torch.Tensor,
-        context: torch.Tensor | None = None,
-        streaming: bool = False,
+        self, xs: torch.Tensor, present: torch.Tensor, valid: torch.Tensor,
+        streaming: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns features and their [B, 2T] validity mask."""
-        chunk = self.cfg.static_chunk_size if streaming else 0
-        xs, pos = self.embed(xs)
-        if context is not None and context.size(1) > 0:
-            context, _ = self.embed(context)
-        mask = attention_mask(valid, chunk)
-        xs = self.pre_lookahead_layer(xs, context)
+        """Features [B, 2N, C] and their [B, 2N] validity mask.
+
+        `xs` [B, N + lookahead, C] holds each row's token embeddings, then the row's look-ahead
+        tokens; `present` [B, N + lookahead] marks the positions that hold a token (the rest count
+        as zeros, as after the end of an utterance); `valid` [B, N] marks the frames that produce
+        output; `streaming` [B] chooses chunk-causal attention per row.
+        """
+        chunk = self.cfg.static_chunk_size
+        xs, _ = self.embed(xs)
+        pos = self.embed.pos_enc.encodings(valid.size(1), xs.device, xs.dtype)
+        xs = self.pre_lookahead_layer(xs * present.unsqueeze(-1).to(xs.dtype))
+        mask = attention_mask(valid, chunk, streaming)
         for layer in self.encoders:
             xs = layer(xs, mask, pos)
         xs = self.up_layer(xs)
         up_valid = valid.repeat_interleave(self.cfg.upsample_stride, dim=1)
         xs, pos = self.up_embed(xs)
-        mask = attention_mask(up_valid, chunk * self.cfg.upsample_stride)
+        mask = attention_mask(up_valid, chunk * self.cfg.upsample_stride, streaming)
         for layer in self.up_encoders:
             xs = layer(xs, mask, pos)
         return self.after_norm(xs), up_valid

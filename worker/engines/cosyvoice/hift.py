@@ -80,13 +80,14 @@ class SourceModule(nn.Module):
         self.upsample_scale = upsample_scale
         self.l_linear = nn.Linear(cfg.nb_harmonics + 1, 1)
 
-    def forward(self, f0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def forward(self, f0: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """`generators` holds one random stream per row, so a row's excitation is its own."""
         cfg = self.cfg
         harmonics = torch.arange(1, cfg.nb_harmonics + 2, device=f0.device, dtype=f0.dtype)
         fn = f0 * harmonics.view(1, 1, -1)
         rad = (fn / cfg.sampling_rate) % 1
-        initial = torch.rand(
-            fn.size(0), fn.size(2), device="cpu", generator=generator
+        initial = torch.cat(
+            [torch.rand(1, fn.size(2), device="cpu", generator=g) for g in generators]
         ).to(fn.device, fn.dtype)
         initial[:, 0] = 0
         rad[:, 0, :] = rad[:, 0, :] + initial
@@ -102,7 +103,10 @@ class SourceModule(nn.Module):
         uv = (f0 > cfg.nsf_voiced_threshold).to(f0.dtype)
         noise_amp = uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3
         # Same memory layout as `sines`: the released recipe's `randn_like` filled that layout.
-        noise = torch.empty_like(sines, device="cpu").normal_(generator=generator).to(sines.device)
+        noise = torch.cat([
+            torch.empty_like(sines[i : i + 1], device="cpu").normal_(generator=g)
+            for i, g in enumerate(generators)
+        ]).to(sines.device)
         sines = sines * uv + noise_amp * noise
         return torch.tanh(self.l_linear(sines))
 
@@ -151,11 +155,13 @@ class HiFTGenerator(nn.Module):
             "window", torch.hann_window(cfg.n_fft, periodic=True), persistent=False
         )
 
-    def source(self, mel: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Excitation [B, 1, samples] for a mel [B, 80, T]."""
+    def source(
+        self, mel: torch.Tensor, generators: list[torch.Generator | None]
+    ) -> torch.Tensor:
+        """Excitation [B, 1, samples] for a mel [B, 80, T], one random stream per row."""
         f0 = self.f0_predictor(mel)
         f0_up = F.interpolate(f0[:, None], scale_factor=float(self.upsample_scale))
-        return self.m_source(f0_up.transpose(1, 2), generator).transpose(1, 2)
+        return self.m_source(f0_up.transpose(1, 2), generators).transpose(1, 2)
 
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Waveform [B, samples] from a mel and its excitation."""
@@ -191,11 +197,15 @@ class HiFTGenerator(nn.Module):
         self,
         mel: torch.Tensor,
         cache_source: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Waveform and the excitation used; `cache_source` overrides the excitation's start."""
+        """Waveform and the excitation used; `cache_source` overrides the excitation's start.
+
+        `generator` is one random stream for every row, or a list with one per row.
+        """
         mel = mel.float()
-        source = self.source(mel, generator)
+        generators = generator if isinstance(generator, list) else [generator] * mel.size(0)
+        source = self.source(mel, generators)
         if cache_source is not None and cache_source.size(2) > 0:
             source[:, :, : cache_source.size(2)] = cache_source
         return self.decode(mel, source), source

@@ -1,9 +1,11 @@
-"""The three stages of synthesis and the per-request state that connects them.
+"""Per-request state between the stages, and the audio stage: tokens -> mel -> waveform.
 
-`Stages` holds the loaded models and exposes one call per stage (an LLM step, the flow over a
-chunk, the vocoder over a chunk); nothing in it remembers a request. `Utterance` is one request
-piece's state: its inputs, the tokens so far, how far audio has been produced, and the vocoder's
-overlap cache. Keeping the two apart is what lets requests share a GPU without sharing state.
+`Utterance` is one request piece's state: its inputs, the tokens the LLM has produced so far,
+how far audio has been produced, and the vocoder's overlap cache. `AudioStage` turns the next
+chunk of many utterances into audio at once: one flow call over all of them (padded and masked),
+then one vocoder call per group of equal-length mels, each row with its own random stream. Nothing
+in `AudioStage` remembers a request; keeping the two apart is what lets requests share a GPU
+without sharing state.
 """
 
 # Module calls are typed Any by torch; returns below are tensors by construction.
@@ -12,18 +14,15 @@ overlap cache. Keeping the two apart is what lets requests share a GPU without s
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from worker.engines.cosyvoice.flow import FlowModel
+from worker.engines.cosyvoice.flow import FlowModel, FlowRow
 from worker.engines.cosyvoice.hift import HiFTGenerator, samples_per_frame
-from worker.engines.cosyvoice.llm import SpeechLM
-from worker.engines.cosyvoice.sampling import SamplingParams, sample_token
 
 TOKEN_HOP = 25
 MEL_CACHE_FRAMES = 8
@@ -31,7 +30,11 @@ MEL_CACHE_FRAMES = 8
 
 @dataclass
 class Utterance:
-    """One piece of text to speak, with everything it needs and everything it has produced."""
+    """One piece of text to speak, with everything it needs and everything it has produced.
+
+    The decoding side appends to `tokens` and then sets `decoded`; the audio side reads them and
+    owns the fields after `decoded`.
+    """
 
     text_ids: list[int]
     tts_token_count: int
@@ -42,6 +45,7 @@ class Utterance:
     seed: int
     speed: float = 1.0
     tokens: list[int] = field(default_factory=list)
+    decoded: bool = False
     offset: int = 0
     mel_cache: torch.Tensor | None = None
     source_cache: torch.Tensor | None = None
@@ -52,100 +56,129 @@ class Utterance:
         p = self.flow_prompt_tokens.size(1)
         return TOKEN_HOP + (math.ceil(p / TOKEN_HOP) * TOKEN_HOP - p)
 
+    def hop(self) -> int:
+        return self.first_hop() if self.offset == 0 else TOKEN_HOP
 
-class Stages:
-    def __init__(
-        self,
-        llm: SpeechLM,
-        flow: FlowModel,
-        hift: HiFTGenerator,
-        sampling: SamplingParams,
-        device: torch.device,
-        min_ratio: float = 2.0,
-        max_ratio: float = 20.0,
-        fixed_tokens: int | None = None,
-    ) -> None:
-        self.llm = llm
+
+@dataclass(frozen=True)
+class Chunk:
+    """The next piece of audio to make for `utterance`: from its tokens so far, `tokens`."""
+
+    utterance: Utterance
+    tokens: list[int]
+    finalize: bool
+
+
+class AudioStage:
+    def __init__(self, flow: FlowModel, hift: HiFTGenerator, device: torch.device,
+                 flow_steps: int = 10) -> None:
         self.flow = flow
         self.hift = hift
-        self.sampling = sampling
         self.device = device
-        self.min_ratio = min_ratio
-        self.max_ratio = max_ratio
-        self.fixed_tokens = fixed_tokens
+        self.flow_steps = flow_steps
         self.lookahead = flow.cfg.pre_lookahead_len
         self.ratio = flow.cfg.token_mel_ratio
         self.source_cache_len = MEL_CACHE_FRAMES * samples_per_frame(hift.cfg)
         self.window = torch.from_numpy(np.hamming(2 * self.source_cache_len).astype(np.float32))
 
-    def generate_tokens(
-        self, utt: Utterance, emit: Callable[[int], None], stop: threading.Event
-    ) -> None:
-        """Run the LLM to the end of speech, calling `emit` per token; returns early on `stop`."""
-        text = torch.tensor([utt.text_ids], dtype=torch.long, device=self.device)
-        embeds = self.llm.build_input(text, utt.llm_prompt_tokens.to(self.device))
-        min_len = int(utt.tts_token_count * self.min_ratio)
-        max_len = int(utt.tts_token_count * self.max_ratio)
-        if self.fixed_tokens is not None:
-            min_len = max_len = self.fixed_tokens
-        generator = torch.Generator().manual_seed(utt.seed)
-        logp, state = self.llm.prefill(embeds, max_len)
-        for i in range(max_len):
-            if stop.is_set():
-                return
-            token = sample_token(
-                logp, state.tokens, self.sampling, generator, allow_eos=i >= min_len,
-                eos=self.llm.eos,
-            )
-            if token == self.llm.eos:
-                return
-            emit(token)
-            if i + 1 < max_len:
-                logp = self.llm.step(token, state)
-
-    def ready(self, utt: Utterance, available: int) -> bool:
-        """Whether `available` tokens are enough for the next streaming chunk."""
-        hop = utt.first_hop() if utt.offset == 0 else TOKEN_HOP
-        return available - utt.offset >= hop + self.lookahead
-
-    def chunk(self, utt: Utterance, tokens: list[int], finalize: bool) -> np.ndarray:
-        """Audio for the next chunk of `utt` (all remaining audio when `finalize`)."""
-        if finalize:
-            upto = len(tokens)
-            hop = len(tokens) - utt.offset
-        else:
-            hop = utt.first_hop() if utt.offset == 0 else TOKEN_HOP
-            upto = utt.offset + hop + self.lookahead
-        token_tensor = torch.tensor([tokens[:upto]], dtype=torch.int32, device=self.device)
-        mel = self.flow.mel(
-            token_tensor,
-            utt.flow_prompt_tokens.to(self.device),
-            utt.prompt_mel.to(self.device),
-            utt.embedding.to(self.device),
-            finalize=finalize,
-            streaming=not finalize,
-        )
-        mel = mel[:, :, utt.offset * self.ratio :]
-        utt.offset += hop
-        return self.vocode(utt, mel, finalize)
+    def next_chunk(self, utt: Utterance) -> Chunk | None:
+        """The utterance's next chunk if its tokens allow one now, else None."""
+        decoded = utt.decoded  # read before the tokens: once set, no token is added
+        available = len(utt.tokens)
+        upto = utt.offset + utt.hop() + self.lookahead
+        if available >= upto:
+            return Chunk(utt, utt.tokens[:upto], False)
+        if decoded and available > utt.offset:
+            return Chunk(utt, utt.tokens[:available], True)
+        return None
 
     @torch.inference_mode()
-    def vocode(self, utt: Utterance, mel: torch.Tensor, finalize: bool) -> np.ndarray:
-        """Vocoder over a mel chunk, cross-fading with the previous chunk's tail."""
-        if utt.speed != 1.0:
-            mel = F.interpolate(mel, size=max(1, int(mel.size(2) / utt.speed)), mode="linear")
-        if utt.mel_cache is not None:
-            mel = torch.cat([utt.mel_cache, mel], dim=2)
-        generator = torch.Generator().manual_seed(utt.seed + utt.offset)
-        speech, source = self.hift(mel, utt.source_cache, generator)
+    def run(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]:
+        """Audio for every chunk (float32, in order), or the exception that chunk alone raised.
+
+        A failure of the batched call is retried row by row, so one bad row fails alone.
+        """
+        try:
+            mels: list[torch.Tensor | Exception] = list(self._mels(chunks))
+        except Exception:
+            if len(chunks) == 1:
+                raise
+            mels = []
+            for chunk in chunks:
+                try:
+                    mels.extend(self._mels([chunk]))
+                except Exception as e:
+                    mels.append(e)
+        audio: list[np.ndarray | Exception] = list(mels)  # type: ignore[arg-type]
+        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        prepared: dict[int, torch.Tensor] = {}
+        for i, (chunk, mel) in enumerate(zip(chunks, mels, strict=True)):
+            if isinstance(mel, Exception):
+                continue
+            utt = chunk.utterance
+            if utt.speed != 1.0:
+                mel = F.interpolate(mel.unsqueeze(0), size=max(1, int(mel.size(1) / utt.speed)),
+                                    mode="linear")[0]
+            if utt.mel_cache is not None:
+                mel = torch.cat([utt.mel_cache, mel], dim=1)
+            prepared[i] = mel
+            groups[(mel.size(1), utt.source_cache is not None)].append(i)
+        for members in groups.values():
+            try:
+                outputs = self._vocode([chunks[i] for i in members], [prepared[i] for i in members])
+            except Exception as e:
+                outputs = [e] * len(members)
+            for i, out in zip(members, outputs, strict=True):
+                audio[i] = out
+        return audio
+
+    def _mels(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        rows = []
+        for chunk in chunks:
+            utt = chunk.utterance
+            rows.append(FlowRow(
+                tokens=torch.tensor(chunk.tokens, dtype=torch.int32),
+                prompt_tokens=utt.flow_prompt_tokens[0],
+                prompt_mel=utt.prompt_mel[0],
+                embedding=utt.embedding[0],
+                finalize=chunk.finalize,
+                streaming=not chunk.finalize,
+            ))
+        mels = self.flow.mel_batch(rows, self.flow_steps)
+        return [mel[:, c.utterance.offset * self.ratio :] for c, mel in zip(chunks, mels,
+                                                                              strict=True)]
+
+    def _vocode(
+        self, chunks: list[Chunk], mels: list[torch.Tensor]
+    ) -> list[np.ndarray | Exception]:
+        """Vocoder over equal-length mels, cross-fading each with its previous chunk's tail."""
+        utts = [c.utterance for c in chunks]
+        generators: list[torch.Generator | None] = []
+        for chunk in chunks:
+            hop = len(chunk.tokens) - chunk.utterance.offset if chunk.finalize else (
+                chunk.utterance.hop())
+            generators.append(torch.Generator().manual_seed(chunk.utterance.seed +
+                                                            chunk.utterance.offset + hop))
+        mel = torch.stack(mels).to(self.device)
+        caches = [u.source_cache for u in utts]
+        cache = None
+        if caches[0] is not None:
+            cache = torch.cat([c for c in caches if c is not None])
+        speech, source = self.hift(mel, cache, generators)
         speech = speech.float().cpu()
-        if utt.speech_tail is not None:
-            n = self.source_cache_len
-            speech = speech.clone()
-            speech[:, :n] = speech[:, :n] * self.window[:n] + utt.speech_tail * self.window[n:]
-        if not finalize:
-            utt.mel_cache = mel[:, :, -MEL_CACHE_FRAMES:]
-            utt.source_cache = source[:, :, -self.source_cache_len :]
-            utt.speech_tail = speech[:, -self.source_cache_len :]
-            speech = speech[:, : -self.source_cache_len]
-        return speech[0].numpy().astype(np.float32, copy=False)
+        out: list[np.ndarray | Exception] = []
+        n = self.source_cache_len
+        for i, (chunk, utt) in enumerate(zip(chunks, utts, strict=True)):
+            wav = speech[i : i + 1].clone()
+            if utt.speech_tail is not None:
+                wav[:, :n] = wav[:, :n] * self.window[:n] + utt.speech_tail * self.window[n:]
+            if chunk.finalize:
+                utt.offset = len(chunk.tokens)
+            else:
+                utt.offset += utt.hop()
+                utt.mel_cache = mels[i][:, -MEL_CACHE_FRAMES:]
+                utt.source_cache = source[i : i + 1, :, -n:]
+                utt.speech_tail = wav[:, -n:]
+                wav = wav[:, :-n]
+            out.append(wav[0].numpy().astype(np.float32, copy=False))
+        return out

@@ -1,0 +1,162 @@
+"""Continuous batching of the speech-token LLM: many requests decode in one step.
+
+A request takes a row of the slot pool (`SlotPool`), its prompt is prefilled into the row, and
+from then on every `step` advances all occupied rows by one token, each at its own position,
+sampled on the device with its own seed. Rows join and leave between steps. The inputs of a step
+travel to the device as one small tensor and the new tokens come back as one; in between, on a
+GPU, the whole step (embedding, 24 layers, head, sampling) is one CUDA graph replay, captured at
+warm-up for each batch-size bucket (1, 2, 4, ... rows) and never while serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from worker.engines.cosyvoice.decode import PoolDecoder, SlotPool
+from worker.engines.cosyvoice.llm import SpeechLM
+from worker.engines.cosyvoice.sampling import SamplingParams, sample
+
+# Columns of the per-step input tensor; the last `win_size` columns are the recent tokens.
+_TOKEN, _POSITION, _SEED, _COUNTER, _ALLOW_EOS, _HISTORY = range(6)
+
+
+@dataclass
+class Row:
+    """The host-side state of one decoding request (its row of the pool is `slot`)."""
+
+    slot: int
+    seed: int
+    min_len: int
+    max_len: int
+    position: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.tokens) >= self.max_len
+
+
+def buckets(capacity: int) -> list[int]:
+    """Batch sizes that get a graph: powers of two up to `capacity`, and `capacity` itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < capacity:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != capacity:
+        sizes.append(capacity)
+    return sizes
+
+
+class BatchDecoder:
+    def __init__(
+        self, lm: SpeechLM, sampling: SamplingParams, slots: int, positions: int,
+        use_graphs: bool,
+    ) -> None:
+        self.lm = lm
+        self.sampling = sampling
+        self.pool = SlotPool(lm.backbone, slots, positions)
+        self.decoder = PoolDecoder(lm.backbone, self.pool)
+        self.device = lm.llm_decoder.weight.device
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.width = _HISTORY + sampling.win_size
+        self._inputs = torch.zeros(slots, self.width, dtype=torch.long, device=self.device)
+        self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._logp = torch.zeros(slots, lm.llm_decoder.out_features, device=self.device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    @property
+    def slots(self) -> int:
+        return self.pool.slots
+
+    @property
+    def positions(self) -> int:
+        return self.pool.positions
+
+    def capture(self) -> None:
+        """Record a graph of `step` for every bucket (GPU only; idempotent)."""
+        if not self.use_graphs or self._graphs:
+            return
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+        for size in reversed(buckets(self.slots)):
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._compute(size)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self._compute(size)
+            self._graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def prefill(self, row: Row, embeds: torch.Tensor) -> int:
+        """Write a prompt [1, L, H] into the row's slot; returns the first token (or eos)."""
+        if embeds.size(1) + row.max_len > self.positions:
+            raise ValueError(
+                f"prompt of {embeds.size(1)} positions and {row.max_len} speech tokens exceed "
+                f"the cache's {self.positions} positions"
+            )
+        hidden = self.decoder.prefill(embeds, row.slot)
+        row.position = embeds.size(1)
+        inputs = torch.from_numpy(self._host_inputs([row], 1, by_slot=False)).to(self.device)
+        logp = self.lm.logp(hidden)
+        self._logp[row.slot].copy_(logp[0])
+        token = sample(
+            logp, inputs[:, _HISTORY:], inputs[:, _SEED], inputs[:, _COUNTER],
+            inputs[:, _ALLOW_EOS].bool(), self.sampling, self.lm.eos,
+        )
+        return int(token.item())
+
+    @torch.inference_mode()
+    def step(self, rows: list[Row]) -> list[int]:
+        """Feed each row's last token and sample its next one; returns them in `rows` order.
+
+        The rows' own `position` advances; `tokens` is the caller's to extend.
+        """
+        size = next(b for b in buckets(self.slots) if b > max(r.slot for r in rows))
+        self._inputs[:size].copy_(torch.from_numpy(self._host_inputs(rows, size)))
+        graph = self._graphs.get(size)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._compute(size)
+        drawn = self._tokens[:size].cpu().numpy()
+        for row in rows:
+            row.position += 1
+        return [int(drawn[r.slot]) for r in rows]
+
+    def last_logp(self, slot: int) -> torch.Tensor:
+        """Log-probabilities [V] the last `prefill` or `step` computed for `slot` (tests)."""
+        return self._logp[slot].clone()
+
+    def _host_inputs(self, rows: list[Row], size: int, by_slot: bool = True) -> np.ndarray:
+        """The step's inputs, one line per row of the bucket (by slot) or per row given."""
+        table = np.zeros((size, self.width), dtype=np.int64)
+        table[:, _HISTORY:] = -1
+        win = self.sampling.win_size
+        for i, r in enumerate(rows):
+            line = table[r.slot if by_slot else i]
+            line[_TOKEN] = r.tokens[-1] if r.tokens else 0
+            line[_POSITION] = r.position
+            line[_SEED] = r.seed
+            line[_COUNTER] = len(r.tokens)
+            line[_ALLOW_EOS] = int(len(r.tokens) >= r.min_len)
+            recent = r.tokens[-win:]
+            if recent:
+                line[self.width - len(recent) :] = recent
+        return table
+
+    def _compute(self, size: int) -> None:
+        inputs = self._inputs[:size]
+        x = self.lm.speech_embedding(inputs[:, _TOKEN]).unsqueeze(1)
+        hidden = self.decoder.step(x, inputs[:, _POSITION])
+        logp = self.lm.logp(hidden)
+        self._logp[:size].copy_(logp)
+        self._tokens[:size].copy_(sample(
+            logp, inputs[:, _HISTORY:], inputs[:, _SEED], inputs[:, _COUNTER],
+            inputs[:, _ALLOW_EOS].bool(), self.sampling, self.lm.eos,
+        ))

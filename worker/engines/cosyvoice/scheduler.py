@@ -1,0 +1,346 @@
+"""The engine's one scheduler: every live request's work, batched stage by stage on one device.
+
+Two loops run in their own threads, each on its own CUDA stream so their work overlaps:
+- the decoding loop admits waiting requests into free rows of the LLM's slot pool (prefilling
+  their prompts, within a token budget per iteration so a burst of long prompts does not stall
+  the running streams), then advances every decoding row by one token in one batched step;
+- the audio loop takes the next ready chunk of every request (most urgent first: the request
+  whose listener will run out of audio soonest), runs the flow over all of them in one call and
+  the vocoder per group of equal lengths, and hands each request its audio.
+
+A request is a `Job` (its utterances, and an asyncio queue its `stream()` reads). Cancelling a job
+removes it from both loops at their next iteration and frees its row. A failure that belongs to
+one job (its prompt, its chunk) fails that job alone; the others carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from contract.errors import ErrorCode, ServiceError
+from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
+from worker.engines.cosyvoice.pipeline import AudioStage, Chunk, Utterance
+
+logger = logging.getLogger(__name__)
+
+DONE = object()
+"""Put on a job's queue after its last audio chunk."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    min_ratio: float = 2.0
+    max_ratio: float = 20.0
+    fixed_tokens: int | None = None
+
+    def bounds(self, utt: Utterance) -> tuple[int, int]:
+        if self.fixed_tokens is not None:
+            return self.fixed_tokens, self.fixed_tokens
+        return int(utt.tts_token_count * self.min_ratio), int(utt.tts_token_count * self.max_ratio)
+
+
+@dataclass(eq=False)
+class Job:
+    utterances: list[Utterance]
+    loop: asyncio.AbstractEventLoop
+    deadline: float | None
+    queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    finished: bool = False
+    decoding: int = 0
+    """Index of the utterance the LLM works on (== len(utterances) when decoding is over)."""
+    speaking: int = 0
+    """Index of the utterance the audio stage works on."""
+    row: Row | None = None
+    audio_s: float = 0.0
+    first_audio_at: float | None = None
+
+    def urgency(self) -> float:
+        """When the listener runs out of audio (smaller is more urgent)."""
+        if self.first_audio_at is None:
+            return self.submitted
+        return self.first_audio_at + self.audio_s
+
+    def send(self, item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the request's loop is gone: nobody listens
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.finished:
+            self.finished = True
+            self.send(error)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        decoder: BatchDecoder,
+        audio: AudioStage,
+        embed: Callable[[Utterance], torch.Tensor],
+        limits: DecodeLimits,
+        max_audio_rows: int = 32,
+        prefill_budget: int = 2048,
+    ) -> None:
+        self.decoder = decoder
+        self.audio = audio
+        self.embed = embed
+        self.limits = limits
+        self.max_audio_rows = max_audio_rows
+        self.prefill_budget = prefill_budget
+        self.eos = decoder.lm.eos
+        self._lock = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._decoding: list[Job] = []
+        self._speaking: list[Job] = []
+        self._free_slots = list(range(decoder.slots))
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self.steps = 0
+        """Batched decode steps run so far (tests and metrics)."""
+
+    @property
+    def capacity(self) -> int:
+        return self.decoder.slots
+
+    @property
+    def active(self) -> int:
+        """Requests submitted and neither finished nor cancelled."""
+        with self._lock:
+            return sum(1 for job in self._speaking if not (job.cancelled or job.finished))
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        # Stopped before the interpreter tears down torch, which aborts under a live thread.
+        atexit.register(self.stop)
+        for target, name in ((self._decode_loop, "cosyvoice-decode"),
+                             (self._audio_loop, "cosyvoice-audio")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads.clear()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no request is live and every row is free; False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: not any(not (j.cancelled or j.finished) for j in self._speaking)
+                and not self._decoding,
+                timeout,
+            )
+
+    def submit(self, utterances: list[Utterance], deadline: float | None) -> Job:
+        """Queue a request; its audio arrives on `job.queue`, then `DONE` (or an exception)."""
+        job = Job(utterances, asyncio.get_running_loop(), deadline)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the engine has stopped")
+            self._waiting.append(job)
+            self._speaking.append(job)
+            self._lock.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Forget the job; both loops drop it at their next iteration."""
+        with self._lock:
+            job.cancelled = True
+            self._lock.notify_all()
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def _decode_loop(self) -> None:
+        with self._device_stream():
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._waiting and not self._decoding:
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                    self._evict()
+                    admitted = self._admit()
+                for job in admitted:
+                    self._start_utterance(job)
+                rows = [job for job in self._decoding if job.row is not None]
+                if rows:
+                    self._step(rows)
+                with self._lock:
+                    self._lock.notify_all()
+
+    def _evict(self) -> None:
+        """Drop cancelled jobs, and waiting jobs past their deadline (under the lock)."""
+        now = time.monotonic()
+        for job in list(self._waiting):
+            if job.cancelled:
+                self._waiting.remove(job)
+            elif job.deadline is not None and now > job.deadline:
+                self._waiting.remove(job)
+                job.fail(ServiceError(ErrorCode.DEADLINE_EXCEEDED,
+                                      "The request waited past its deadline."))
+        for job in [j for j in self._decoding if j.cancelled or j.finished]:
+            self._release(job)
+
+    def _admit(self) -> list[Job]:
+        """Move waiting jobs into free rows, within the prefill budget (under the lock)."""
+        admitted: list[Job] = []
+        budget = self.prefill_budget
+        while self._waiting and self._free_slots and (budget > 0 or not admitted):
+            job = self._waiting.popleft()
+            utt = job.utterances[0]
+            budget -= len(utt.text_ids) + utt.llm_prompt_tokens.size(1) + 2
+            job.row = Row(slot=self._free_slots.pop(0), seed=0, min_len=0, max_len=0)
+            self._decoding.append(job)
+            admitted.append(job)
+        return admitted
+
+    def _release(self, job: Job) -> None:
+        if job in self._decoding:
+            self._decoding.remove(job)
+        if job.row is not None:
+            self._free_slots.append(job.row.slot)
+            self._free_slots.sort()
+            job.row = None
+
+    def _start_utterance(self, job: Job) -> None:
+        """Prefill the job's current utterance into its row and take its first token."""
+        assert job.row is not None
+        utt = job.utterances[job.decoding]
+        min_len, max_len = self.limits.bounds(utt)
+        job.row = Row(slot=job.row.slot, seed=utt.seed, min_len=min_len, max_len=max_len)
+        try:
+            embeds = self.embed(utt)
+            max_len = min(max_len, self.decoder.positions - embeds.size(1))
+            if max_len < max(min_len, 1):
+                raise ServiceError(ErrorCode.TEXT_TOO_LONG,
+                                   "The text and prompt are too long for this engine.")
+            job.row.max_len = max_len
+            token = self.decoder.prefill(job.row, embeds)
+        except Exception as e:
+            logger.warning("Prefill failed for one request", exc_info=True)
+            with self._lock:
+                self._release(job)
+            job.fail(e)
+            return
+        self._accept(job, token)
+
+    def _step(self, jobs: list[Job]) -> None:
+        rows = [job.row for job in jobs if job.row is not None]
+        try:
+            tokens = self.decoder.step(rows)
+        except Exception as e:
+            logger.error("A batched decode step failed; failing its %d requests", len(jobs),
+                         exc_info=True)
+            with self._lock:
+                for job in jobs:
+                    self._release(job)
+                    job.fail(e)
+            return
+        self.steps += 1
+        for job, token in zip(jobs, tokens, strict=True):
+            self._accept(job, token)
+
+    def _accept(self, job: Job, token: int) -> None:
+        """Record a sampled token; end the utterance on eos or at its length cap."""
+        row = job.row
+        assert row is not None
+        utt = job.utterances[job.decoding]
+        if token != self.eos:
+            row.tokens.append(token)
+            utt.tokens.append(token)
+        if token == self.eos or row.finished:
+            utt.decoded = True
+            job.decoding += 1
+            if job.decoding == len(job.utterances):
+                with self._lock:
+                    self._release(job)
+            else:
+                self._start_utterance(job)
+
+    # -- audio ------------------------------------------------------------------------------
+
+    def _audio_loop(self) -> None:
+        with self._device_stream():
+            while True:
+                with self._lock:
+                    while True:
+                        if self._stopping:
+                            return
+                        self._speaking = [j for j in self._speaking
+                                          if not (j.cancelled or j.finished)]
+                        ready = self._ready_chunks()
+                        if ready:
+                            break
+                        self._lock.wait()
+                self._speak(ready)
+
+    def _ready_chunks(self) -> list[tuple[Job, Chunk]]:
+        ready = []
+        for job in sorted(self._speaking, key=Job.urgency):
+            chunk = self._next_chunk(job)
+            if chunk is not None:
+                ready.append((job, chunk))
+            if len(ready) == self.max_audio_rows:
+                break
+        return ready
+
+    def _next_chunk(self, job: Job) -> Chunk | None:
+        while job.speaking < len(job.utterances):
+            utt = job.utterances[job.speaking]
+            chunk = self.audio.next_chunk(utt)
+            if chunk is not None:
+                return chunk
+            if not (utt.decoded and len(utt.tokens) <= utt.offset):
+                return None
+            job.speaking += 1  # this utterance is all spoken (or produced nothing)
+        if not job.finished:  # every utterance is decoded and spoken
+            job.finished = True
+            job.send(DONE)
+        return None
+
+    def _speak(self, ready: list[tuple[Job, Chunk]]) -> None:
+        try:
+            results = self.audio.run([chunk for _, chunk in ready])
+        except Exception as e:
+            results = [e] * len(ready)
+        now = time.monotonic()
+        for (job, _), audio in zip(ready, results, strict=True):
+            if isinstance(audio, Exception):
+                logger.warning("Audio failed for one request", exc_info=audio)
+                job.fail(audio)
+                continue
+            if job.first_audio_at is None:
+                job.first_audio_at = now
+            job.audio_s += audio.size / self.audio.hift.cfg.sampling_rate
+            if audio.size:
+                job.send(audio)
+        with self._lock:
+            self._lock.notify_all()
+
+    @contextlib.contextmanager
+    def _device_stream(self) -> Iterator[Any]:
+        device = self.decoder.device
+        if device.type != "cuda":
+            yield None
+            return
+        stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        with torch.cuda.stream(stream):
+            yield stream
+
