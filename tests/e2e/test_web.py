@@ -43,7 +43,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def cluster(run_dir: Path) -> Iterator[ClusterSettings]:
-    settings = cluster_on_free_ports(run_dir, gateways=1, workers=2, ready_timeout=240)
+    # A low rate, so that the last test reaches the limit whatever the machine's speed; the
+    # burst is far above what a page load and a test's own requests take.
+    settings = cluster_on_free_ports(
+        run_dir, gateways=1, workers=2, rate_per_addr="20r/s", burst_per_addr=40, ready_timeout=240
+    )
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("GATEWAY_API_KEYS", KEY)  # read by the gateways the launcher starts
@@ -177,11 +181,13 @@ def _png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def _raw_get(cluster: ClusterSettings, path: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+def _raw_get(
+    cluster: ClusterSettings, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, http.client.HTTPMessage, bytes]:
     """A GET with the path sent exactly as written (httpx would normalise dot segments)."""
     connection = http.client.HTTPConnection("127.0.0.1", cluster.public_port, timeout=30)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.headers, response.read()
     finally:
@@ -190,9 +196,9 @@ def _raw_get(cluster: ClusterSettings, path: str) -> tuple[int, http.client.HTTP
 
 def test_nginx_serves_the_page_and_nothing_internal(cluster: ClusterSettings) -> None:
     for path in ("/", "/web", "/web/assets/app.js", "/web/assets/app.css"):
-        status, headers, body = _raw_get(cluster, path)
+        status, headers, body = _raw_get(cluster, path, {"X-Request-ID": "web-page-1"})
         assert status == 200, path
-        assert headers["X-Request-ID"], path
+        assert headers.get_all("X-Request-ID") == ["web-page-1"], path
         assert "default-src 'none'" in headers["Content-Security-Policy"], path
         assert body
     for path in (
@@ -389,3 +395,17 @@ def test_a_microphone_recording_is_a_prompt_the_gateway_accepts(
     assert result["size"] > 3 * 24000 * 2
     assert result["status"] == 422, result
     assert result["body"]["error"]["code"] == "prompt_unsupported"
+
+
+def test_the_page_is_rate_limited_like_the_api(cluster: ClusterSettings) -> None:
+    """Last in the module: it spends the address's burst (the limit refills within seconds)."""
+    statuses: list[int] = []
+    codes: set[str] = set()
+    with httpx.Client(base_url=cluster.public_url, timeout=30) as client:
+        for _ in range(cluster.burst_per_addr + 160):
+            response = client.get("/web/assets/favicon.svg")
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                codes.add(response.json()["error"]["code"])
+    assert set(statuses) == {200, 429}
+    assert codes == {"rate_limited"}

@@ -77,6 +77,12 @@ async def test_other_paths_are_not_found(client: httpx.AsyncClient, path: str) -
     assert response.json()["error"]["code"] == "not_found"
 
 
+async def test_other_methods_are_refused_as_json(client: httpx.AsyncClient) -> None:
+    response = await client.post("/", content=b"x")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"]
+
+
 async def test_the_api_still_needs_the_key(client: httpx.AsyncClient) -> None:
     assert (await client.get("/v1/models")).status_code == 401
     authorized = await client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})

@@ -388,7 +388,7 @@ async function speak() {
     audio.dataset.cache = cache;
     setFigure("cache", cache);
     setFigure("request-id", response.headers.get("X-Request-ID") ?? "–");
-    player = new PcmPlayer(context, PCM_RATE);
+    player = new PcmPlayer(context, Number(response.headers.get("X-Sample-Rate")) || PCM_RATE);
     page.player = player;
     audio.dataset.state = "streaming";
     setStatus("Playing while the audio streams in…");
@@ -611,6 +611,7 @@ function init() {
     saveKey();
     load();
   });
+  $("remember-key").addEventListener("change", saveKey);
   $("forget-key").addEventListener("click", () => {
     $("api-key").value = "";
     saveKey();
