@@ -9,11 +9,13 @@ to a path to keep the screenshot taken after a synthesis (README.md's comes from
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import os
 import shutil
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from redis.asyncio import Redis
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -31,6 +34,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from cluster import launcher
 from cluster.settings import ClusterSettings
+from gateway.voices import RegisteredVoice, VoiceStore
 from tests.e2e.conftest import cluster_on_free_ports
 
 SPOKEN = "The page plays speech as it streams. The second sentence arrives a little later."
@@ -395,6 +399,53 @@ def test_a_microphone_recording_is_a_prompt_the_gateway_accepts(
     assert result["size"] > 3 * 24000 * 2
     assert result["status"] == 422, result
     assert result["body"]["error"]["code"] == "prompt_unsupported"
+
+
+def _store_voice(cluster: ClusterSettings, voice_id: str) -> None:
+    """A registered voice written where the gateways keep them: Piper cannot register one."""
+
+    async def save() -> None:
+        client = Redis.from_url(cluster.redis_url)
+        try:
+            await VoiceStore(client, 5.0).save(
+                RegisteredVoice(
+                    id=voice_id,
+                    name="Stored for the page",
+                    engine="piper",
+                    model_version="test",
+                    prompt_text="A stored voice.",
+                    prompt_sha256="0" * 64,
+                    created_at=time.time(),
+                    features=b"\0" * 16,
+                )
+            )
+        finally:
+            await client.aclose()
+
+    asyncio.run(save())
+
+
+def test_a_registered_voice_is_listed_and_deleted_from_the_page(
+    cluster: ClusterSettings, browser: webdriver.Chrome
+) -> None:
+    voice_id = "page_voice_1"
+    _store_voice(cluster, voice_id)
+    _open(browser, f"{cluster.public_url}/")
+    rows = _testid(browser, "registered").find_elements(By.TAG_NAME, "tr")
+    assert [row.find_element(By.TAG_NAME, "td").text for row in rows] == [voice_id]
+    values = [o.get_attribute("value") for o in Select(_testid(browser, "voice")).options]
+    assert voice_id in values
+    button = browser.find_element(By.CSS_SELECTOR, f'button[aria-label="Delete voice {voice_id}"]')
+    button.send_keys(Keys.ENTER)  # from the keyboard
+    WebDriverWait(browser, 30).until(
+        lambda _: not _testid(browser, "registered").find_elements(By.TAG_NAME, "tr")
+    )
+    assert _testid(browser, "status").text == f"Deleted voice {voice_id}."
+    gone = httpx.get(f"{cluster.public_url}/v1/voices/{voice_id}", headers=AUTH, timeout=30)
+    assert gone.status_code == 404
+    assert voice_id not in [
+        o.get_attribute("value") for o in Select(_testid(browser, "voice")).options
+    ]
 
 
 def test_the_page_is_rate_limited_like_the_api(cluster: ClusterSettings) -> None:
