@@ -584,7 +584,7 @@ async function register(event) {
 
 // ---- Start
 
-async function load() {
+async function load(attempt = 0) {
   document.body.dataset.ready = "false";
   clearError();
   setStatus("Loading the engine and its voices…");
@@ -594,6 +594,12 @@ async function load() {
     setStatus("Ready.");
   } catch (error) {
     showError(error);
+    // No worker ready yet, or no gateway: ask again, as the answer's Retry-After says.
+    if ([502, 503].includes(error.status) && attempt < 10) {
+      const seconds = Number(error.retryAfter) || 2;
+      setStatus(`Failed: ${error.code}; asking again in ${seconds} s.`);
+      setTimeout(() => load(attempt + 1), seconds * 1000);
+    }
   } finally {
     document.body.dataset.ready = "true";
   }
