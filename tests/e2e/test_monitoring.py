@@ -1,16 +1,18 @@
 """A real Prometheus beside a running local cluster (`make up MONITOR=1`).
 
 The launcher starts one gateway, one Piper worker, Redis, nginx and Debian's Prometheus on free
-ports. Traffic through nginx makes every kind of event the dashboard shows happen for real: a
-cache miss then a hit, a 422, a worker's 503 `busy` (one slot, no queue, three requests at
-once), and Redis errors (Redis stopped with SIGSTOP for a request). Then every process must be
-an `up` target, and every dashboard query and every recording rule must return data and name
-only series Prometheus has scraped.
+ports. Once Prometheus has scraped every process, traffic through nginx makes every kind of
+event the dashboard shows happen for real: a cache miss then a hit, a 422, 503 `busy` (one
+worker slot, no queue, no gateway retries, three requests at once), and Redis errors (Redis
+stopped with SIGSTOP for a request). Then every dashboard query and every recording rule must
+return data and name only series Prometheus has scraped, and every recorded series an alert
+selects (with its label matchers) must exist.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -23,7 +25,13 @@ import pytest
 from cluster import launcher, processes
 from cluster.settings import ClusterSettings
 from tests.e2e.conftest import cluster_on_free_ports
-from tests.support.monitoring import BUILT_IN, dashboard_queries, metric_names, recording_rules
+from tests.support.monitoring import (
+    BUILT_IN,
+    alert_rules,
+    dashboard_queries,
+    metric_names,
+    recording_rules,
+)
 from tests.support.processes import free_port
 
 OPTIONAL_METRICS = {"worker_gpu_memory_bytes", "worker_gpu_memory_limit_bytes"}
@@ -43,10 +51,10 @@ def cluster(run_dir: Path) -> Iterator[ClusterSettings]:
         ready_timeout=240,
     )
     with pytest.MonkeyPatch.context() as patch:
-        # One slot and no queue: three requests at once get a real 503 busy.
+        # One slot, no queue, no retry: three requests at once get a real 503 busy.
         patch.setenv("WORKER_MAX_CONCURRENCY", "1")
         patch.setenv("WORKER_MAX_QUEUE", "0")
-        patch.setenv("GATEWAY_UPSTREAM_BUSY_RETRIES", "6")
+        patch.setenv("GATEWAY_UPSTREAM_BUSY_RETRIES", "0")
         try:
             launcher.up(settings)
             yield settings
@@ -61,11 +69,14 @@ def _speech(settings: ClusterSettings, text: str) -> httpx.Response:
     return httpx.post(f"{settings.public_url}/v1/audio/speech", json=body, timeout=120)
 
 
-async def _busy_burst(worker_url: str) -> list[int]:
-    async with httpx.AsyncClient(base_url=worker_url, timeout=120) as client:
+async def _busy_burst(public_url: str) -> list[int]:
+    async with httpx.AsyncClient(base_url=public_url, timeout=120) as client:
         responses = await asyncio.gather(
             *(
-                client.post("/v1/synthesize", json={"text": f"Busy burst number {n}."})
+                client.post(
+                    "/v1/audio/speech",
+                    json={"model": "tts-1", "input": f"Busy burst number {n}.", "voice": "alloy"},
+                )
                 for n in range(3)
             )
         )
@@ -79,8 +90,7 @@ def _traffic(settings: ClusterSettings) -> None:
     assert (again.status_code, again.headers["x-cache"]) == (200, "HIT")
     bad = _speech(settings, "")
     assert bad.status_code == 422
-    worker_url = f"http://127.0.0.1:{settings.worker_base_port}"
-    assert 503 in asyncio.run(_busy_burst(worker_url))
+    assert 503 in asyncio.run(_busy_burst(settings.public_url))
     redis = launcher.load_records(settings)["redis"]
     processes.signal_record(redis, signal.SIGSTOP)
     try:
@@ -117,26 +127,37 @@ def _wait_for_data(settings: ClusterSettings, exprs: dict[str, str]) -> dict[str
     return pending
 
 
+def _target_health(settings: ClusterSettings) -> dict[tuple[str, str], str]:
+    """(job, instance) -> health, once every target has been scraped (or after the timeout).
+
+    Counters born before Prometheus' first scrape would show no increase, so the traffic
+    waits for this."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        response = httpx.get(f"{settings.prometheus_url}/api/v1/targets", timeout=10)
+        targets = response.json()["data"]["activeTargets"]
+        health = {(t["labels"]["job"], t["labels"]["instance"]): t["health"] for t in targets}
+        if len(health) == 3 and all(h == "up" for h in health.values()):
+            return health
+        if time.monotonic() > deadline:
+            return health
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def scraped(cluster: ClusterSettings) -> ClusterSettings:
+    health = _target_health(cluster)
+    assert health == {
+        ("gateway", f"127.0.0.1:{cluster.gateway_base_port}"): "up",
+        ("worker", f"127.0.0.1:{cluster.worker_base_port}"): "up",
+        ("prometheus", f"127.0.0.1:{cluster.prometheus_port}"): "up",
+    }
     _traffic(cluster)
     return cluster
 
 
-def test_every_process_is_a_healthy_target(scraped: ClusterSettings) -> None:
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while True:
-        response = httpx.get(f"{scraped.prometheus_url}/api/v1/targets", timeout=10)
-        targets = response.json()["data"]["activeTargets"]
-        health = {(t["labels"]["job"], t["labels"]["instance"]): t["health"] for t in targets}
-        if all(h == "up" for h in health.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert health == {
-        ("gateway", f"127.0.0.1:{scraped.gateway_base_port}"): "up",
-        ("worker", f"127.0.0.1:{scraped.worker_base_port}"): "up",
-        ("prometheus", f"127.0.0.1:{scraped.prometheus_port}"): "up",
-    }
+def test_every_process_stays_a_healthy_target(scraped: ClusterSettings) -> None:
+    assert set(_target_health(scraped).values()) == {"up"}
 
 
 def test_every_dashboard_query_returns_data(scraped: ClusterSettings) -> None:
@@ -156,6 +177,16 @@ def test_every_recording_rule_returns_data(scraped: ClusterSettings) -> None:
     rules = recording_rules()
     assert "tts:worker_underrun:ratio_rate5m" in rules
     assert _wait_for_data(scraped, {name: name for name in rules}) == {}
+
+
+def test_every_recorded_series_an_alert_selects_exists(scraped: ClusterSettings) -> None:
+    selectors = {
+        selector
+        for expr in alert_rules().values()
+        for selector in re.findall(r"tts(?:_instance)?:\w+:\w+(?:\{[^}]*\})?", expr)
+    }
+    assert 'tts:gateway_time_to_first_byte_seconds:p99_5m{cache="MISS"}' in selectors
+    assert _wait_for_data(scraped, {s: s for s in selectors}) == {}
 
 
 def test_the_streams_were_measured_for_underrun(scraped: ClusterSettings) -> None:
