@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.settings import REPO_ROOT
+from contract.prompt import PROMPT_MAX_S, PROMPT_MIN_S
 from contract.requests import DEFAULT_MAX_TEXT_CHARS
 
 SOURCES: tuple[tuple[str, str, str], ...] = (
@@ -24,6 +25,8 @@ SOURCES: tuple[tuple[str, str, str], ...] = (
 # Defaults written as names in the source, shown as their values.
 READABLE_DEFAULTS = {
     "DEFAULT_MAX_TEXT_CHARS": str(DEFAULT_MAX_TEXT_CHARS),
+    "PROMPT_MIN_S": str(PROMPT_MIN_S),
+    "PROMPT_MAX_S": str(PROMPT_MAX_S),
     'REPO_ROOT / "run"': "./run",
 }
 

@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     PROMPT_TOO_SHORT = "prompt_too_short"
     PROMPT_TOO_LONG = "prompt_too_long"
     PROMPT_SILENT = "prompt_silent"
+    PROMPT_TEXT_WITHOUT_AUDIO = "prompt_text_without_audio"
     # Access.
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
@@ -66,6 +67,7 @@ STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.PROMPT_TOO_SHORT: 422,
     ErrorCode.PROMPT_TOO_LONG: 422,
     ErrorCode.PROMPT_SILENT: 422,
+    ErrorCode.PROMPT_TEXT_WITHOUT_AUDIO: 422,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.RATE_LIMITED: 429,

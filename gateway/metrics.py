@@ -61,6 +61,12 @@ class GatewayMetrics:
             "Worker streams that broke after the first byte (never cached).",
             registry=r,
         )
+        self.cache_version_mismatch = Counter(
+            "gateway_cache_version_mismatch_total",
+            "Complete syntheses served uncached: the worker's X-Model-Version was not the "
+            "model version in the request's cache key (a rolling upgrade).",
+            registry=r,
+        )
         self.time_to_first_byte = Histogram(
             "gateway_time_to_first_byte_seconds",
             "From request arrival to the first audio byte handed to the client, by cache result.",

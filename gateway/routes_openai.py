@@ -59,6 +59,14 @@ class SpeechBody(BaseModel):
     speed: float = Field(default=1.0, json_schema_extra={"minimum": 0.25, "maximum": 4.0})
     instructions: str | None = None
     stream_format: Literal["audio", "sse"] = "audio"
+    prompt_text: str | None = Field(
+        default=None,
+        description=(
+            "Not usable here: this body carries no prompt recording, so a transcript is "
+            "refused with 422 `prompt_text_without_audio` (clone with POST /synthesize or "
+            "a registered voice)."
+        ),
+    )
 
 
 async def speech_job(
@@ -78,6 +86,7 @@ async def speech_job(
         format=audio_format(body.response_format),
         voice=voice,
         instruction=body.instructions,
+        prompt_text=body.prompt_text,
         speed=body.speed,
         cache_mode=cache_mode(cache_control),
     )

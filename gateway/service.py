@@ -1,90 +1,47 @@
-"""The synthesis path every audio route shares: validate, key, cache lookup, single flight, relay.
+"""The synthesis path every audio route shares: cache lookup, single flight, relay.
 
-Everything a request can get wrong is checked in `prepare`, before any worker is contacted.
+Jobs are built (checked, keyed, seeded) by `gateway.speech_keys` before any worker is contacted.
 `serve` answers a hit from Redis, or joins or starts the one synthesis for its key; it returns
 once the worker has accepted (so its errors still reach the client as JSON), with the audio
 headers and a stream of the body. The cache is written by the flight's producer only after the
-worker's stream ended cleanly.
+worker's stream ended cleanly, and only when the worker's `X-Model-Version` is the version in
+the job's key (during a rolling upgrade another model's audio is served, never stored).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import dataclass
 
 from contract.audio import CONTENT_TYPES, AudioFormat, output_sample_rate, stream_headers
-from contract.cache_key import CACHE_KEY_PREFIX, CanonicalRequest
 from contract.errors import ErrorCode, ServiceError
-from contract.requests import (
-    SynthesisRequest,
-    VoiceFeaturesRequest,
-    check_speed,
-    check_text,
-    seed_from_digest,
-)
+from contract.requests import SynthesisRequest, VoiceFeaturesRequest
 from gateway.cache import AudioCache, CachedAudio
 from gateway.metrics import GatewayMetrics
-from gateway.prompt import PromptAudio
 from gateway.request_log import RequestLog
 from gateway.single_flight import Flight, FlightAbortedError, SingleFlight
+from gateway.speech_keys import CacheMode, JobBuilder, SpeechInput, SpeechJob, cache_mode
 from gateway.upstream import ComputedFeatures, Upstream
-from gateway.voices import VoiceStore, resolve_voice
-from gateway.workers import EngineInfo, WorkerDirectory
+from gateway.voices import VoiceStore
+from gateway.workers import WorkerDirectory
 
 logger = logging.getLogger(__name__)
 
 CACHE_HEADER = "X-Cache"
 CACHE_KEY_HEADER = "X-Cache-Key"
 CACHE_LABELS = ("HIT", "MISS", "BYPASS")
-PREPARED_MEMO_SIZE = 4096
 
-
-class CacheMode(Enum):
-    USE = "use"  # read the cache, write it after a miss
-    REFRESH = "refresh"  # Cache-Control: no-cache -> synthesize afresh, store the result
-    NO_STORE = "no_store"  # Cache-Control: no-store -> neither read nor write
-
-
-def cache_mode(cache_control: str | None) -> CacheMode:
-    """The cache mode a request's Cache-Control header asks for."""
-    if not cache_control:
-        return CacheMode.USE
-    directives = {part.split("=")[0].strip().lower() for part in cache_control.split(",")}
-    if "no-store" in directives:
-        return CacheMode.NO_STORE
-    if "no-cache" in directives:
-        return CacheMode.REFRESH
-    return CacheMode.USE
-
-
-@dataclass(frozen=True)
-class SpeechInput:
-    """One utterance as a public route parsed it (strings not yet checked)."""
-
-    text: str
-    format: AudioFormat
-    voice: str | None = None
-    instruction: str | None = None
-    prompt: PromptAudio | None = None
-    prompt_text: str | None = None
-    speed: float = 1.0
-    cache_mode: CacheMode = CacheMode.USE
-
-
-@dataclass(frozen=True)
-class SpeechJob:
-    key: str
-    synthesis: SynthesisRequest
-    cache_mode: CacheMode
-    request_id: str
-    arrived: float = field(default_factory=time.monotonic)
-    registered_voice: str | None = None
-    """A registered voice whose stored features go to the worker with `synthesis`."""
+__all__ = [
+    "AudioResult",
+    "CacheMode",
+    "SpeechInput",
+    "SpeechJob",
+    "SpeechService",
+    "cache_mode",
+]
 
 
 @dataclass
@@ -119,102 +76,23 @@ class SpeechService:
         self._cache = cache
         self._flights = flights
         self._upstream = upstream
-        self._directory = directory
         self._voices = voices
         self._metrics = metrics
-        self._openai_voices = openai_voices
-        self._max_text_chars = max_text_chars
         self._deadline_s = deadline_s
         self._request_log = request_log
-        self._prepared: dict[SpeechInput, tuple[EngineInfo, str, SynthesisRequest]] = {}
+        self._jobs = JobBuilder(
+            directory=directory,
+            voices=voices,
+            openai_voices=openai_voices,
+            max_text_chars=max_text_chars,
+        )
         lookups, first_byte = metrics.cache_lookups, metrics.time_to_first_byte
         self._lookups = {label: lookups.labels(result=label.lower()) for label in CACHE_LABELS}
         self._first_byte = {label: first_byte.labels(cache=label) for label in CACHE_LABELS}
 
     async def prepare(self, given: SpeechInput, request_id: str) -> SpeechJob:
-        """Validate against the engine's capabilities and compute the cache key and seed.
-
-        The outcome for a request without a prompt depends only on the request and the
-        engine's capabilities, so it is remembered (per `EngineInfo` object, which the
-        directory replaces when the workers change): a repeated request, the common case on
-        the hit path, skips re-validation and re-hashing.
-        """
-        info = await self._directory.current()
-        remembered = self._prepared.get(given) if given.prompt is None else None
-        registered: str | None = None
-        if remembered is not None and remembered[0] is info:
-            _, key, synthesis = remembered
-        else:
-            key, synthesis, registered, reusable = await self._key_and_request(given, info)
-            if reusable and registered is None:
-                if len(self._prepared) >= PREPARED_MEMO_SIZE:
-                    self._prepared.clear()
-                self._prepared[given] = (info, key, synthesis)
-        return SpeechJob(
-            key=key,
-            synthesis=synthesis,
-            cache_mode=given.cache_mode,
-            request_id=request_id,
-            registered_voice=registered,
-        )
-
-    async def _key_and_request(
-        self, given: SpeechInput, info: EngineInfo
-    ) -> tuple[str, SynthesisRequest, str | None, bool]:
-        """The cache key, the worker request, the registered voice whose features it needs, and
-        whether the first two may be reused for `given` (never for a registered voice)."""
-        text = check_text(given.text, self._max_text_chars)
-        speed = check_speed(given.speed, *info.speed_range)
-        instruction = given.instruction.strip() if given.instruction else None
-        if instruction and not info.supports_instructions:
-            raise ServiceError(
-                ErrorCode.INSTRUCTION_UNSUPPORTED,
-                f"Engine {info.engine!r} does not take instructions.",
-            )
-        if given.prompt is not None and not info.supports_cloning:
-            raise ServiceError(
-                ErrorCode.PROMPT_UNSUPPORTED,
-                f"Engine {info.engine!r} cannot clone a voice from a prompt recording.",
-            )
-        voice = await resolve_voice(given.voice, info, self._voices, self._openai_voices)
-        registered = voice.registered if given.prompt is None else None
-        worker_voice = None if given.prompt and voice.registered else voice.worker_voice
-        prompt_audio = given.prompt.data if given.prompt is not None else None
-        prompt_text = given.prompt_text if given.prompt is not None else None
-        canonical = CanonicalRequest.build(
-            text=text,
-            instruction=instruction,
-            voice=voice.key_voice,
-            prompt_audio=prompt_audio,
-            prompt_text=prompt_text,
-            speed=speed,
-            format=given.format.value,
-            engine=info.engine,
-            model_version=info.model_version,
-        )
-        if registered is not None:
-            # The voice id plus its recording's digest: re-registering an id with another
-            # recording must not hand out the old voice's audio.
-            canonical = replace(
-                canonical,
-                prompt_audio_sha256=registered.prompt_sha256,
-                prompt_text=registered.prompt_text,
-            )
-        digest = canonical.digest()
-        synthesis = SynthesisRequest(
-            text=text,
-            voice=worker_voice,
-            instruction=instruction,
-            # Base64Bytes validates base64 text into bytes: hand it the encoded upload.
-            prompt_audio=base64.b64encode(prompt_audio) if prompt_audio else None,
-            prompt_text=prompt_text or None,
-            speed=speed,
-            format=given.format,
-            seed=seed_from_digest(digest),
-        )
-        # Registered voices live in Redis and may change; only built-in voices are reusable.
-        registered_id = registered.id if registered is not None else None
-        return CACHE_KEY_PREFIX + digest, synthesis, registered_id, prompt_audio is None
+        """Check `given` and build its job (`gateway.speech_keys.JobBuilder.prepare`)."""
+        return await self._jobs.prepare(given, request_id)
 
     async def lookup(self, job: SpeechJob) -> AudioResult | None:
         """The cached answer, or None (a miss, a bypass, or a synthesis still running).
@@ -308,7 +186,9 @@ class SpeechService:
         try:
             async with asyncio.timeout(self._deadline_s):
                 synthesis = await self._with_features(job)
-                stream = await self._upstream.open_stream(synthesis, job.request_id)
+                stream = await self._upstream.open_stream(
+                    synthesis, job.request_id, deadline=job.arrived + self._deadline_s
+                )
                 try:
                     headers = _audio_headers(stream.headers, job.synthesis.format)
                     flight.set_headers(headers)
@@ -323,8 +203,20 @@ class SpeechService:
         finally:
             self._metrics.active_flights.dec()
         flight.finish()
-        if job.cache_mode is not CacheMode.NO_STORE and flight.size > 0:
-            await self._cache.put(job.key, CachedAudio(audio=flight.body(), headers=headers))
+        if job.cache_mode is CacheMode.NO_STORE or flight.size == 0:
+            return
+        if stream.model_version != job.model_version:
+            # A worker of another model version answered (a rolling upgrade): its audio is
+            # served to this flight's listeners but never stored under this version's key.
+            self._metrics.cache_version_mismatch.inc()
+            logger.warning(
+                "request %s: worker model version %r is not the key's %r; not cached",
+                job.request_id,
+                stream.model_version,
+                job.model_version,
+            )
+            return
+        await self._cache.put(job.key, CachedAudio(audio=flight.body(), headers=headers))
 
 
     async def _with_features(self, job: SpeechJob) -> SynthesisRequest:

@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from contract.prompt import PROMPT_MAX_S, PROMPT_MIN_S
 from contract.requests import DEFAULT_MAX_TEXT_CHARS
 
 OPENAI_VOICE_NAMES: tuple[str, ...] = (
@@ -96,10 +97,10 @@ class GatewaySettings(BaseSettings):
     max_text_chars: int = Field(default=DEFAULT_MAX_TEXT_CHARS, gt=0)
     # Largest prompt recording upload, in bytes.
     prompt_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
-    # Shortest prompt recording, in seconds.
-    prompt_min_s: float = Field(default=3.0, ge=0)
-    # Longest prompt recording, in seconds.
-    prompt_max_s: float = Field(default=30.0, gt=0)
+    # Shortest prompt recording, in seconds (workers apply the contract's own, PROMPT_MIN_S).
+    prompt_min_s: float = Field(default=PROMPT_MIN_S, ge=0)
+    # Longest prompt recording, in seconds (workers apply the contract's own, PROMPT_MAX_S).
+    prompt_max_s: float = Field(default=PROMPT_MAX_S, gt=0)
     # Most items in one POST /synthesize_batch.
     batch_max_items: int = Field(default=32, gt=0)
     # OpenAI voice names mapped to engine voice ids (`alloy=joe,echo=amy`); unmapped OpenAI

@@ -81,6 +81,8 @@ class UpstreamStream:
         self.headers = {
             name: response.headers[name] for name in AUDIO_HEADERS if name in response.headers
         }
+        self.model_version = response.headers.get(MODEL_VERSION_HEADER, "")
+        """The model version of the worker that made this audio (`X-Model-Version`)."""
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:

@@ -21,7 +21,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.errors import ErrorCode, ServiceError, error_body
 from contract.info import INFO_PATH, EngineInfo
-from contract.requests import MAX_QUEUE_WAIT_HEADER, SYNTHESIZE_PATH
+from contract.requests import (
+    ENGINE_HEADER,
+    MAX_QUEUE_WAIT_HEADER,
+    MODEL_VERSION_HEADER,
+    SYNTHESIZE_PATH,
+)
 from worker.admission import Admission
 from worker.body import read_body, require_json
 from worker.disconnect import ClientDisconnectedError, unless_disconnected
@@ -143,9 +148,8 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
             body = await read_body(request, settings.max_body_bytes)
             parsed = parse_body(body)
             state.require_ready()
-            validated = validate(
-                parsed, state.engine.capabilities(), max_text_chars=settings.max_text_chars
-            )
+            capabilities = state.engine.capabilities()
+            validated = validate(parsed, capabilities, max_text_chars=settings.max_text_chars)
             synthesis = await unless_disconnected(
                 start_synthesis(
                     engine=state.engine,
@@ -171,8 +175,12 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
         except Exception:
             state.metrics.requests.labels(status="500", code=ErrorCode.INTERNAL_ERROR.value).inc()
             raise
+        made_by = {
+            ENGINE_HEADER: capabilities.engine,
+            MODEL_VERSION_HEADER: capabilities.model_version,
+        }
         return AudioStreamResponse(
-            synthesis.body(), headers=synthesis.headers, on_close=synthesis.close
+            synthesis.body(), headers={**synthesis.headers, **made_by}, on_close=synthesis.close
         )
 
     install_voice_routes(app, state)

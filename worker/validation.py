@@ -6,18 +6,25 @@ text, speed, voice, and the instruction and prompt against what the engine suppo
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import soundfile
 from pydantic import ValidationError
 
 from contract.audio import AudioFormat
 from contract.errors import ErrorCode, ServiceError
-from contract.requests import SynthesisRequest, check_speed, check_text, default_seed
+from contract.prompt import DEFAULT_PROMPT_RULE, read_prompt
+from contract.requests import (
+    SynthesisRequest,
+    check_cloning,
+    check_instruction,
+    check_prompt_text,
+    check_speed,
+    check_text,
+    default_seed,
+)
 from worker.engines.base import Capabilities, EngineRequest
 
 
@@ -59,29 +66,23 @@ def validate(
     features = request.voice_features or None
     if features is None and voice not in {known.id for known in capabilities.voices}:
         raise ServiceError(ErrorCode.UNKNOWN_VOICE, f"Unknown voice {voice!r}; see /v1/info.")
-    instruction = _present(request.instruction)
-    if instruction is not None and not capabilities.supports_instructions:
-        raise ServiceError(
-            ErrorCode.INSTRUCTION_UNSUPPORTED,
-            f"The {capabilities.engine} engine does not take instructions.",
-        )
-    prompt_text = _present(request.prompt_text)
-    has_prompt = bool(request.prompt_audio) or prompt_text is not None
-    if has_prompt and not capabilities.supports_cloning:
-        raise ServiceError(
-            ErrorCode.PROMPT_UNSUPPORTED,
-            f"The {capabilities.engine} engine cannot clone a voice from prompt audio.",
-        )
-    if features is not None and not capabilities.supports_cloning:
-        raise ServiceError(
-            ErrorCode.PROMPT_UNSUPPORTED,
-            f"The {capabilities.engine} engine has no registered voices.",
-        )
-    if features is not None and has_prompt:
+    instruction = check_instruction(
+        request.instruction,
+        supported=capabilities.supports_instructions,
+        engine=capabilities.engine,
+    )
+    has_audio = bool(request.prompt_audio)
+    if features is not None and (has_audio or _present(request.prompt_text) is not None):
         raise ServiceError(
             ErrorCode.INVALID_REQUEST,
             "Send either voice_features or a prompt recording, not both.",
         )
+    check_cloning(
+        has_audio or features is not None,
+        supported=capabilities.supports_cloning,
+        engine=capabilities.engine,
+    )
+    prompt_text = check_prompt_text(request.prompt_text, has_prompt_audio=has_audio)
     prompt_audio, prompt_rate = (None, None)
     if request.prompt_audio:
         prompt_audio, prompt_rate = decode_prompt(request.prompt_audio)
@@ -103,15 +104,9 @@ def validate(
 
 
 def decode_prompt(data: bytes) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int]:
-    """Decode prompt audio to mono float32; 415 prompt_not_audio when libsndfile cannot read it."""
-    try:
-        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ServiceError(
-            ErrorCode.PROMPT_NOT_AUDIO, "The prompt audio is not a readable audio file."
-        ) from e
-    mono: np.ndarray[Any, np.dtype[np.float32]] = audio.mean(axis=1, dtype=np.float32)
-    return mono, int(rate)
+    """Decode prompt audio to mono float32 and apply the contract's prompt rule
+    (`contract.prompt`): 415 prompt_not_audio, 422 prompt_too_short/too_long/silent."""
+    return read_prompt(data, DEFAULT_PROMPT_RULE)
 
 
 def _check_format(value: Any) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,11 +53,13 @@ class FakeRedis:
         self._check()
         return self.values.get(key)
 
-    async def set(self, key: str, value: bytes, ex: int) -> bool:
+    async def set(self, key: str, value: bytes, ex: int, nx: bool = False) -> bool | None:
         self._check()
         if self.set_gate is not None:
             await self.set_gate.wait()
         assert ex > 0
+        if nx and key in self.values:
+            return None
         self.values[key] = value
         return True
 
@@ -89,6 +92,9 @@ class MockWorker:
         self.gate: asyncio.Event | None = None
         self.busy_answers = 0
         self.request_ids: list[str] = []
+        self.model_version: str | None = None
+        """The X-Model-Version it answers with; INFO's when None."""
+        self.queue_waits: list[float] = []
 
     def audio_for(self, body: dict[str, Any]) -> bytes:
         return json.dumps(body, sort_keys=True).encode() * 50
@@ -102,6 +108,7 @@ class MockWorker:
         body = json.loads(request.content)
         self.requests.append(body)
         self.request_ids.append(request.headers.get("X-Request-ID", ""))
+        self.queue_waits.append(float(request.headers["X-Max-Queue-Wait"]))
         if self.behaviour == "connect_error":
             raise httpx.ConnectError("refused", request=request)
         if self.behaviour == "timeout":
@@ -131,6 +138,7 @@ class MockWorker:
             "X-Audio-Format": body["format"],
             "X-Audio-Channels": "1",
             "X-Sample-Format": "s16le",
+            "X-Model-Version": self.model_version or str(INFO["model_version"]),
         }
         return httpx.Response(200, headers=headers, content=self._stream(audio, request))
 
@@ -565,3 +573,79 @@ async def test_prompt_reaches_a_cloning_engine_and_changes_the_key(
     sent = worker.requests[-1]
     assert base64.b64decode(sent["prompt_audio"]) == upload
     assert sent["prompt_text"] == "hello there"
+
+
+async def test_audio_of_another_model_version_is_served_but_not_cached(
+    client: httpx.AsyncClient, worker: MockWorker, redis: FakeRedis
+) -> None:
+    worker.model_version = "2"  # a worker already upgraded, behind a key made for version 1
+    first = await client.post("/v1/audio/speech", json=speech())
+    assert first.status_code == 200
+    assert first.headers["X-Cache"] == "MISS"
+    assert redis.values == {}
+    metrics = (await client.get("/metrics")).text
+    assert "gateway_cache_version_mismatch_total 1.0" in metrics
+    worker.model_version = None
+    second = await client.post("/v1/audio/speech", json=speech())
+    assert second.headers["X-Cache"] == "MISS"
+    assert len(redis.values) == 1
+
+
+async def test_refusals_stop_within_the_retry_budget(
+    worker: MockWorker, redis: FakeRedis
+) -> None:
+    settings = GatewaySettings(
+        upstream_busy_retries=100, upstream_busy_backoff_s=0.05, upstream_retry_budget_s=0.3
+    )
+    app = create_app(settings, upstream_transport=httpx.MockTransport(worker.handle), redis=redis)  # type: ignore[arg-type]
+    worker.behaviour = "busy"
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://g"
+    ) as http:
+        started = time.monotonic()
+        response = await http.post("/v1/audio/speech", json=speech())
+        elapsed = time.monotonic() - started
+    await app.state.gateway.speech._upstream.aclose()
+    assert response.status_code == 503
+    assert elapsed < 0.3 + 0.2
+    assert 2 <= len(worker.requests) < 100
+    # Each attempt lets the worker queue it only for what is left of the budget.
+    assert worker.queue_waits[0] <= 0.3
+    assert worker.queue_waits == sorted(worker.queue_waits, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs"),
+    [
+        ("/synthesize", {"data": {"text": "Hi.", "prompt_text": "hello"}}),
+        ("/v1/audio/speech", {"json": {**speech(), "prompt_text": "hello"}}),
+        (
+            "/synthesize_batch",
+            {"json": {"items": [{"text": "Hi.", "prompt_text": "hello"}]}},
+        ),
+    ],
+    ids=["synthesize", "speech", "batch_item"],
+)
+async def test_prompt_text_without_a_recording_is_refused(
+    client: httpx.AsyncClient, worker: MockWorker, path: str, kwargs: dict[str, Any]
+) -> None:
+    response = await client.post(path, **kwargs)
+    if path == "/synthesize_batch":
+        assert response.status_code == 200
+        error = response.json()["results"][0]
+        assert error["status"] == 422
+        assert error["error"]["code"] == "prompt_text_without_audio"
+    else:
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "prompt_text_without_audio"
+    assert worker.requests == []
+
+
+@pytest.mark.parametrize("text", ["...", " ?! ", "\u2026"])
+async def test_text_with_nothing_to_speak_is_422(
+    client: httpx.AsyncClient, worker: MockWorker, text: str
+) -> None:
+    response = await client.post("/v1/audio/speech", json=speech(input=text))
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "text_empty"
+    assert worker.requests == []

@@ -98,6 +98,7 @@ def test_speech_body_and_responses_are_declared_in_full() -> None:
         "voice",
         "response_format",
         "speed",
+        "prompt_text",
         "instructions",
         "stream_format",
     }

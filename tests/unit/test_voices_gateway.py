@@ -147,6 +147,7 @@ class CloningWorker:
             "X-Audio-Format": body["format"],
             "X-Audio-Channels": "1",
             "X-Sample-Format": "f32le",
+            "X-Model-Version": str(self.info["model_version"]),
         }
         return httpx.Response(200, headers=headers, content=self._audio(body))
 

@@ -75,7 +75,7 @@ class CloningEngine:
         yield np.full(RATE // 10, 0.1, dtype=np.float32)
 
 
-def _wav(seconds: float = 1.0, rate: int = 22050, silent: bool = False) -> bytes:
+def _wav(seconds: float = 2.5, rate: int = 22050, silent: bool = False) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     wav = np.zeros_like(t) if silent else 0.3 * np.sin(2 * np.pi * 200 * t)
     buffer = io.BytesIO()
@@ -165,8 +165,8 @@ async def test_features_are_computed_and_returned_with_their_origin() -> None:
     assert response.headers["content-type"] == "application/octet-stream"
     assert response.headers["X-Engine"] == "fake"
     assert response.headers["X-Model-Version"] == "7"
-    assert response.content == b"features:22050:22050:Hello."
-    assert engine.computed == [(22050, 22050, "Hello.")]
+    assert response.content == b"features:55125:22050:Hello."
+    assert engine.computed == [(55125, 22050, "Hello.")]
     assert _counter(metrics, "200", "") == 1
 
 

@@ -65,7 +65,8 @@ def test_explicit_seed_and_voice_are_kept() -> None:
         ({"text": "Hi.", "format": "aiff"}, ErrorCode.UNSUPPORTED_FORMAT),
         ({"text": "Hi.", "format": 3}, ErrorCode.UNSUPPORTED_FORMAT),
         ({"text": "Hi.", "instruction": "Whisper."}, ErrorCode.INSTRUCTION_UNSUPPORTED),
-        ({"text": "Hi.", "prompt_text": "Words."}, ErrorCode.PROMPT_UNSUPPORTED),
+        ({"text": "Hi.", "prompt_text": "Words."}, ErrorCode.PROMPT_TEXT_WITHOUT_AUDIO),
+        ({"text": "..."}, ErrorCode.TEXT_EMPTY),
         ({"text": "Hi.", "prompt_audio": "AAAA"}, ErrorCode.PROMPT_UNSUPPORTED),
         ({"text": "Hi.", "seed": -1}, ErrorCode.INVALID_REQUEST),
         ({"text": "Hi.", "speed": "fast"}, ErrorCode.INVALID_REQUEST),
@@ -97,14 +98,14 @@ def test_non_object_json_is_invalid_request() -> None:
 
 def test_cloning_engine_decodes_prompt_audio() -> None:
     buffer = io.BytesIO()
-    stereo = np.full((1600, 2), 0.25, dtype=np.float32)
+    stereo = np.full((40000, 2), 0.25, dtype=np.float32)
     soundfile.write(buffer, stereo, 16000, format="WAV", subtype="FLOAT")
     prompt = base64.b64encode(buffer.getvalue()).decode()
     request = parse_body(json.dumps({"text": "Hi.", "prompt_audio": prompt}).encode())
     engine_request = validate(request, CLONING, max_text_chars=100).engine_request
     assert engine_request.prompt_sample_rate == 16000
     assert engine_request.prompt_audio is not None
-    assert engine_request.prompt_audio.shape == (1600,)
+    assert engine_request.prompt_audio.shape == (40000,)
 
 
 def test_cloning_engine_rejects_non_audio_prompt() -> None:
