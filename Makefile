@@ -53,10 +53,18 @@ BENCH_TARGETS ?= --target label=nginx,url=$(LOADTEST_URL),texts=mix \
 	--target label=worker,url=$(BENCH_WORKER_URL),api=worker,texts=mix
 BENCH_ARGS ?= --concurrency 1,2,4 --duration 10 --max-requests 200
 
-.PHONY: loadtest bench
+.PHONY: loadtest bench kubernetes-nginx kubernetes-scan
 
 loadtest:
 	LOADTEST_URL=$(LOADTEST_URL) loadtest/wrk/run.sh
 
 bench: venv
 	$(PY) -m loadtest.runner $(BENCH_TARGETS) $(BENCH_ARGS)
+
+# Kubernetes (docs/kubernetes.md): nginx's ConfigMap files rendered again from the template,
+# and checkov over the rendered overlays.
+kubernetes-nginx: venv
+	$(PY) -m cluster.kubernetes --write
+
+kubernetes-scan:
+	deploy/kubernetes/scan.sh
