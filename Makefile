@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 WORKERS ?= 2
 GATEWAYS ?= 1
 ENGINE ?= piper
-# `make up MONITOR=1` also starts Prometheus (Debian's, installed when missing) on :9090.
+# `make up MONITOR=1` also starts Prometheus on :9090 and a Redis exporter (Debian's packages,
+# installed when missing).
 MONITOR ?=
 MONITOR_ON := $(filter 1 yes true,$(MONITOR))
 
@@ -30,7 +31,7 @@ lint: venv
 
 # Debian's nginx, redis-server and python3-venv, when missing (installs as root; else says how).
 system-deps:
-	@cluster/system-deps.sh $(if $(MONITOR_ON),prometheus)
+	@cluster/system-deps.sh $(if $(MONITOR_ON),prometheus prometheus-redis-exporter)
 
 up: system-deps venv
 	$(PY) -m cluster up --workers $(WORKERS) --gateways $(GATEWAYS) --engine $(ENGINE) \

@@ -1,7 +1,8 @@
 """Prometheus beside the local cluster (`make up MONITOR=1`): its configuration and command.
 
 The configuration is deploy/prometheus/prometheus.yml with this cluster's real targets (every
-gateway and worker port, and Prometheus itself) and the rule files by absolute path, written
+gateway and worker port, Redis through Debian's `prometheus-redis-exporter`, and Prometheus
+itself) and the rule files by absolute path, written
 to `run/prometheus/prometheus.yml`; its data lives in `run/prometheus/data`. It runs Debian's
 `prometheus`, bound to 127.0.0.1 only.
 """
@@ -20,11 +21,28 @@ DEPLOY_DIR = REPO_ROOT / "deploy" / "prometheus"
 TEMPLATE = DEPLOY_DIR / "prometheus.yml"
 
 
-def prometheus_binary() -> str:
-    for candidate in (shutil.which("prometheus"), "/usr/bin/prometheus"):
+def _debian_binary(name: str) -> str:
+    for candidate in (shutil.which(name), f"/usr/bin/{name}"):
         if candidate and Path(candidate).exists():
             return candidate
-    raise RuntimeError("prometheus is not installed (as root: apt-get install prometheus)")
+    raise RuntimeError(f"{name} is not installed (as root: apt-get install {name})")
+
+
+def prometheus_binary() -> str:
+    return _debian_binary("prometheus")
+
+
+def redis_exporter_binary() -> str:
+    return _debian_binary("prometheus-redis-exporter")
+
+
+def redis_exporter_command(settings: ClusterSettings) -> list[str]:
+    """Debian's Redis exporter: Redis' INFO (memory, evictions, keyspace hits) as metrics."""
+    return [
+        redis_exporter_binary(),
+        f"-redis.addr=redis://127.0.0.1:{settings.redis_port}",
+        f"-web.listen-address=127.0.0.1:{settings.redis_exporter_port}",
+    ]
 
 
 def config_dir(settings: ClusterSettings) -> Path:
@@ -45,6 +63,7 @@ def config(settings: ClusterSettings) -> dict[str, Any]:
     targets = {
         "gateway": [f"127.0.0.1:{port}" for port in settings.gateway_ports()],
         "worker": [f"127.0.0.1:{port}" for port in settings.worker_ports()],
+        "redis": [f"127.0.0.1:{settings.redis_exporter_port}"],
         "prometheus": [f"127.0.0.1:{settings.prometheus_port}"],
     }
     for job in doc["scrape_configs"]:

@@ -55,7 +55,7 @@ def redis_config(settings: ClusterSettings) -> str:
 
 def plan(settings: ClusterSettings) -> list[Service]:
     """Every process of the cluster, in start order: Redis, workers, nginx, gateways, and
-    Prometheus when `settings.monitor` is on."""
+    the Redis exporter and Prometheus when `settings.monitor` is on."""
     python = sys.executable
     worker_threads = _worker_threads(settings.workers)
     redis_conf = settings.run_dir / "redis" / "redis.conf"
@@ -114,6 +114,17 @@ def plan(settings: ClusterSettings) -> list[Service]:
             )
         )
     if settings.monitor:
+        services.append(
+            Service(
+                name="redis-exporter",
+                argv=monitor.redis_exporter_command(settings),
+                port=settings.redis_exporter_port,
+                binds=[("127.0.0.1", settings.redis_exporter_port)],
+                ready=partial(
+                    probes.http_ready, f"http://127.0.0.1:{settings.redis_exporter_port}/metrics"
+                ),
+            )
+        )
         services.append(
             Service(
                 name="prometheus",

@@ -76,6 +76,8 @@ class ClusterSettings(BaseSettings):
     prometheus_port: int = Field(default=9090, ge=1, le=65535)
     # How often Prometheus scrapes and evaluates its rules.
     prometheus_scrape_interval: str = Field(default="5s", pattern=r"^\d+(ms|s|m)$")
+    # Port of the Redis exporter (Debian's prometheus-redis-exporter), when `monitor` is on.
+    redis_exporter_port: int = Field(default=9121, ge=1, le=65535)
 
     @model_validator(mode="before")
     @classmethod

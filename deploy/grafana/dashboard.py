@@ -26,6 +26,17 @@ DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "[$__rate_interval]"
 API_ROUTES = 'route!~"/healthz|/readyz|/metrics"'
 
+REDIS_EXPORTER_METRICS = frozenset(
+    {
+        "redis_memory_used_bytes",
+        "redis_memory_max_bytes",
+        "redis_evicted_keys_total",
+        "redis_keyspace_hits_total",
+        "redis_keyspace_misses_total",
+    }
+)
+"""Series of prometheus-redis-exporter (`job="redis"`) that the Redis panels read."""
+
 OPTIONAL_METRICS = frozenset({"worker_gpu_memory_bytes", "worker_gpu_memory_limit_bytes"})
 """Series only some engines export (GPU memory: the cosyvoice engine); panels that read them
 may be empty on a Piper cluster."""
@@ -316,6 +327,29 @@ def build() -> dict[str, object]:
                 "none",
                 [Query("min by (instance) (gateway_worker_ready)", "{{instance}}")],
                 width=8,
+            )
+        )
+        .with_panel(
+            _series(
+                "Redis memory",
+                "Memory Redis uses against its maxmemory (cached audio is evicted first).",
+                "bytes",
+                [
+                    Query("sum(redis_memory_used_bytes)", "used"),
+                    Query("sum(redis_memory_max_bytes)", "maxmemory"),
+                ],
+            )
+        )
+        .with_panel(
+            _series(
+                "Redis evictions and lookups",
+                "Keys evicted under maxmemory, and Redis' own keyspace hits and misses.",
+                "ops",
+                [
+                    Query(f"sum(rate(redis_evicted_keys_total{RATE}))", "evicted"),
+                    Query(f"sum(rate(redis_keyspace_hits_total{RATE}))", "hits"),
+                    Query(f"sum(rate(redis_keyspace_misses_total{RATE}))", "misses"),
+                ],
             )
         )
         .with_row(dashboard_builder.Row("GPU"))

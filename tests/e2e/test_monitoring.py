@@ -1,12 +1,12 @@
 """A real Prometheus beside a running local cluster (`make up MONITOR=1`).
 
-The launcher starts one gateway, one Piper worker, Redis, nginx and Debian's Prometheus on free
-ports. Once Prometheus has scraped every process, traffic through nginx makes every kind of
-event the dashboard shows happen for real: a cache miss then a hit, a 422, 503 `busy` (one
-worker slot, no queue, no gateway retries, three requests at once), and Redis errors (Redis
-stopped with SIGSTOP for a request). Then every dashboard query and every recording rule must
-return data and name only series Prometheus has scraped, and every recorded series an alert
-selects (with its label matchers) must exist.
+The launcher starts one gateway, one Piper worker, Redis, nginx, Debian's Prometheus and Redis
+exporter on free ports. Once Prometheus has scraped every process, traffic through nginx makes
+every kind of event the dashboard shows happen for real: a cache miss then a hit, a 422, 503
+`busy` (one worker slot, no queue, no gateway retries, three requests at once), and Redis
+errors (Redis stopped with SIGSTOP for a request). Then every dashboard query and every
+recording rule must return data and name only series Prometheus has scraped, and every
+recorded series an alert selects (with its label matchers) must exist.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def cluster(run_dir: Path) -> Iterator[ClusterSettings]:
         workers=1,
         monitor=True,
         prometheus_port=free_port(),
+        redis_exporter_port=free_port(),
         prometheus_scrape_interval="1s",
         ready_timeout=240,
     )
@@ -137,7 +138,7 @@ def _target_health(settings: ClusterSettings) -> dict[tuple[str, str], str]:
         response = httpx.get(f"{settings.prometheus_url}/api/v1/targets", timeout=10)
         targets = response.json()["data"]["activeTargets"]
         health = {(t["labels"]["job"], t["labels"]["instance"]): t["health"] for t in targets}
-        if len(health) == 3 and all(h == "up" for h in health.values()):
+        if len(health) == 4 and all(h == "up" for h in health.values()):
             return health
         if time.monotonic() > deadline:
             return health
@@ -150,6 +151,7 @@ def scraped(cluster: ClusterSettings) -> ClusterSettings:
     assert health == {
         ("gateway", f"127.0.0.1:{cluster.gateway_base_port}"): "up",
         ("worker", f"127.0.0.1:{cluster.worker_base_port}"): "up",
+        ("redis", f"127.0.0.1:{cluster.redis_exporter_port}"): "up",
         ("prometheus", f"127.0.0.1:{cluster.prometheus_port}"): "up",
     }
     _traffic(cluster)

@@ -25,6 +25,7 @@ def test_config_scrapes_every_process_with_the_committed_rules(tmp_path: Path) -
     assert targets == {
         "gateway": ["127.0.0.1:9000", "127.0.0.1:9001"],
         "worker": ["127.0.0.1:9100", "127.0.0.1:9101", "127.0.0.1:9102"],
+        "redis": ["127.0.0.1:9121"],
         "prometheus": ["127.0.0.1:9191"],
     }
     assert doc["global"]["scrape_interval"] == "1s"
@@ -49,8 +50,9 @@ def test_written_config_passes_promtool(tmp_path: Path) -> None:
 def test_prometheus_runs_last_and_stops_first_only_when_asked(tmp_path: Path, on: bool) -> None:
     names = [svc.name for svc in services.plan(settings(tmp_path, monitor=on))]
     assert ("prometheus" in names) is on
+    assert ("redis-exporter" in names) is on
     if on:
-        assert names[-1] == "prometheus"
+        assert names[-2:] == ["redis-exporter", "prometheus"]
         prometheus = services.plan(settings(tmp_path, monitor=True))[-1]
         assert prometheus.binds == [("127.0.0.1", 9090)]
         assert "--web.listen-address=127.0.0.1:9090" in prometheus.argv

@@ -49,6 +49,7 @@ def test_panels_cover_the_operator_questions() -> None:
         "Worst gap behind playback",
         "Cache hit ratio",
         "Redis errors",
+        "Redis memory",
         "GPU memory per worker",
     ):
         assert wanted in titles
@@ -58,7 +59,8 @@ def test_panels_cover_the_operator_questions() -> None:
 
 
 def test_queries_read_only_exported_metrics() -> None:
-    known = exported_series() | BUILT_IN | generator().OPTIONAL_METRICS
+    module = generator()
+    known = exported_series() | BUILT_IN | module.OPTIONAL_METRICS | module.REDIS_EXPORTER_METRICS
     for title, expr in dashboard_queries():
         names = metric_names(expr)
         assert names, (title, expr)
