@@ -34,5 +34,18 @@ def declares_option(name: str, option: str) -> bool:
 
 
 def create_engine(name: str, **options: Any) -> Engine:
-    """Build the named engine; its module is imported only when chosen, keeping deps optional."""
-    return factory(name)(**options)
+    """Build the named engine; its module is imported only when chosen, keeping deps optional.
+
+    An option the factory does not name (when it takes no `**options`) is a ValueError that
+    names it and the engine's options, never a silently ignored setting.
+    """
+    build = factory(name)
+    parameters = inspect.signature(build).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    unknown = sorted(set(options) - set(parameters))
+    if unknown and not takes_any:
+        known = ", ".join(sorted(parameters))
+        raise ValueError(
+            f"Engine {name!r} has no option {', '.join(unknown)}; its options are: {known}"
+        )
+    return build(**options)

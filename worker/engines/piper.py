@@ -45,6 +45,7 @@ from worker.engines.piper_noise import (
     make_noise_seedable,
 )
 from worker.engines.piper_phonemes import StatelessPhonemizer
+from worker.model_version import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class PiperEngine:
             f"chunk={self._max_chunk_phonemes}",
             "phonemes=stateless",  # entries made before phonemization was stateless may be wrong
             *sorted(
-                f"{voice_id}:{loaded.files.model.stat().st_size}"
+                f"{voice_id}:{file_sha256(loaded.files.model)}:{file_sha256(loaded.files.config)}"
                 for voice_id, loaded in self._voices.items()
             ),
         ]

@@ -9,7 +9,6 @@ caller; cancelling the stream removes the request from the batch at the next ste
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import torch
 from contract.errors import ErrorCode, ServiceError
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
 from worker.engines.cosyvoice.batch_decode import BatchDecoder
-from worker.engines.cosyvoice.config import ModelDirError, check_model_dir
+from worker.engines.cosyvoice.config import REQUIRED_FILES, ModelDirError, check_model_dir
 from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend, VoicePrompt
 from worker.engines.cosyvoice.hift import HiFTGenerator
@@ -39,6 +38,7 @@ from worker.engines.cosyvoice.weights import (
     qwen_config,
     read_state,
 )
+from worker.model_version import content_version
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +126,9 @@ class CosyVoiceEngine:
             raise ModelDirError(f"{path} is not a speaker table with embeddings: {e!r}") from e
 
     def _fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for name in ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt"):
-            stat = (self.model_dir / name).stat()
-            digest.update(f"{name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
-        digest.update((self.model_dir / "cosyvoice2.yaml").read_bytes())
-        return digest.hexdigest()[:12]
+        """The model version: a digest of every file the engine reads (their bytes, not their
+        times or paths), so copies of one directory on two hosts agree."""
+        return content_version(self.model_dir, REQUIRED_FILES)
 
     def warm_up(self) -> None:
         """Capture the decode graphs, then one short synthesis through every stage, so readiness
