@@ -13,6 +13,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from grafana_foundation_sdk.builders import common as common_builder
 from grafana_foundation_sdk.builders import dashboard as dashboard_builder
@@ -107,7 +108,7 @@ def _stat(title: str, description: str, unit: str, query: Query) -> stat.Panel:
     )
 
 
-def build() -> dict[str, object]:
+def build() -> dict[str, Any]:
     """The dashboard as Grafana's JSON model."""
     ready = Query('sum(up{job="worker"}) or on() vector(0)', "workers up")
     board = (
@@ -371,7 +372,10 @@ def build() -> dict[str, object]:
         )
     )
     encoded = json.dumps(board.build(), cls=JSONEncoder, sort_keys=True)
-    model: dict[str, object] = json.loads(encoded)
+    model: dict[str, Any] = json.loads(encoded)
+    # Stable, unique panel ids (links and alerts refer to panels by id).
+    for index, panel in enumerate(model["panels"], start=1):
+        panel["id"] = index
     return model
 
 

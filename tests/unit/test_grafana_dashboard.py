@@ -53,6 +53,10 @@ def test_panels_cover_the_operator_questions() -> None:
         "GPU memory per worker",
     ):
         assert wanted in titles
+    board = json.loads((GRAFANA_DIR / "tts.json").read_text())
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(set(ids)) == len(ids)
+    assert all(isinstance(i, int) and i > 0 for i in ids)
     for panel in panels():
         assert panel["targets"], panel["title"]
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
