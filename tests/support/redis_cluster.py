@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -91,9 +92,15 @@ class ClusterNode:
         self.process = RunningProcess(process=popen, port=self.port, log_path=log_path)
         wait_until_ready(lambda: redis_ping(self.port), popen, log_path, 20.0)
 
+    def pause(self) -> None:
+        """SIGSTOP: the node hangs; connections open, nothing answers."""
+        assert self.process is not None
+        self.process.process.send_signal(signal.SIGSTOP)
+
     def stop(self) -> None:
-        """SIGTERM: Redis writes its append-only file out and exits."""
+        """SIGTERM (after SIGCONT): Redis writes its append-only file out and exits."""
         if self.process is not None:
+            self.process.process.send_signal(signal.SIGCONT)
             self.process.stop()
             self.process = None
 
