@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from contract.audio import CONTENT_TYPES, AudioFormat, output_sample_rate, stream_headers
+from contract.complete_audio import complete_file
 from contract.errors import ErrorCode, ServiceError
 from contract.requests import SynthesisRequest, VoiceFeaturesRequest
 from gateway.cache import AudioCache, CachedAudio
@@ -80,6 +81,8 @@ class SpeechService:
         self._metrics = metrics
         self._deadline_s = deadline_s
         self._request_log = request_log
+        self._completed: dict[str, bytes] = {}
+        """Finished syntheses' complete bodies while their cache entry is being written."""
         self._jobs = JobBuilder(
             directory=directory,
             voices=voices,
@@ -107,7 +110,10 @@ class SpeechService:
             headers = flight.finished_headers()
             if headers is None:
                 return None
-            return self._hit(job, CachedAudio(audio=flight.body(), headers=headers))
+            body = self._completed.get(job.key)
+            if body is None:
+                body = complete_file(flight.body(), job.synthesis.format)
+            return self._hit(job, CachedAudio(audio=body, headers=headers))
         hit = await self._cache.get(job.key)
         return None if hit is None else self._hit(job, hit)
 
@@ -153,11 +159,15 @@ class SpeechService:
         )
 
     async def collect(self, job: SpeechJob) -> AudioResult:
-        """`serve`, with a miss read to its end: the whole body in memory."""
+        """`serve`, with the body read to its end and its header completed (true lengths)."""
         result = await self.serve(job)
         if result.stream is not None:
             result.body = b"".join([chunk async for chunk in result.stream])
             result.stream = None
+        if result.body is not None:
+            result.body = await asyncio.to_thread(
+                complete_file, result.body, job.synthesis.format
+            )
         return result
 
     async def _relay(self, flight: Flight, job: SpeechJob, label: str) -> AsyncIterator[bytes]:
@@ -216,8 +226,13 @@ class SpeechService:
                 job.model_version,
             )
             return
-        await self._cache.put(job.key, CachedAudio(audio=flight.body(), headers=headers))
-
+        # The whole body is known now: the entry gets true lengths in its header.
+        complete = await asyncio.to_thread(complete_file, flight.body(), job.synthesis.format)
+        self._completed[job.key] = complete
+        try:
+            await self._cache.put(job.key, CachedAudio(audio=complete, headers=headers))
+        finally:
+            self._completed.pop(job.key, None)
 
     async def _with_features(self, job: SpeechJob) -> SynthesisRequest:
         """The worker request, with a registered voice's features read from Redis now.
