@@ -33,7 +33,7 @@ from worker.disconnect import ClientDisconnectedError, unless_disconnected
 from worker.engines import create_engine, declares_option
 from worker.engines.base import Engine
 from worker.metrics import WorkerMetrics
-from worker.request_id import RequestIdMiddleware
+from worker.request_id import RequestIdMiddleware, install_context_executor
 from worker.responses import AudioStreamResponse
 from worker.routes_voices import install_voice_routes
 from worker.settings import WorkerSettings
@@ -103,6 +103,7 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        install_context_executor()  # engine threads' log lines keep their request id
         loading = asyncio.create_task(state.load_engine())
         try:
             yield

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import re
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -12,6 +17,34 @@ from contract.requests import REQUEST_ID_HEADER
 from worker.logging_setup import request_id_var
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class ContextThreadPoolExecutor(ThreadPoolExecutor):
+    """A thread pool whose tasks run in a copy of the submitter's context variables.
+
+    `loop.run_in_executor` (unlike `asyncio.to_thread`) does not carry context variables into
+    the thread, so log lines written there lost the request id. Installed as the worker loop's
+    default executor, it gives every `run_in_executor(None, ...)` the caller's context.
+    """
+
+    def submit(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Future[T]:
+        context = contextvars.copy_context()
+        return super().submit(context.run, fn, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def install_context_executor(max_workers: int | None = None) -> ContextThreadPoolExecutor:
+    """Make the running loop's default executor carry context variables (request ids)."""
+    executor = ContextThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="engine")
+    asyncio.get_running_loop().set_default_executor(executor)
+    return executor
+
+
+__all__ = ["ContextThreadPoolExecutor", "RequestIdMiddleware", "install_context_executor"]
 
 
 class RequestIdMiddleware:
