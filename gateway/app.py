@@ -17,7 +17,7 @@ from gateway.loop_lag import LoopLagMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.openapi import install_openapi
-from gateway.redis_client import RedisClient, redis_client, voice_key_prefix
+from gateway.redis_client import RedisClient, redis_for, voice_key_prefix
 from gateway.request_log import RequestLog
 from gateway.service import SpeechService
 from gateway.settings import GatewaySettings
@@ -39,10 +39,8 @@ def create_app(
     """Build the app. `upstream_transport` and `redis` replace the real ones in unit tests."""
     metrics = GatewayMetrics()
     cluster = settings.redis_cluster
-    cache_redis = redis or redis_client(
-        settings.redis_url, settings.cache_budget_s, cluster=cluster
-    )
-    voice_redis = redis or redis_client(settings.redis_url, VOICE_STORE_TIMEOUT_S, cluster=cluster)
+    cache_redis = redis or redis_for(settings, settings.cache_budget_s)
+    voice_redis = redis or redis_for(settings, VOICE_STORE_TIMEOUT_S)
     upstream = Upstream(settings, metrics, transport=upstream_transport)
     directory = WorkerDirectory(upstream, metrics, settings.info_refresh_s)
     loop_lag = LoopLagMonitor()

@@ -1,4 +1,8 @@
-"""The gateway's Redis: one server, or a Redis Cluster through redis-py's own cluster client.
+"""The gateway's Redis: one server, a Redis Cluster, or a master found through Redis Sentinel.
+
+All three are redis-py's own clients. `GATEWAY_REDIS_SENTINELS=host:port,...` makes the gateway
+ask the sentinels for the address of the master `GATEWAY_REDIS_SENTINEL_MASTER` on every new
+connection, so after a failover it reconnects to the promoted replica by itself.
 
 `GATEWAY_REDIS_CLUSTER=true` makes `GATEWAY_REDIS_URL` a seed node of a Redis Cluster: the
 client reads the slot map from it, sends each command to the node that owns its key, follows
@@ -16,11 +20,16 @@ With one server the names stay as they were (`voice:<id>`), so existing data kee
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeAlias
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
+
+from gateway.settings import GatewaySettings
 
 RedisClient: TypeAlias = Redis | RedisCluster
 
@@ -53,6 +62,51 @@ def redis_client(url: str, connect_timeout_s: float, *, cluster: bool = False) -
         retry=Retry(NoBackoff(), 0),
     )
     return client
+
+
+def sentinel_client(
+    sentinels: Sequence[str], master: str, url: str, connect_timeout_s: float
+) -> Redis:
+    """The current master of `master`, as the sentinels report it; db and password from `url`.
+
+    Sentinel queries are bounded by the same connect timeout; as with one server, commands have
+    no socket timeout of their own (the caller bounds each call).
+    """
+    addresses = []
+    for sentinel in sentinels:
+        host, _, port = sentinel.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"a sentinel is host:port, not {sentinel!r}")
+        addresses.append((host, int(port)))
+    parsed = parse_url(url)  # type: ignore[no-untyped-call]
+    options = {key: value for key, value in parsed.items() if key not in ("host", "port")}
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        addresses,
+        sentinel_kwargs={
+            "socket_timeout": connect_timeout_s,
+            "socket_connect_timeout": connect_timeout_s,
+        },
+    )
+    client: Redis = manager.master_for(
+        master,
+        socket_timeout=None,
+        socket_connect_timeout=connect_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        **options,
+    )
+    return client
+
+
+def redis_for(settings: GatewaySettings, connect_timeout_s: float) -> RedisClient:
+    """The client the settings ask for: Sentinel, Cluster, or one server."""
+    if settings.redis_sentinels:
+        return sentinel_client(
+            settings.redis_sentinels,
+            settings.redis_sentinel_master,
+            settings.redis_url,
+            connect_timeout_s,
+        )
+    return redis_client(settings.redis_url, connect_timeout_s, cluster=settings.redis_cluster)
 
 
 def voice_key_prefix(cluster: bool) -> str:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contract.prompt import PROMPT_MAX_S, PROMPT_MIN_S
@@ -61,6 +61,11 @@ class GatewaySettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # GATEWAY_REDIS_URL is one node of a Redis Cluster: keys are spread over its nodes by slot.
     redis_cluster: bool = False
+    # Redis Sentinels (`host:port,host:port`): the gateway asks them where the master is and
+    # follows failovers; GATEWAY_REDIS_URL then gives only the db number and the password.
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Name of the master the sentinels watch.
+    redis_sentinel_master: str = "tts"
     # Base URL of one worker, or of nginx's internal listener that balances the workers.
     worker_url: str = "http://127.0.0.1:8001"
     # Comma-separated Bearer API keys; empty turns authentication off.
@@ -123,6 +128,17 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinels(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _one_redis_topology(self) -> GatewaySettings:
+        if self.redis_cluster and self.redis_sentinels:
+            raise ValueError("GATEWAY_REDIS_CLUSTER and GATEWAY_REDIS_SENTINELS exclude each other")
+        return self
 
     @field_validator("openai_voices", mode="before")
     @classmethod
