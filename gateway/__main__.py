@@ -13,6 +13,7 @@ import uvloop
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from contract.status_line import install_reason_phrases
 from gateway.app import create_app
 from gateway.errors import AbortedStreamFilter
 from gateway.settings import GatewaySettings, load_settings
@@ -52,6 +53,7 @@ async def run(settings: GatewaySettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    install_reason_phrases()
     app = create_app(settings)
     # Everything built so far lives as long as the process: keep it out of the collector's
     # full passes, whose pauses otherwise show up in the latency tail.

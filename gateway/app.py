@@ -90,7 +90,8 @@ def create_app(
         # Metrics are Prometheus (gateway.metrics); FastAPI's OpenTelemetry hooks stay off.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
         lifespan=lifespan,
-        docs_url=None,
+        # API docs (Swagger UI) at /docs, rendered from /openapi.json; nginx serves both.
+        docs_url="/docs",
         redoc_url=None,
         openapi_url="/openapi.json",
     )

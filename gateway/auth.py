@@ -1,8 +1,8 @@
 """Optional Bearer API-key authentication, as plain ASGI middleware.
 
-Off when no keys are configured. Otherwise every route but health, metrics and the web page
-(gateway.routes_web, where the key is typed in) needs `Authorization: Bearer <key>` with a
-configured key; anything else gets 401 JSON.
+Off when no keys are configured. Otherwise every route but health, metrics, the API docs and
+the web page (gateway.routes_web, where the key is typed in) needs
+`Authorization: Bearer <key>` with a configured key; anything else gets 401 JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from contract.errors import ErrorCode, error_body
 from gateway.errors import ERROR_CODE_SCOPE_KEY
 from gateway.routes_web import is_web_path
 
-EXEMPT_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+# The API description is public: Swagger UI at /docs reads /openapi.json without a key and
+# sends the key typed into its "Authorize" dialog with the calls it makes.
+EXEMPT_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/docs", "/openapi.json"})
 _UNAUTHORIZED = json.dumps(
     error_body(ErrorCode.UNAUTHORIZED, "A valid API key is required (Authorization: Bearer <key>).")
 ).encode()

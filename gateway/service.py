@@ -165,9 +165,7 @@ class SpeechService:
             result.body = b"".join([chunk async for chunk in result.stream])
             result.stream = None
         if result.body is not None:
-            result.body = await asyncio.to_thread(
-                complete_file, result.body, job.synthesis.format
-            )
+            result.body = await _completed_body(result.body, job.synthesis.format)
         return result
 
     async def _relay(self, flight: Flight, job: SpeechJob, label: str) -> AsyncIterator[bytes]:
@@ -227,7 +225,7 @@ class SpeechService:
             )
             return
         # The whole body is known now: the entry gets true lengths in its header.
-        complete = await asyncio.to_thread(complete_file, flight.body(), job.synthesis.format)
+        complete = await _completed_body(flight.body(), job.synthesis.format)
         self._completed[job.key] = complete
         try:
             await self._cache.put(job.key, CachedAudio(audio=complete, headers=headers))
@@ -262,6 +260,14 @@ class SpeechService:
     ) -> ComputedFeatures:
         """A prompt's features, computed once by a worker, for registering a voice."""
         return await self._upstream.voice_features(request, request_id)
+
+
+async def _completed_body(body: bytes, audio_format: AudioFormat) -> bytes:
+    """`complete_file`: a WAV header is patched in place at once; a FLAC is re-encoded in a
+    thread (a few milliseconds per ten seconds of audio), off the event loop."""
+    if audio_format is AudioFormat.FLAC:
+        return await asyncio.to_thread(complete_file, body, audio_format)
+    return complete_file(body, audio_format)
 
 
 def _audio_headers(worker_headers: dict[str, str], audio_format: AudioFormat) -> dict[str, str]:

@@ -14,6 +14,7 @@ import uvloop
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from contract.status_line import install_reason_phrases
 from worker.app import create_app
 from worker.logging_setup import configure_logging
 from worker.settings import WorkerSettings
@@ -33,6 +34,7 @@ def hypercorn_config(settings: WorkerSettings) -> Config:
 
 
 async def serve_worker(settings: WorkerSettings) -> int:
+    install_reason_phrases()
     app = create_app(settings)
     state = app.state.worker
     stop = asyncio.Event()

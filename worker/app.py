@@ -32,6 +32,7 @@ from worker.body import read_body, require_json
 from worker.disconnect import ClientDisconnectedError, unless_disconnected
 from worker.engines import create_engine, declares_option
 from worker.engines.base import Engine
+from worker.loudness import LevelledEngine
 from worker.metrics import WorkerMetrics
 from worker.request_id import RequestIdMiddleware, install_context_executor
 from worker.responses import AudioStreamResponse
@@ -99,6 +100,12 @@ def create_app(settings: WorkerSettings, engine: Engine | None = None) -> FastAP
     """The worker app; `engine` replaces the configured one (tests)."""
     if engine is None:
         engine = create_engine(settings.engine, **_engine_options(settings))
+        if settings.loudness:
+            engine = LevelledEngine(
+                engine,
+                target_lufs=settings.loudness_target_lufs,
+                ceiling_dbfs=settings.peak_ceiling_dbfs,
+            )
     state = WorkerState(settings, engine)
 
     @asynccontextmanager

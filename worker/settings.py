@@ -54,6 +54,12 @@ class WorkerSettings(BaseSettings):
     max_text_chars: int = Field(default=4096, ge=1)
     # Largest accepted request body, in bytes (prompt audio travels base64 in it).
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Bring every voice to one loudness (ITU-R BS.1770) with a look-ahead peak limiter.
+    loudness: bool = True
+    # Integrated loudness every voice is brought to, in LUFS.
+    loudness_target_lufs: float = Field(default=-18.0, ge=-70.0, le=-5.0)
+    # Highest sample level after the loudness gain, in dBFS (the limiter keeps peaks under it).
+    peak_ceiling_dbfs: float = Field(default=-1.0, ge=-20.0, le=0.0)
     # Log level of the root logger.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "WARNING"
     # One JSON object per log line instead of plain text.

@@ -126,7 +126,12 @@ def test_hit_after_miss_returns_identical_bytes(cluster: dict[str, RunningProces
         check_speech(first.content, "wav", 22050)
         second = speech(client)
         assert second.headers["X-Cache"] == "HIT"
-        assert second.content == first.content
+        # The same samples; the hit is a complete file whose header states the real sizes,
+        # where the streamed miss said "unknown" (docs/gateway.md).
+        assert second.content[44:] == first.content[44:]
+        assert first.content[4:8] == b"\xff\xff\xff\xff"
+        assert int.from_bytes(second.content[4:8], "little") == len(second.content) - 8
+        assert speech(client).content == second.content  # every hit: the same bytes
         assert second.headers["X-Sample-Rate"] == "22050"
         assert syntheses(cluster["worker"]) - before == 1
     stored = redis.Redis(port=cluster["redis"].port)
@@ -213,7 +218,7 @@ def test_sse_events_carry_the_audio(cluster: dict[str, RunningProcess]) -> None:
     ]
     assert payloads[-1]["type"] == "speech.audio.done"
     audio = b"".join(base64.b64decode(p["audio"]) for p in payloads[:-1])
-    assert audio == plain.content
+    assert audio[44:] == plain.content[44:]  # one a streamed miss, the other a complete hit
 
 
 def test_synthesize_streams_float32_by_default(cluster: dict[str, RunningProcess]) -> None:

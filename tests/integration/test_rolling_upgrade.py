@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import socket
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -98,7 +99,13 @@ def upgrade(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
                     for url in (old.url, new.url)
                 }
                 assert len(set(versions.values())) == 2
-                yield {"gateway": front, "versions": versions, "old": old, "new": new}
+                yield {
+                    "gateway": front,
+                    "versions": versions,
+                    "balancer": balancer,
+                    "old": old,
+                    "new": new,
+                }
         finally:
             balancer.stop()
 
@@ -197,3 +204,34 @@ def test_complete_files_have_true_lengths(upgrade: dict[str, object]) -> None:
     flac = base64.b64decode(flac_item["audio"])
     info = soundfile.info(io.BytesIO(flac))
     assert 0.5 < info.frames / info.samplerate < 6.0
+
+
+def _status_line(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        received = b""
+        while b"\r\n" not in received:
+            piece = sock.recv(4096)
+            if not piece:
+                break
+            received += piece
+    return received.split(b"\r\n", 1)[0]
+
+
+def test_status_lines_carry_reason_phrases(upgrade: dict[str, object]) -> None:
+    front, balancer = upgrade["gateway"], upgrade["balancer"]
+    assert isinstance(front, RunningProcess)
+    assert isinstance(balancer, RunningProcess)
+    assert _status_line(balancer.port, "/livez") == b"HTTP/1.1 200 OK"  # a worker, via nginx
+    assert _status_line(balancer.port, "/nowhere") == b"HTTP/1.1 404 Not Found"
+    assert _status_line(front.port, "/healthz") == b"HTTP/1.1 200 OK"
+
+
+def test_the_api_docs_are_served(upgrade: dict[str, object]) -> None:
+    front = upgrade["gateway"]
+    assert isinstance(front, RunningProcess)
+    docs = httpx.get(f"{front.url}/docs", timeout=10)
+    assert docs.status_code == 200
+    assert docs.headers["content-type"].startswith("text/html")
+    assert "/openapi.json" in docs.text
+    assert httpx.get(f"{front.url}/openapi.json", timeout=10).json()["openapi"].startswith("3.")

@@ -150,7 +150,9 @@ BAD_REQUESTS = [
         "prompt_unsupported",
         id="prompt",
     ),
-    pytest.param({"text": "Hi.", "prompt_text": "Words."}, 422, "prompt_unsupported", id="ptext"),
+    pytest.param(
+        {"text": "Hi.", "prompt_text": "Words."}, 422, "prompt_text_without_audio", id="ptext"
+    ),
     pytest.param({"text": "Hi.", "colour": "red"}, 422, "invalid_request", id="extra-field"),
     pytest.param({"text": 5}, 422, "invalid_request", id="text-type"),
     pytest.param({}, 422, "invalid_request", id="no-text"),
