@@ -138,7 +138,10 @@ def test_everything_the_issue_lists_is_there(overlay: tuple[str, Objects]) -> No
 def test_nginx_files_are_rendered_from_the_template() -> None:
     for name, content in k8s.rendered_files().items():
         on_disk = (k8s.OUTPUT_DIR / name).read_text()
-        assert on_disk == content, f"run `python -m cluster.kubernetes --write` ({name})"
+        assert on_disk == content, (
+            f"deploy/kubernetes/base/nginx/{name} is older than nginx/cluster.conf.template: "
+            "run `make kubernetes-nginx` (python -m cluster.kubernetes --write)"
+        )
 
 
 def test_nginx_configmap_is_the_rendered_configuration(overlay: tuple[str, Objects]) -> None:
