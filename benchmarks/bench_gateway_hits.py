@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from gateway.cache import decode_entry  # noqa: E402
-from tests.support.processes import (  # noqa: E402
+from testbed.processes import (  # noqa: E402
     RunningProcess,
     free_port,
     http_ok,
