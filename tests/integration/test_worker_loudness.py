@@ -4,10 +4,10 @@ same for short and long texts, speeds and formats, and even from sentence to sen
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 import pyloudnorm
 import pytest
 
@@ -16,7 +16,7 @@ from tests.support.audio import decode
 from tests.support.processes import RunningProcess
 
 CEILING = 10 ** (-1 / 20)
-REQUESTS = [
+REQUESTS: list[tuple[dict[str, object], str]] = [
     ({"text": "Hello there, how are you today?", "format": "wav"}, "wav"),
     ({"text": "The quick brown fox jumps over the lazy dog.", "format": "flac"}, "flac"),
     ({"text": "Numbers like 42 and 1999 are read aloud too.", "format": "pcm"}, "pcm"),
@@ -35,12 +35,14 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningProcess]:
         yield running
 
 
-def _audio(synth: RunningProcess, body: dict[str, object], audio_format: str) -> np.ndarray:
+def _audio(
+    synth: RunningProcess, body: dict[str, object], audio_format: str
+) -> tuple[npt.NDArray[np.float64], int]:
     response = httpx.post(f"{synth.url}/v1/synthesize", json=body, timeout=120)
     assert response.status_code == 200, response.text
     rate = int(response.headers["X-Sample-Rate"])
     decoded = decode(response.content, audio_format, rate)
-    return np.asarray(decoded.samples, dtype=np.float64), rate  # type: ignore[return-value]
+    return np.asarray(decoded.samples, dtype=np.float64), rate
 
 
 def test_requests_reach_the_target_under_the_ceiling(synth: RunningProcess) -> None:
