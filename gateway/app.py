@@ -14,6 +14,7 @@ from gateway.cache import AudioCache
 from gateway.errors import install_error_handlers
 from gateway.fast_path import SpeechHitFastPath
 from gateway.loop_lag import LoopLagMonitor
+from gateway.memory_cap import ByteBudget, ByteCapMiddleware
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestContextMiddleware
 from gateway.openapi import install_openapi
@@ -44,6 +45,7 @@ def create_app(
     upstream = Upstream(settings, metrics, transport=upstream_transport)
     directory = WorkerDirectory(upstream, metrics, settings.info_refresh_s)
     loop_lag = LoopLagMonitor()
+    held_audio = ByteBudget(settings.max_held_audio_bytes, registry=metrics.registry)
     cache = AudioCache(
         cache_redis,
         metrics=metrics,
@@ -51,10 +53,13 @@ def create_app(
         max_entry_bytes=settings.cache_max_entry_bytes,
         budget_s=settings.cache_budget_s,
         retry_after_s=settings.cache_retry_after_s,
+        piece_bytes=settings.cache_piece_bytes,
+        piece_timeout_s=settings.cache_piece_timeout_s,
+        memory=held_audio,
         loop_lag=lambda: loop_lag.lag_s,
     )
     voices = VoiceStore(voice_redis, VOICE_STORE_TIMEOUT_S, key_prefix=voice_key_prefix(cluster))
-    flights = SingleFlight()
+    flights = SingleFlight(memory=held_audio)
     speech = SpeechService(
         cache=cache,
         flights=flights,
@@ -121,6 +126,7 @@ def create_app(
         [*routes_openai.BODY_MODELS, *routes_synthesize.BODY_MODELS, *routes_voices.BODY_MODELS],
     )
     app.add_middleware(SpeechHitFastPath, state=app.state.gateway)
+    app.add_middleware(ByteCapMiddleware, budget=held_audio)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     route_paths = {route.endpoint: route.path for route in routes}

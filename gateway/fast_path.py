@@ -3,12 +3,16 @@
 A hit is the hot path of the whole service, and most of its cost was framework layers
 (exception and body-limit middleware, request and response objects). This middleware parses
 and keys the request with the same code the route uses (`routes_openai.speech_job`), asks the
-cache, and on a hit writes the stored bytes itself. Everything else (a miss, a bypass, SSE, a
+cache, and on a hit writes the stored bytes itself (a large entry piece by piece, as it comes
+from Redis). Everything else (a miss, a bypass, SSE, a
 running synthesis, any invalid request) falls through to the app with the body replayed,
 where the route handles it in full and raises its errors; it is told the cache already missed.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -53,7 +57,7 @@ class SpeechHitFastPath:
         if parsed.stream_format == "audio":
             result = await self._state.speech.lookup(job)
             scope[CACHE_CHECKED_SCOPE_KEY] = True
-        if result is None or result.body is None:
+        if result is None:
             await self._app(scope, replay, send)
             return
         scope["endpoint"] = create_speech
@@ -61,9 +65,36 @@ class SpeechHitFastPath:
             (name.lower().encode("latin-1"), value.encode("latin-1"))
             for name, value in result.response_headers().items()
         ]
-        headers.append((b"content-length", str(len(result.body)).encode()))
+        if result.body is not None:
+            headers.append((b"content-length", str(len(result.body)).encode()))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": result.body})
+            return
+        # A large entry, read from Redis piece by piece as it is sent (gateway.cache).
+        assert result.stream is not None
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": result.body})
+        await _send_pieces(result.stream, receive, send)
+
+
+async def _send_pieces(stream: AsyncIterator[bytes], receive: Receive, send: Send) -> None:
+    """Send every piece, stopping (and closing `stream`) as soon as the client hangs up."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    listener = asyncio.ensure_future(disconnected())
+    try:
+        async for piece in stream:
+            if listener.done():
+                return
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        listener.cancel()
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _headers(scope: Scope) -> tuple[bytes | None, bytes | None]:

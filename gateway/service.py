@@ -121,7 +121,10 @@ class SpeechService:
         self._lookups["HIT"].inc()
         self._log(job, "HIT")
         self._first_byte["HIT"].observe(time.monotonic() - job.arrived)
-        return AudioResult(cache="HIT", key=job.key, headers=entry.headers, body=entry.audio)
+        body = entry.audio if entry.stream is None else None  # a large entry streams in pieces
+        return AudioResult(
+            cache="HIT", key=job.key, headers=entry.headers, body=body, stream=entry.stream
+        )
 
     async def serve(self, job: SpeechJob, *, cache_checked: bool = False) -> AudioResult:
         """A hit, or a miss whose worker has accepted; worker errors are raised from here.

@@ -78,6 +78,12 @@ class GatewaySettings(BaseSettings):
     cache_budget_s: float = Field(default=0.1, gt=0)
     # After a Redis failure, how long the cache is skipped before Redis is tried again, in seconds.
     cache_retry_after_s: float = Field(default=1.0, ge=0)
+    # Entries larger than this are stored and read in pieces of this many bytes.
+    cache_piece_bytes: int = Field(default=256 * 1024, gt=0)
+    # Longest wait for one piece of a large hit before that response is aborted, in seconds.
+    cache_piece_timeout_s: float = Field(default=5.0, gt=0)
+    # Audio bytes the gateway may hold (miss bodies and hit pieces); above it, 503 busy.
+    max_held_audio_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     # Time to open a connection to a worker, in seconds.
     upstream_connect_timeout_s: float = Field(default=2.0, gt=0)
     # Longest silence between two chunks of a worker's stream, in seconds.

@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.memory_cap import ByteBudget
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +31,11 @@ class FlightAbortedError(Exception):
 
 
 class Flight:
-    def __init__(self, key: str | None) -> None:
+    def __init__(self, key: str | None, memory: ByteBudget | None = None) -> None:
         self.key = key
+        self._memory = memory
+        self._counted = 0
+        self._producer_done = False
         self._chunks: list[bytes] = []
         self._size = 0
         self._done = False
@@ -67,7 +73,16 @@ class Flight:
     def append(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
         self._size += len(chunk)
+        if self._memory is not None:
+            self._memory.add(len(chunk))
+            self._counted += len(chunk)
         self._wake()
+
+    def _release_memory(self) -> None:
+        """Uncount the body once nobody can read it any more: producer done, no subscriber."""
+        if self._producer_done and self._subscribers <= 0 and self._memory is not None:
+            self._memory.release(self._counted)
+            self._counted = 0
 
     def finish(self) -> None:
         self._done = True
@@ -96,6 +111,7 @@ class Flight:
         self._subscribers -= 1
         if self._subscribers <= 0 and not self._done and self._task is not None:
             self._task.cancel()
+        self._release_memory()
 
     async def headers(self) -> dict[str, str]:
         """The worker's audio headers once it has accepted, or the error that stopped it."""
@@ -119,7 +135,9 @@ Producer = Callable[[Flight], Coroutine[Any, Any, None]]
 
 
 class SingleFlight:
-    def __init__(self) -> None:
+    def __init__(self, memory: ByteBudget | None = None) -> None:
+        """`memory` counts every flight's body, from its first chunk until it is let go."""
+        self._memory = memory
         self._flights: dict[str, Flight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -144,7 +162,7 @@ class SingleFlight:
         (a cache bypass) the flight is private. `produce` must call `set_headers`, `append`
         and `finish`; an exception it raises fails the flight.
         """
-        flight = Flight(key)
+        flight = Flight(key, self._memory)
         flight.subscribe()
         if key is not None:
             self._flights[key] = flight
@@ -167,6 +185,8 @@ class SingleFlight:
                 del self._flights[flight.key]
             if not flight.done and flight._error is None:
                 flight.fail(RuntimeError("the synthesis ended without finishing"))
+            flight._producer_done = True
+            flight._release_memory()
 
     async def aclose(self) -> None:
         """Cancel every running flight (shutdown)."""

@@ -3,7 +3,8 @@
 `python -m tests.e2e.stub_worker` (WORKER_HOST, WORKER_PORT from the environment; other
 `WORKER_*` variables are ignored) serves /livez, /readyz, /v1/info, /metrics and
 POST /v1/synthesize on Hypercorn + uvloop, like the real worker, with no engine behind it:
-synthesis takes no time and the same bytes come back every time. Benchmarks use it to measure
+synthesis takes no time and the same bytes come back every time (CHUNKS chunks of a tone, or
+n chunks for a text that starts with `chunks=<n> `). Benchmarks use it to measure
 what the stack in front of a worker adds, without synthesis time and its spread.
 """
 
@@ -91,16 +92,27 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
             await _json(send, 422, {"error": {"code": "unsupported_format", "message": "stub"}})
             return
         chunk, rate = _chunk(audio_format)
+        chunks = _chunk_count(json.loads(body or b"{}").get("text", ""))
         headers = [
             (name.lower().encode(), value.encode())
             for name, value in stream_headers(audio_format, rate).items()
         ]
+        # Like a real worker: the gateway caches only audio of the model version in its key.
+        headers += [(b"x-engine", b"stub"), (b"x-model-version", INFO["model_version"].encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        for _ in range(CHUNKS):
+        for _ in range(chunks):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     else:
         await _json(send, 404, {"error": {"code": "not_found", "message": "stub"}})
+
+
+def _chunk_count(text: str) -> int:
+    """CHUNKS, or n for a text that starts with `chunks=<n> ` (tests that need long audio)."""
+    first, _, _ = text.partition(" ")
+    if first.startswith("chunks=") and first[len("chunks=") :].isdigit():
+        return int(first[len("chunks=") :])
+    return CHUNKS
 
 
 async def main() -> None:

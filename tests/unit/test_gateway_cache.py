@@ -28,11 +28,21 @@ class FakeRedis:
         await self._check()
         return self.values.get(key)
 
-    async def set(self, key: str, value: bytes, ex: int) -> bool:
+    async def set(self, key: str, value: bytes, ex: int, nx: bool = False) -> bool | None:
         await self._check()
+        if nx and key in self.values:
+            return None
         self.values[key] = value
         self.ttls[key] = ex
         return True
+
+    async def exists(self, key: str) -> int:
+        await self._check()
+        return int(key in self.values)
+
+    async def delete(self, *keys: str) -> int:
+        await self._check()
+        return sum(self.values.pop(key, None) is not None for key in keys)
 
 
 class Clock:
@@ -44,7 +54,7 @@ class Clock:
 
 
 def make_cache(
-    redis: FakeRedis, clock: Clock, **overrides: float
+    redis: FakeRedis, clock: Clock, **overrides: object
 ) -> tuple[AudioCache, GatewayMetrics]:
     metrics = GatewayMetrics()
     options = {"ttl_s": 60, "max_entry_bytes": 1000, "budget_s": 0.05, "retry_after_s": 1.0}

@@ -43,7 +43,9 @@ class HashRedis:
     async def get(self, key: str) -> bytes | None:
         return self.values.get(key)
 
-    async def set(self, key: str, value: bytes, ex: int) -> bool:
+    async def set(self, key: str, value: bytes, ex: int, nx: bool = False) -> bool | None:
+        if nx and key in self.values:
+            return None
         self.values[key] = value
         return True
 
