@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
+from functools import partial
 from typing import Any
 
 from fastapi.routing import APIRoute
@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from contract.audio import AudioFormat
 from contract.errors import STATUS_BY_CODE, ErrorCode, ServiceError, error_body
+from gateway.batch import BatchAbandonedError, run_batch
 from gateway.middleware import request_id_of
 from gateway.openapi import audio_response as audio_doc
 from gateway.openapi import errors, request_body
@@ -30,6 +31,7 @@ from gateway.upstream import PassThroughError
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _FORM_OVERHEAD_BYTES = 64 * 1024
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before the answer
 
 
 async def synthesize(request: Request) -> Response:
@@ -132,12 +134,14 @@ class BatchRequest(BaseModel):
     items: list[BatchItem] = Field(min_length=1)
 
 
-async def synthesize_batch(request: Request) -> JSONResponse:
+async def synthesize_batch(request: Request) -> Response:
     """JSON `{"items": [...]}`; answers 200 with one result per item, in order.
 
-    Each item is validated, cached and dispatched on its own, all at once; a bad item gets its
-    own `status` and `error` while the others succeed. A successful result carries the whole
-    audio as base64 with its cache outcome, key, content type, format and sample rate.
+    Each item is validated, cached and dispatched on its own, in order, at most
+    GATEWAY_BATCH_CONCURRENCY at a time (gateway.batch); a bad item gets its own `status` and
+    `error` while the others succeed. A client that hangs up cancels the batch's items. A
+    successful result carries the whole audio as base64 with its cache outcome, key, content
+    type, format and sample rate.
     """
     require_content_type(request, "application/json")
     body = parse_model(BatchBody, await request.body())
@@ -149,13 +153,17 @@ async def synthesize_batch(request: Request) -> JSONResponse:
         )
     mode = cache_mode(request.headers.get("cache-control"))
     request_id = request_id_of(request.scope)
-    results = await asyncio.gather(
-        *(
-            _batch_item(state.speech, index, item, mode, f"{request_id}-{index}")
-            for index, item in enumerate(body.items)
+    items = [
+        partial(_batch_item, state.speech, index, item, mode, f"{request_id}-{index}")
+        for index, item in enumerate(body.items)
+    ]
+    try:
+        results = await run_batch(
+            items, concurrency=state.settings.batch_concurrency, receive=request.receive
         )
-    )
-    return JSONResponse({"object": "list", "results": list(results)})
+    except BatchAbandonedError:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; logs and metrics do
+    return JSONResponse({"object": "list", "results": results})
 
 
 async def _batch_item(

@@ -114,6 +114,8 @@ class GatewaySettings(BaseSettings):
     prompt_max_s: float = Field(default=PROMPT_MAX_S, gt=0)
     # Most items in one POST /synthesize_batch.
     batch_max_items: int = Field(default=32, gt=0)
+    # Items of one batch synthesized at once; keep it within what the workers admit together.
+    batch_concurrency: int = Field(default=4, gt=0)
     # OpenAI voice names mapped to engine voice ids (`alloy=joe,echo=amy`); unmapped OpenAI
     # names fall back to the engine's default voice.
     openai_voices: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
