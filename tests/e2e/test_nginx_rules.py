@@ -8,7 +8,9 @@ provoked on purpose (a refused connection, a 503, a held stream).
 from __future__ import annotations
 
 import functools
+import json
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -245,3 +247,39 @@ def test_requests_nginx_refuses_get_json(stack: Stack, path: str, status: int) -
     assert response.status_code == status
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]["code"] in ("invalid_request", "not_found")
+
+
+def _raw(port: int, request: bytes) -> tuple[str, bytes]:
+    """Send `request` as it is; return the status line + headers and the body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return head.decode("latin-1"), body
+
+
+@pytest.mark.parametrize("listener", ["public", "internal"])
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (b"TRACE / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+        (
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n"
+            b"Connection: close\r\n\r\n",
+            501,
+        ),
+        (b"GET / HTTP/2.5\r\nHost: x\r\nConnection: close\r\n\r\n", 505),
+    ],
+    ids=["trace", "xchunked", "http-version"],
+)
+def test_errors_nginx_makes_before_any_location_are_json(
+    stack: Stack, listener: str, request_head: bytes, status: int
+) -> None:
+    settings = stack.settings
+    port = settings.public_port if listener == "public" else settings.internal_port
+    head, body = _raw(port, request_head)
+    assert head.startswith(f"HTTP/1.1 {status}"), head
+    assert "content-type: application/json" in head.lower(), head
+    assert json.loads(body)["error"]["code"] in ("method_not_allowed", "invalid_request")
