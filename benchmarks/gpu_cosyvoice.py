@@ -1,26 +1,32 @@
-"""GPU smoke benchmark: this project's CosyVoice2 engine beside the upstream implementation.
+"""GPU benchmark: the cosyvoice engine under concurrent streams, beside the upstream implementation.
 
-Builds a full-size random-weight model directory (Qwen2-0.5B shape, released flow and HiFT
-dimensions), then streams the same zero-shot request through both implementations at concurrency
-1 on the same GPU and reports time to first audio and real-time factor. Random weights never end
-speech, so both decode a fixed number of speech tokens (20 per text token, upstream's cap).
+Builds (once) a full-size random-weight model directory (Qwen2-0.5B shape, released flow and HiFT
+dimensions). Every request is zero-shot with a registered 3 s voice and decodes a fixed number of
+speech tokens (random weights never end speech; 240 tokens = 9.6 s of audio). For each
+concurrency level, that many streams start at once, in-process through `engine.stream` and/or
+through a real `python -m worker` over HTTP; it prints time to first audio p50/p99, aggregate
+audio-seconds per second, per-stream real-time factor, the worst wait past what the listener had
+left to play (underrun), and peak GPU memory. The upstream implementation (`cosyvoice2-eu`) runs
+the same request at the levels given to `--upstream`.
 
-    python benchmarks/gpu_cosyvoice.py --model-dir /tmp/cv_full --runs 3 --out results.json
+    python benchmarks/gpu_cosyvoice.py --model-dir /tmp/cv_full --concurrency 1,4,16,64,128 \
+        --modes inproc,http --upstream 1,4 --out results.json
+
+`--check` also verifies that requests batched together get the same speech as each alone (within
+the engine's stated tolerance) and exits 1 if they do not.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import importlib.util
+import base64
 import json
-import logging
-import statistics
+import os
+import subprocess
 import sys
+import threading
 import time
-import types
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +35,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.cosyvoice_tiny import build_model_dir
+from contract.playback import UNDERRUN_THRESHOLD_S, PlaybackClock
+from testbed.cosyvoice_models import build_model_dir
 from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
-from worker.engines.cosyvoice.frontend import VoicePrompt
 
 SR = 24000
-TEXT = "Hello world, this is a test."
+TEXT = "Hello world, this is a test of streaming speech."
 PROMPT_TEXT = "Hello world, this is a prompt."
+BATCH_AUDIO_TOLERANCE = 1e-2
 
 
 def prompt_audio(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
@@ -45,91 +52,228 @@ def prompt_audio(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
     return wav.astype(np.float32)
 
 
-async def run_ours(engine: CosyVoiceEngine, request: EngineRequest) -> dict[str, float]:
-    start = time.perf_counter()
-    first = None
-    samples = 0
-    async for chunk in engine.stream(request):
-        if first is None:
-            first = time.perf_counter() - start
-        samples += chunk.size
-    wall = time.perf_counter() - start
-    return {"ttfa_s": first or wall, "wall_s": wall, "audio_s": samples / SR}
+class StreamStats:
+    """What one client saw: first audio, chunk arrivals against playback, total audio."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.first: float | None = None
+        self.clock = PlaybackClock()
+        self.error: str | None = None
+        self.ended = started
+
+    def chunk(self, samples: int) -> None:
+        now = time.perf_counter()
+        if self.first is None and samples:
+            self.first = now - self.started
+        self.clock.chunk(now, samples / SR)
+        self.ended = now
 
 
-def check_concurrent(engine: CosyVoiceEngine, request: EngineRequest) -> None:
-    """Three requests at once give the same audio as one alone (no shared state, no races)."""
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
 
-    async def collect() -> np.ndarray:
+
+def summarize(name: str, concurrency: int, stats: list[StreamStats], wall: float,
+              peak_gib: float) -> dict[str, Any]:
+    ok = [s for s in stats if s.error is None and s.first is not None]
+    audio = sum(s.clock.audio_s for s in ok)
+    row = {
+        "name": name, "concurrency": concurrency, "ok": len(ok), "failed": len(stats) - len(ok),
+        "ttfa_p50_ms": 1000 * percentile([s.first for s in ok if s.first is not None], 50),
+        "ttfa_p99_ms": 1000 * percentile([s.first for s in ok if s.first is not None], 99),
+        "audio_s_per_s": audio / wall,
+        "rtf_p50": percentile([(s.ended - s.started) / s.clock.audio_s for s in ok], 50),
+        "rtf_max": max(((s.ended - s.started) / s.clock.audio_s for s in ok), default=float("nan")),
+        "worst_gap_p50_ms": 1000 * percentile([s.clock.worst_gap_s for s in ok], 50),
+        "worst_gap_max_ms": 1000 * max((s.clock.worst_gap_s for s in ok), default=float("nan")),
+        "no_underrun_share": (sum(not s.clock.underrun for s in ok) / len(ok)) if ok else 0.0,
+        "peak_gpu_gib": peak_gib,
+        "errors": sorted({s.error for s in stats if s.error})[:3],
+    }
+    print(f"{name:<10} c={concurrency:<4} ok {row['ok']:>4} fail {row['failed']:>3}  "
+          f"ttfa p50 {row['ttfa_p50_ms']:7.0f} p99 {row['ttfa_p99_ms']:7.0f} ms  "
+          f"{row['audio_s_per_s']:7.1f} audio-s/s  rtf p50 {row['rtf_p50']:.3f} "
+          f"max {row['rtf_max']:.3f}  worst gap p50 {row['worst_gap_p50_ms']:6.0f} "
+          f"max {row['worst_gap_max_ms']:6.0f} ms  "
+          f"no-underrun {100 * row['no_underrun_share']:5.1f}%  peak {peak_gib:5.1f} GiB",
+          flush=True)
+    return row
+
+
+def peak_memory_gib(reset: bool = False) -> float:
+    if not torch.cuda.is_available():
+        return 0.0
+    value = torch.cuda.max_memory_allocated() / 2**30
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return value
+
+
+# -- in-process ---------------------------------------------------------------------------------
+
+async def stream_inproc(engine: CosyVoiceEngine, request: EngineRequest) -> StreamStats:
+    stats = StreamStats(time.perf_counter())
+    try:
+        async for chunk in engine.stream(request):
+            stats.chunk(chunk.size)
+    except Exception as e:
+        stats.error = repr(e)[:200]
+    return stats
+
+
+class StageTimer:
+    """Wall time and calls of the scheduler's batched stages (decode step, prefill, audio)."""
+
+    def __init__(self, engine: CosyVoiceEngine) -> None:
+        scheduler = engine._require()[0]
+        self.totals: dict[str, list[float]] = {}
+        self._wrap(scheduler.decoder, "step", lambda a: len(a[0]))
+        self._wrap(scheduler.decoder, "prefill", lambda a: 1)
+        self._wrap(scheduler.audio, "run", lambda a: len(a[0]))
+
+    def _wrap(self, owner: Any, name: str, rows: Any) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args)
+            finally:
+                entry = self.totals.setdefault(name, [0.0, 0.0, 0.0])
+                entry[0] += time.perf_counter() - started
+                entry[1] += 1
+                entry[2] += rows(args)
+
+        setattr(owner, name, timed)
+
+    def report(self) -> dict[str, Any]:
+        out = {name: {"calls": int(n), "mean_ms": 1000 * t / max(n, 1),
+                      "mean_rows": r / max(n, 1), "total_s": t}
+               for name, (t, n, r) in self.totals.items()}
+        print("  stages: " + "; ".join(
+            f"{k} {v['calls']} calls x {v['mean_ms']:.1f} ms ({v['mean_rows']:.1f} rows)"
+            for k, v in out.items()), flush=True)
+        self.totals.clear()
+        return out
+
+
+async def sweep_inproc(engine: CosyVoiceEngine, levels: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    timer = StageTimer(engine)
+    for c in levels:
+        peak_memory_gib(reset=True)
+        requests = [EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=i) for i in range(c)]
+        started = time.perf_counter()
+        stats = await asyncio.gather(*(stream_inproc(engine, r) for r in requests))
+        rows.append(summarize("inproc", c, list(stats), time.perf_counter() - started,
+                              peak_memory_gib()))
+        rows[-1]["stages"] = timer.report()
+    return rows
+
+
+def check_batched(engine: CosyVoiceEngine) -> bool:
+    """Requests batched together give each its solo audio within the stated tolerance."""
+
+    async def collect(seed: int) -> np.ndarray:
+        request = EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=seed)
         return np.concatenate([c async for c in engine.stream(request)])
 
-    async def together() -> list[np.ndarray]:
-        return list(await asyncio.gather(collect(), collect(), collect()))
+    async def run() -> bool:
+        solo = [await collect(seed) for seed in (1, 2, 3)]
+        again = await collect(1)
+        together = await asyncio.gather(*(collect(s) for s in (1, 2, 3, 4, 5, 6, 7, 8)))
+        def diff(a: np.ndarray, b: np.ndarray) -> float:
+            return float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
 
-    solo = asyncio.run(collect())
-    outs = asyncio.run(together())
-    same = [bool(np.array_equal(o, solo)) for o in outs]
-    close = [float(np.abs(o - solo).max()) if o.shape == solo.shape else -1.0 for o in outs]
-    print(f"  concurrent x3 identical to solo: {same} (max abs diff {close})", flush=True)
+        alone = diff(again, solo[0])
+        batched = [diff(t, s) for t, s in zip(together, solo, strict=False)]
+        ok = max([alone, *batched]) <= BATCH_AUDIO_TOLERANCE
+        print(f"check: alone twice max abs diff {alone:.2e} (identical: {alone == 0}); batched "
+              f"vs alone {[f'{d:.2e}' for d in batched]} (tolerance {BATCH_AUDIO_TOLERANCE}, "
+              f"equal lengths = equal speech tokens) -> {'ok' if ok else 'FAILED'}", flush=True)
+        return ok
 
-
-def bench_ours(model_dir: Path, dtype: str, tokens: int, runs: int,
-               voice: bytes, cuda_graph: bool) -> list[dict[str, float]]:
-    engine = CosyVoiceEngine(model_dir, device="cuda", dtype=dtype, fixed_speech_tokens=tokens,
-                             cuda_graph=cuda_graph)
-    engine.load()
-    engine.warm_up()
-    engine.add_voice("prompt", voice)
-    request = EngineRequest(text=TEXT, voice="prompt", speed=1.0, seed=1)
-    print(f"ours {dtype} graph={cuda_graph}: loaded and warm", flush=True)
-    check_concurrent(engine, request)
-    results = []
-    for i in range(runs + 1):
-        row = asyncio.run(run_ours(engine, request))
-        print(f"  ours {dtype} run {i}: {row}", flush=True)
-        if i > 0:
-            results.append(row)
-    del engine
-    torch.cuda.empty_cache()
-    return results
+    return asyncio.run(run())
 
 
-def _shims() -> None:
-    fu = types.ModuleType("cosyvoice.utils.file_utils")
-    fu.logging = logging  # type: ignore[attr-defined]
-    fu.convert_onnx_to_trt = None  # type: ignore[attr-defined]
-    fu.export_cosyvoice2_vllm = None  # type: ignore[attr-defined]
-    sys.modules["cosyvoice.utils.file_utils"] = fu
-    spec = importlib.util.find_spec("matcha")
-    assert spec is not None
-    assert spec.origin is not None
-    mu = types.ModuleType("matcha.utils")
-    mu.__path__ = [str(Path(spec.origin).parent / "utils")]
-    sys.modules["matcha.utils"] = mu
-    importlib.import_module("matcha").utils = mu
-    pl = types.ModuleType("matcha.utils.pylogger")
-    pl.get_pylogger = logging.getLogger  # type: ignore[attr-defined]
-    sys.modules["matcha.utils.pylogger"] = pl
-    audio = types.ModuleType("matcha.utils.audio")
+# -- through the worker over HTTP ---------------------------------------------------------------
 
-    def mel_spectrogram(*args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError
-
-    audio.mel_spectrogram = mel_spectrogram  # type: ignore[attr-defined]
-    sys.modules["matcha.utils.audio"] = audio
-    mu.audio = audio  # type: ignore[attr-defined]
+async def stream_http(client: Any, url: str, body: dict[str, Any]) -> StreamStats:
+    stats = StreamStats(time.perf_counter())
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                stats.error = f"HTTP {response.status_code} {(await response.aread())[:120]!r}"
+                return stats
+            pending = b""
+            async for part in response.aiter_bytes():
+                pending += part
+                whole = len(pending) // 4 * 4
+                stats.chunk(whole // 4)
+                pending = pending[whole:]
+    except Exception as e:
+        stats.error = repr(e)[:200]
+    return stats
 
 
-def bench_upstream(model_dir: Path, runs: int, voice: VoicePrompt, text_ids: list[int],
-                   prompt_ids: list[int]) -> list[dict[str, float]]:
-    _shims()
-    warnings.simplefilter("ignore")
+def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
+               dtype: str, device: str, log_dir: Path) -> list[dict[str, Any]]:
+    import httpx
+
+    port = 19231
+    env = os.environ | {
+        "WORKER_PORT": str(port), "WORKER_HOST": "127.0.0.1", "WORKER_ENGINE": "cosyvoice",
+        "WORKER_MODEL_DIR": str(model_dir), "WORKER_DEVICE": device,
+        "WORKER_MAX_CONCURRENCY": str(max(levels)), "WORKER_MAX_QUEUE": "0",
+        "WORKER_ENGINE_OPTIONS": json.dumps({"dtype": dtype, "fixed_speech_tokens": tokens,
+                                             "max_streams": max(max(levels), 8)}),
+    }
+    log = (log_dir / "worker.log").open("w")
+    worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited with {worker.returncode}; see worker.log")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError("worker never became ready")
+
+        async def level(c: int) -> dict[str, Any]:
+            limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+            async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+                bodies = [{"text": TEXT, "voice": "bench", "seed": i, "format": "pcm_f32le",
+                           "voice_features": base64.b64encode(features).decode()}
+                          for i in range(c)]
+                started = time.perf_counter()
+                stats = await asyncio.gather(
+                    *(stream_http(client, f"{base}/v1/synthesize", b) for b in bodies))
+                return summarize("http", c, list(stats), time.perf_counter() - started, 0.0)
+
+        return [asyncio.run(level(c)) for c in levels]
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+        log.close()
+
+
+# -- upstream ------------------------------------------------------------------------------------
+
+def sweep_upstream(model_dir: Path, levels: list[int], voice: Any, text_ids: list[int],
+                   prompt_ids: list[int], tokens: int) -> list[dict[str, Any]]:
+    from testbed import cosyvoice_upstream
+
+    configs = cosyvoice_upstream.load_configs(model_dir)
     from cosyvoice.cli.model import CosyVoice2Model
-    from hyperpyyaml import load_hyperpyyaml
 
-    with (model_dir / "cosyvoice2.yaml").open() as f:
-        configs = load_hyperpyyaml(
-            f, overrides={"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")})
     model = CosyVoice2Model(configs["llm"], configs["flow"], configs["hift"], fp16=True)
     model.load(str(model_dir / "llm.pt"), str(model_dir / "flow.pt"), str(model_dir / "hift.pt"))
     inputs = {
@@ -141,69 +285,95 @@ def bench_upstream(model_dir: Path, runs: int, voice: VoicePrompt, text_ids: lis
         "llm_embedding": voice.embedding,
         "flow_embedding": voice.embedding,
     }
-    results = []
-    for i in range(runs + 1):
-        torch.manual_seed(i)
-        start = time.perf_counter()
-        first = None
-        samples = 0
-        for out in model.tts(**inputs, stream=True):
-            if first is None:
-                first = time.perf_counter() - start
-            samples += out["tts_speech"].shape[1]
-        wall = time.perf_counter() - start
-        row = {"ttfa_s": first or wall, "wall_s": wall, "audio_s": samples / SR}
-        print(f"  upstream run {i}: {row}", flush=True)
-        if i > 0:
-            results.append(row)
-    return results
+    # Random weights never stop: upstream's own cap (20 per text token) sets the length.
+    print(f"upstream decodes {20 * len(text_ids)} tokens per request (ours {tokens})")
+
+    def one(stats: StreamStats) -> None:
+        try:
+            for out in model.tts(**inputs, stream=True):
+                stats.chunk(out["tts_speech"].shape[1])
+        except Exception as e:
+            stats.error = repr(e)[:200]
+
+    rows = []
+    for c in levels:
+        peak_memory_gib(reset=True)
+        started = time.perf_counter()
+        stats = [StreamStats(started) for _ in range(c)]
+        threads = [threading.Thread(target=one, args=(s,)) for s in stats]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows.append(summarize("upstream", c, stats, time.perf_counter() - started,
+                              peak_memory_gib()))
+    return rows
 
 
-def summary(name: str, rows: list[dict[str, float]]) -> dict[str, Any]:
-    ttfa = statistics.median(r["ttfa_s"] for r in rows)
-    rtf = statistics.median(r["wall_s"] / r["audio_s"] for r in rows)
-    audio = statistics.median(r["audio_s"] for r in rows)
-    print(f"{name:<28} ttfa {ttfa * 1000:8.0f} ms   rtf {rtf:6.3f}   audio {audio:5.1f} s")
-    return {"name": name, "ttfa_s": ttfa, "rtf": rtf, "audio_s": audio, "runs": rows}
+def levels_arg(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=levels_arg, default=levels_arg("1,4,16,64,128"))
+    parser.add_argument("--modes", default="inproc", help="inproc,http")
+    parser.add_argument("--upstream", type=levels_arg, default=[], help="levels, e.g. 1,4")
+    parser.add_argument("--tokens", type=int, default=240)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda", help="cpu for a dry run on a tiny model")
+    parser.add_argument("--check", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--skip-upstream", action="store_true")
-    parser.add_argument("--variants", default="bfloat16:graph,float16:graph,bfloat16:eager",
-                        help="comma-separated dtype:graph|eager runs of this engine")
     args = parser.parse_args()
     if not (args.model_dir / "flow.pt").exists():
         t = time.perf_counter()
         build_model_dir(args.model_dir, size="full")
-        print(f"built full-size model dir in {time.perf_counter() - t:.0f} s")
-    print("preparing prompt features", flush=True)
-    probe = CosyVoiceEngine(args.model_dir)
-    probe.load()
-    frontend = probe._require()[1]
+        print(f"built full-size model dir in {time.perf_counter() - t:.0f} s", flush=True)
+    out_dir = args.out.parent if args.out else Path(".")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    report: dict[str, Any] = {"device": device_name, "tokens": args.tokens, "results": []}
+    t = time.perf_counter()
+    engine = CosyVoiceEngine(args.model_dir, device=args.device, dtype=args.dtype,
+                             fixed_speech_tokens=args.tokens,
+                             max_streams=max(max(args.concurrency), 8))
+    engine.load()
+    engine.warm_up()
+    print(f"engine loaded and warm in {time.perf_counter() - t:.1f} s "
+          f"(KV pool {engine._require()[0].decoder.pool.nbytes() / 2**30:.1f} GiB)", flush=True)
+    frontend = engine._require()[1]
     voice = frontend.voice_prompt(prompt_audio(), 16000, PROMPT_TEXT)
-    text_ids = frontend.encode(TEXT)
-    prompt_ids = frontend.encode(PROMPT_TEXT)
-    tokens = 20 * len(text_ids)
-    del probe
-    print(f"device {torch.cuda.get_device_name()}; text tokens {len(text_ids)}; "
-          f"speech tokens {tokens}; prompt tokens {voice.speech_tokens.shape[1]}")
-    report = []
-    variants = [v.split(":") for v in args.variants.split(",") if v]
-    for dtype, mode in variants:
-        graph = mode == "graph"
-        rows = bench_ours(args.model_dir, dtype, tokens, args.runs, voice.to_bytes(), graph)
-        report.append(summary(f"ours {dtype}{' graph' if graph else ' eager'}", rows))
-    if not args.skip_upstream:
-        rows = bench_upstream(args.model_dir, args.runs, voice, text_ids, prompt_ids)
-        report.append(summary("upstream fp16 (cosyvoice2-eu)", rows))
+    features = engine.compute_voice(prompt_audio(), 16000, PROMPT_TEXT)
+    engine.add_voice("bench", features)
+    print(f"device {report['device']}; prompt tokens {voice.speech_tokens.shape[1]}; "
+          f"speech tokens per request {args.tokens}", flush=True)
+    passed = True
+    if args.check:
+        passed = check_batched(engine)
+    modes = args.modes.split(",")
+    if "inproc" in modes:
+        report["results"] += asyncio.run(sweep_inproc(engine, args.concurrency))
+    engine._require()[0].stop()
+    text_ids, prompt_ids = frontend.encode(TEXT), frontend.encode(PROMPT_TEXT)
+    del engine
+    torch.cuda.empty_cache()
+    if "http" in modes:
+        report["results"] += sweep_http(args.model_dir, features, args.concurrency, args.tokens,
+                                        args.dtype, args.device, out_dir)
+    if args.upstream:
+        report["results"] += sweep_upstream(args.model_dir, args.upstream, voice, text_ids,
+                                            prompt_ids, args.tokens)
+    print(f"\nunderrun threshold {UNDERRUN_THRESHOLD_S * 1000:.0f} ms; audio per request "
+          f"{args.tokens / 25:.1f} s")
+    for row in report["results"]:
+        print(f"{row['name']:<9} c={row['concurrency']:<4} ttfa p50 {row['ttfa_p50_ms']:6.0f} "
+              f"p99 {row['ttfa_p99_ms']:6.0f} ms  {row['audio_s_per_s']:7.1f} audio-s/s  "
+              f"rtf max {row['rtf_max']:.2f}  gap max {row['worst_gap_max_ms']:6.0f} ms  "
+              f"ok {row['ok']}/{row['ok'] + row['failed']}  peak {row['peak_gpu_gib']:.1f} GiB")
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                        "results": report}, indent=2))
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

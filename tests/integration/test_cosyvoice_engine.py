@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from contract.errors import ErrorCode, ServiceError
-from tests.support.cosyvoice_tiny import build_model_dir
+from testbed.cosyvoice_models import build_model_dir
 from worker.engines import create_engine
 from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.config import ModelDirError

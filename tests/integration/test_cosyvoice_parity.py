@@ -1,16 +1,7 @@
-"""Parity with the upstream implementation (PyPI `cosyvoice2-eu`) on the same random weights.
-
-Upstream hard-imports packages it does not need for these stages (torchaudio, hydra through
-`matcha.utils`, TensorRT helpers); the shims below stand in for them inside this test only.
-"""
+"""Parity with the upstream implementation (PyPI `cosyvoice2-eu`) on the same random weights."""
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-import sys
-import types
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.cosyvoice_tiny import build_model_dir
+from testbed import cosyvoice_upstream
+from testbed.cosyvoice_models import build_model_dir
 from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.features import prompt_mel, slaney_mel_filters
 from worker.engines.cosyvoice.llm import SpeechLM
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("cosyvoice") is None, reason="reference cosyvoice2-eu not installed"
+    not cosyvoice_upstream.available(), reason="reference cosyvoice2-eu not installed"
 )
-
-
-def _install_shims() -> None:
-    if "cosyvoice.utils.file_utils" not in sys.modules:
-        fu = types.ModuleType("cosyvoice.utils.file_utils")
-        fu.logging = logging  # type: ignore[attr-defined]
-        fu.convert_onnx_to_trt = None  # type: ignore[attr-defined]
-        fu.export_cosyvoice2_vllm = None  # type: ignore[attr-defined]
-        sys.modules["cosyvoice.utils.file_utils"] = fu
-    if "matcha.utils" not in sys.modules:
-        spec = importlib.util.find_spec("matcha")
-        assert spec is not None
-        assert spec.origin is not None
-        mu = types.ModuleType("matcha.utils")
-        mu.__path__ = [str(Path(spec.origin).parent / "utils")]
-        sys.modules["matcha.utils"] = mu
-        importlib.import_module("matcha").utils = mu
-        pl = types.ModuleType("matcha.utils.pylogger")
-        pl.get_pylogger = logging.getLogger  # type: ignore[attr-defined]
-        sys.modules["matcha.utils.pylogger"] = pl
-        importlib.import_module("matcha.utils.audio")
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +28,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def upstream(model_dir: Path) -> dict[str, Any]:
-    _install_shims()
-    from hyperpyyaml import load_hyperpyyaml
-
-    # Upstream's own deprecation warnings are not this project's to fix.
-    with warnings.catch_warnings(), (model_dir / "cosyvoice2.yaml").open() as f:
-        warnings.simplefilter("ignore")
-        configs = load_hyperpyyaml(
-            f, overrides={"qwen_pretrain_path": str(model_dir / "CosyVoice-BlankEN")}
-        )
+    configs = cosyvoice_upstream.load_configs(model_dir)
     llm, flow, hift = configs["llm"], configs["flow"], configs["hift"]
     llm.load_state_dict(torch.load(model_dir / "llm.pt", map_location="cpu"), strict=True)
     flow.load_state_dict(torch.load(model_dir / "flow.pt", map_location="cpu"), strict=True)

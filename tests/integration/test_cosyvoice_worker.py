@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.support.cosyvoice_tiny import build_model_dir
+from testbed.cosyvoice_models import build_model_dir
 from tests.support.processes import RunningProcess, free_port, python_service
 
 TEXT = "Hello there, this is a streaming test of the speech engine today."

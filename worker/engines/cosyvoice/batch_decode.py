@@ -74,6 +74,7 @@ class BatchDecoder:
     def positions(self) -> int:
         return self.pool.positions
 
+    @torch.inference_mode()
     def capture(self) -> None:
         """Record a graph of `step` for every bucket (GPU only; idempotent)."""
         if not self.use_graphs or self._graphs:
@@ -150,6 +151,7 @@ class BatchDecoder:
                 line[self.width - len(recent) :] = recent
         return table
 
+    @torch.inference_mode()
     def _compute(self, size: int) -> None:
         inputs = self._inputs[:size]
         x = self.lm.speech_embedding(inputs[:, _TOKEN]).unsqueeze(1)
