@@ -17,7 +17,7 @@ import redis
 import soundfile as sf
 
 from tests.support.audio import decode
-from tests.support.cosyvoice_tiny import build_model_dir
+from testbed.cosyvoice_models import build_model_dir
 from tests.support.processes import RunningProcess, free_port, python_service, redis_server
 from worker.engines.cosyvoice.frontend import VoicePrompt
 
@@ -117,7 +117,6 @@ def test_a_registered_voice_is_computed_once_and_served_from_its_features(
     second = _synthesize(gateway, voice["id"])
     assert second.status_code == 200
     assert second.headers["X-Cache"] == "HIT"
-    print("HEADS", first.content[:60], second.content[:60], len(first.content), len(second.content))
     assert second.content[44:] == first.content[44:]  # a complete WAV now: only sizes differ
 
     assert _metric(worker, "worker_syntheses_started_total") == started + 1
@@ -203,7 +202,8 @@ def test_the_worker_refuses_features_of_another_model_version(
         assert r.status_code == 200
         r.read()
     prompt = VoicePrompt.from_bytes(features)
-    assert prompt.model_version == computed.headers["X-Model-Version"]
+    # The worker's version is the engine's, plus its loudness level (docs/worker.md).
+    assert computed.headers["X-Model-Version"].startswith(prompt.model_version + "+")
     older = replace(prompt, model_version="0123456789ab").to_bytes()
     for blob, code in ((older, "voice_outdated"), (features[:-100], "invalid_request")):
         body["voice_features"] = base64.b64encode(blob).decode()
