@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import Path
+from fastapi import Path, Query
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -34,6 +34,8 @@ from gateway.voices import VOICE_ID_PATTERN, RegisteredVoice
 from gateway.workers import BuiltinVoice, EngineInfo
 
 VoiceId = Annotated[str, Path(description="A built-in or registered voice id.")]
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
 
 
 def _builtin(voice: BuiltinVoice, info: EngineInfo) -> BuiltinVoiceOut:
@@ -51,20 +53,45 @@ def _registered(voice: RegisteredVoice) -> RegisteredVoiceOut:
     return RegisteredVoiceOut.model_validate(voice.public())
 
 
-async def list_voices(request: Request) -> JSONResponse:
-    """Built-in voices of the engine, registered voices, and where OpenAI's names point."""
+async def list_voices(
+    request: Request,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_PAGE, description="Voices on this page (built-in ones first).")
+    ] = DEFAULT_PAGE,
+    after: Annotated[
+        str | None,
+        Query(max_length=128, description="The `last_id` of the previous page."),
+    ] = None,
+) -> JSONResponse:
+    """Built-in voices of the engine, then registered voices by id, a page at a time, and
+    where OpenAI's names point. `has_more` says whether a next page exists; ask for it with
+    `after=<last_id>`. A page costs two Redis calls however many voices are registered."""
     state = gateway_state(request)
     info = await state.directory.current()
-    registered = await state.voices.list()
+    builtin_ids = [voice.id for voice in info.voices]
+    start = builtin_ids.index(after) + 1 if after in builtin_ids else 0
+    if after is not None and after not in builtin_ids:
+        start = len(builtin_ids)  # the cursor is a registered voice: built-ins are done
+    data: list[BuiltinVoiceOut | RegisteredVoiceOut] = [
+        _builtin(voice, info) for voice in info.voices[start : start + limit]
+    ]
+    room = limit - len(data)
+    registered_after = after if after is not None and after not in builtin_ids else None
+    if room > 0:
+        registered, has_more = await state.voices.page(registered_after, room)
+        data += [_registered(voice) for voice in registered]
+    else:
+        has_more = start + limit < len(builtin_ids) or await state.voices.count() > 0
     aliases = {
         name: state.settings.openai_voices.get(name, info.default_voice)
         for name in OPENAI_VOICE_NAMES
     }
-    data: list[BuiltinVoiceOut | RegisteredVoiceOut] = [
-        _builtin(voice, info) for voice in info.voices
-    ]
-    data += [_registered(voice) for voice in registered]
-    voices = VoiceList(data=data, openai_aliases=aliases)
+    voices = VoiceList(
+        data=data,
+        openai_aliases=aliases,
+        has_more=has_more,
+        last_id=data[-1].id if data else None,
+    )
     return JSONResponse(voices.model_dump(mode="json"))
 
 
@@ -152,9 +179,9 @@ ROUTES = [
         "/v1/voices",
         list_voices,
         methods=["GET"],
-        summary="Built-in and registered voices",
+        summary="Built-in and registered voices, a page at a time",
         response_model=VoiceList,
-        responses=errors(401, 429, 502, 503),
+        responses=errors(401, 422, 429, 502, 503),
     ),
     APIRoute(
         "/v1/voices/{voice_id}",

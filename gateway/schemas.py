@@ -99,6 +99,10 @@ class VoiceList(BaseModel):
     object: Literal["list"] = "list"
     data: list[BuiltinVoiceOut | RegisteredVoiceOut]
     openai_aliases: dict[str, str] = Field(description="OpenAI voice name -> engine voice id.")
+    has_more: bool = Field(default=False, description="Whether a next page exists.")
+    last_id: str | None = Field(
+        default=None, description="The last voice of this page: the next page's `after`."
+    )
 
 
 class BatchSuccess(BaseModel):

@@ -14,6 +14,7 @@ voice costs one small Redis read.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -114,12 +115,7 @@ class VoiceStore:
         )
         if all(value is None for value in values):
             return None
-        fields = {
-            name.encode(): _bytes(value)
-            for name, value in zip(_META_FIELDS, values, strict=True)
-            if value is not None
-        }
-        return _from_hash(voice_id, fields)
+        return _from_hash(voice_id, _fields(values))
 
     async def features(self, voice_id: str) -> bytes | None:
         """The voice's stored features; None when the voice is gone or has none."""
@@ -127,6 +123,34 @@ class VoiceStore:
             return None
         value = await self._bounded(self._client.hget(self._prefix + voice_id, FEATURES_FIELD))
         return _bytes(value) if value else None
+
+    async def page(self, after: str | None, limit: int) -> tuple[list[RegisteredVoice], bool]:
+        """Up to `limit` registered voices, by id, whose ids sort after `after`; and whether
+        more follow. Two Redis calls whatever the number of voices: the index, then one
+        pipeline for the page's descriptions (never one round trip per voice)."""
+        members = await self._bounded(self._client.smembers(VOICE_INDEX_KEY))
+        ids = sorted(_bytes(member).decode() for member in members)
+        start = bisect.bisect_right(ids, after) if after is not None else 0
+        chosen = ids[start : start + limit]
+
+        async def read() -> list[list[bytes | str | None]]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for voice_id in chosen:
+                    pipe.hmget(self._prefix + voice_id, list(_META_FIELDS))
+                rows: list[list[bytes | str | None]] = await pipe.execute()
+                return rows
+
+        rows = await self._bounded(read()) if chosen else []
+        voices = [
+            _from_hash(voice_id, _fields(values))
+            for voice_id, values in zip(chosen, rows, strict=True)
+            if any(value is not None for value in values)  # deleted since the index was read
+        ]
+        return voices, start + limit < len(ids)
+
+    async def count(self) -> int:
+        """How many voices are registered."""
+        return int(await self._bounded(self._client.scard(VOICE_INDEX_KEY)))
 
     async def list(self) -> list[RegisteredVoice]:
         ids = await self._bounded(self._client.smembers(VOICE_INDEX_KEY))
@@ -199,6 +223,15 @@ def check_current(voice: RegisteredVoice, info: EngineInfo) -> None:
             f"{voice.model_version!r}; the service now runs {info.engine} model version "
             f"{info.model_version!r}. Register the recording again.",
         )
+
+
+def _fields(values: list[bytes | str | None]) -> dict[bytes, bytes]:
+    """An HMGET of `_META_FIELDS` as the field mapping `_from_hash` reads."""
+    return {
+        name.encode(): _bytes(value)
+        for name, value in zip(_META_FIELDS, values, strict=True)
+        if value is not None
+    }
 
 
 def _bytes(value: bytes | str) -> bytes:

@@ -61,6 +61,9 @@ class HashRedis:
     async def smembers(self, key: str) -> set[bytes]:
         return set(self.sets.get(key, set()))
 
+    async def scard(self, key: str) -> int:
+        return len(self.sets.get(key, set()))
+
     def pipeline(self, transaction: bool = True) -> Pipeline:
         return Pipeline(self)
 
@@ -104,6 +107,10 @@ class Pipeline:
     def _sadd(self, key: str, member: str) -> int:
         self._redis.sets.setdefault(key, set()).add(member.encode())
         return 1
+
+    def _hmget(self, key: str, names: list[str]) -> list[bytes | None]:
+        fields = self._redis.hashes.get(key, {})
+        return [fields.get(name.encode()) for name in names]
 
     def _srem(self, key: str, member: str) -> int:
         members = self._redis.sets.get(key, set())
@@ -345,3 +352,53 @@ async def test_an_engine_without_cloning_refuses_before_any_worker_call(
     assert refused.json()["error"]["code"] == "prompt_unsupported"
     assert worker.feature_requests == []
     assert redis.hashes == {}
+
+
+def store_voices(redis: HashRedis, count: int) -> list[str]:
+    ids = [f"voice-{n:05d}" for n in range(count)]
+    for voice_id in ids:
+        redis.hashes[f"voice:{voice_id}"] = {
+            b"name": voice_id.encode(),
+            b"engine": b"clone",
+            b"model_version": b"v1",
+            b"prompt_sha256": b"0" * 64,
+            b"created_at": b"1.0",
+            b"features": b"F",
+        }
+    redis.sets.setdefault("voices", set()).update(voice_id.encode() for voice_id in ids)
+    return ids
+
+
+async def test_voices_are_listed_a_page_at_a_time(
+    client: httpx.AsyncClient, redis: HashRedis
+) -> None:
+    registered = store_voices(redis, 250)
+    seen: list[str] = []
+    pages = 0
+    after: str | None = None
+    while True:
+        params: dict[str, str | int] = {"limit": 100, **({"after": after} if after else {})}
+        page = (await client.get("/v1/voices", params=params)).json()
+        pages += 1
+        assert len(page["data"]) <= 100
+        seen += [voice["id"] for voice in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+        assert after == seen[-1]
+    builtin = [voice["id"] for voice in INFO["voices"]]  # type: ignore[attr-defined]
+    assert seen == [*builtin, *registered]
+    assert pages == 3
+    redis.hashes.pop(f"voice:{registered[10]}")  # deleted after the index was read: skipped
+    page = (await client.get("/v1/voices", params={"after": registered[5], "limit": 10})).json()
+    assert [voice["id"] for voice in page["data"]] == registered[6:10] + registered[11:16]
+    assert page["has_more"], "a page may come short; has_more still says what follows"
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 100_000}, {"limit": "x"}])
+async def test_a_bad_page_request_is_422_json(
+    client: httpx.AsyncClient, params: dict[str, object]
+) -> None:
+    response = await client.get("/v1/voices", params=params)  # type: ignore[arg-type]
+    assert response.status_code == 422
+    assert response.json()["error"]["code"]
