@@ -256,7 +256,12 @@ def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
                 started = time.perf_counter()
                 stats = await asyncio.gather(
                     *(stream_http(client, f"{base}/v1/synthesize", b) for b in bodies))
-                return summarize("http", c, list(stats), time.perf_counter() - started, 0.0)
+                wall = time.perf_counter() - started
+                metrics = (await client.get(f"{base}/metrics")).text
+                held = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                           if line.startswith("worker_gpu_memory_bytes{"))
+                # Through HTTP the figure is the memory the worker holds after the level.
+                return summarize("http", c, list(stats), wall, held / 2**30)
 
         return [asyncio.run(level(c)) for c in levels]
     finally:

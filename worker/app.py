@@ -71,6 +71,7 @@ class WorkerState:
         try:
             if is_cuda_device(self.settings.device):
                 configure_torch_for_cuda()
+                self.metrics.watch_gpu(self.settings.device or "cuda")
             started = time.monotonic()
             await asyncio.to_thread(self.engine.load)
             await asyncio.to_thread(self.engine.warm_up)

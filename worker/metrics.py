@@ -84,5 +84,21 @@ class WorkerMetrics:
         self.queued.set_function(lambda: admission.waiting)
         self.max_concurrency.set(max_concurrency)
 
+    def watch_gpu(self, device: str) -> None:
+        """Export the GPU memory this process holds (torch's caching allocator) and the card's
+        total, read at each scrape; for workers whose engine runs on a CUDA `device`."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        index = torch.device(device).index or 0
+        labels = {"device": f"cuda:{index}"}
+        held = Gauge("worker_gpu_memory_bytes", "GPU memory reserved by this worker's torch.",
+                     ["device"], registry=self.registry)
+        limit = Gauge("worker_gpu_memory_limit_bytes", "Total memory of the worker's GPU.",
+                      ["device"], registry=self.registry)
+        held.labels(**labels).set_function(lambda: torch.cuda.memory_reserved(index))
+        limit.labels(**labels).set(torch.cuda.get_device_properties(index).total_memory)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

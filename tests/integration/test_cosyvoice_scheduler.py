@@ -18,6 +18,7 @@ from testbed.cosyvoice_models import build_model_dir
 from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.flow import FlowRow
+from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.pipeline import Utterance
 from worker.engines.cosyvoice.scheduler import DONE, Scheduler
 
@@ -204,3 +205,24 @@ def test_batched_vocoder_rows_match_each_row_alone(engine: CosyVoiceEngine) -> N
     for i, seed in enumerate(seeds):
         alone, _ = hift(mel[i : i + 1], None, torch.Generator().manual_seed(seed))
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_bucketed_solver_inputs_give_each_row_its_own_result(engine: CosyVoiceEngine) -> None:
+    """The graph path pads a call into a (rows, frames) bucket; padding changes nothing."""
+    flow = engine._require()[0].audio.flow
+    graphs = SolverGraphs(flow.solver, flow.cfg.output_size, torch.float32, torch.device("cpu"),
+                          steps=4, rows=(1, 4), frame_step=64, max_frames=128)
+    gen = torch.Generator().manual_seed(7)
+    b, t, c = 3, 70, flow.cfg.output_size
+    mask = (torch.arange(t) < torch.tensor([[70], [50], [64]])).unsqueeze(1).float()
+    inputs = (torch.randn(b, c, t, generator=gen), mask, torch.randn(b, c, t, generator=gen),
+              torch.randn(b, c, generator=gen), torch.randn(b, c, t, generator=gen),
+              torch.tensor([True, True, False]))
+    assert graphs.bucket_for(3, 70, steps=4) is not None
+    assert graphs.bucket_for(5, 70, steps=4) is None
+    assert graphs.bucket_for(3, 200, steps=4) is None
+    assert graphs.solve(*inputs, steps=10) is None
+    got = graphs.solve(*inputs, steps=4)
+    assert got is not None
+    want = flow.solver.solve(*inputs, steps=4)
+    torch.testing.assert_close(got * mask, want * mask, atol=1e-4, rtol=1e-4)

@@ -20,7 +20,7 @@ def create_engine(
     max_streams: int | None = None,
     max_positions: int = 3072,
     flow_steps: int = 10,
-    max_audio_rows: int = 32,
+    max_audio_rows: int = 64,
 ) -> CosyVoiceEngine:
     """The engine, from keyword options only; an option not named here fails start-up (the
     registry names it). `model_dir` (required), `device` ("cpu", "cuda", "cuda:1"...), `dtype`

@@ -23,6 +23,7 @@ from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
 from worker.engines.cosyvoice.batch_decode import BatchDecoder
 from worker.engines.cosyvoice.config import REQUIRED_FILES, ModelDirError, check_model_dir
 from worker.engines.cosyvoice.flow import FlowModel
+from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend, VoicePrompt
 from worker.engines.cosyvoice.hift import HiFTGenerator
 from worker.engines.cosyvoice.llm import SpeechLM
@@ -61,7 +62,7 @@ class CosyVoiceEngine:
         max_streams: int | None = None,
         max_positions: int = 3072,
         flow_steps: int = 10,
-        max_audio_rows: int = 32,
+        max_audio_rows: int = 64,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -109,6 +110,9 @@ class CosyVoiceEngine:
                                   config.llm.tau_r)
         decoder = BatchDecoder(llm, sampling, slots=self.max_streams,
                                positions=self.max_positions, use_graphs=self.cuda_graph)
+        if self.cuda_graph and self.device.type == "cuda":
+            flow.solver_graphs = SolverGraphs(flow.solver, flow.cfg.output_size, self.dtype,
+                                              self.device, steps=self.flow_steps)
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
         self._llm = llm
         self._scheduler = Scheduler(
@@ -135,6 +139,8 @@ class CosyVoiceEngine:
         proves the model runs."""
         scheduler, _ = self._require()
         scheduler.decoder.capture()
+        if scheduler.audio.flow.solver_graphs is not None:
+            scheduler.audio.flow.solver_graphs.capture()
         scheduler.start()
         request = EngineRequest(text=self.warm_up_text, voice=self.default_voice, speed=1.0, seed=0)
 

@@ -16,6 +16,7 @@ from torch import nn
 from worker.engines.cosyvoice.config import FlowConfig
 from worker.engines.cosyvoice.flow_decoder import Estimator, EulerSolver
 from worker.engines.cosyvoice.flow_encoder import UpsampleEncoder
+from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 
 NOISE_FRAMES = 50 * 300
 """The released model starts every utterance from the same noise: N(0, 1) drawn with seed 0."""
@@ -44,6 +45,8 @@ class FlowModel(nn.Module):
         self.solver = EulerSolver(self.decoder.estimator, cfg.inference_cfg_rate, cfg.t_scheduler)
         self.noise: torch.Tensor
         self.register_buffer("noise", fixed_noise(cfg.output_size), persistent=False)
+        self.solver_graphs: SolverGraphs | None = None
+        """Set (and captured) by the engine on a GPU: the Euler loop as graphs, small batches."""
 
     @torch.inference_mode()
     def mel(
@@ -98,10 +101,13 @@ class FlowModel(nn.Module):
         spks = self.spk_embed_affine_layer(F.normalize(embeddings, dim=1))
         mask = h_valid.unsqueeze(1).to(h.dtype)
         noise = self.noise[:, :, :total].to(h.dtype).expand(b, -1, -1)
-        feat = self.solver.solve(
-            noise, mask, h.transpose(1, 2).contiguous(), spks, cond.transpose(1, 2), streaming,
-            steps,
-        )
+        inputs = (noise, mask, h.transpose(1, 2).contiguous(), spks, cond.transpose(1, 2),
+                  streaming)
+        feat = None
+        if self.solver_graphs is not None:
+            feat = self.solver_graphs.solve(*inputs, steps)
+        if feat is None:
+            feat = self.solver.solve(*inputs, steps)
         return [
             feat[i, :, r.prompt_mel.size(0) : n * ratio]
             for i, (r, n) in enumerate(zip(rows, frames_in, strict=True))

@@ -90,7 +90,7 @@ class Scheduler:
         audio: AudioStage,
         embed: Callable[[Utterance], torch.Tensor],
         limits: DecodeLimits,
-        max_audio_rows: int = 32,
+        max_audio_rows: int = 64,
         prefill_budget: int = 2048,
     ) -> None:
         self.decoder = decoder
