@@ -139,8 +139,14 @@ class CosyVoiceEngine:
         proves the model runs."""
         scheduler, _ = self._require()
         scheduler.decoder.capture()
-        if scheduler.audio.flow.solver_graphs is not None:
-            scheduler.audio.flow.solver_graphs.capture()
+        flow = scheduler.audio.flow
+        if flow.solver_graphs is not None:
+            try:
+                flow.solver_graphs.capture()
+            except RuntimeError:
+                logger.warning("Capturing the flow's graphs failed; it runs eagerly",
+                               exc_info=True)
+                flow.solver_graphs = None
         scheduler.start()
         request = EngineRequest(text=self.warm_up_text, voice=self.default_voice, speed=1.0, seed=0)
 
