@@ -13,6 +13,7 @@ import uvloop
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from contract.hypercorn_eof import install_close_on_eof
 from contract.status_line import install_reason_phrases
 from gateway.app import create_app
 from gateway.errors import AbortedStreamFilter
@@ -54,6 +55,7 @@ async def run(settings: GatewaySettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     install_reason_phrases()
+    install_close_on_eof()
     app = create_app(settings)
     # Everything built so far lives as long as the process: keep it out of the collector's
     # full passes, whose pauses otherwise show up in the latency tail.

@@ -14,6 +14,7 @@ import uvloop
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from contract.hypercorn_eof import install_close_on_eof
 from contract.status_line import install_reason_phrases
 from worker.app import create_app
 from worker.logging_setup import configure_logging
@@ -35,6 +36,7 @@ def hypercorn_config(settings: WorkerSettings) -> Config:
 
 async def serve_worker(settings: WorkerSettings) -> int:
     install_reason_phrases()
+    install_close_on_eof()
     app = create_app(settings)
     state = app.state.worker
     stop = asyncio.Event()

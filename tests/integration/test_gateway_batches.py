@@ -10,10 +10,12 @@ next request is served.
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import httpx
 import pytest
@@ -99,3 +101,38 @@ def test_a_client_that_hangs_up_cancels_its_batch(stack: dict[str, RunningProces
         timeout=60,
     )
     assert after.status_code == 200, after.text
+
+
+def close_wait_sockets(pid: int) -> int:
+    """Sockets of process `pid` in CLOSE-WAIT (from /proc/net/tcp*, by socket inode)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    waiting = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "08" and fields[9] in inodes:  # 08: CLOSE_WAIT
+                waiting += 1
+    return waiting
+
+
+@pytest.mark.parametrize("service", ["worker", "gateway"])
+def test_connections_a_client_closed_are_closed_at_once(
+    stack: dict[str, RunningProcess], service: str
+) -> None:
+    """Readiness probes, short-lived clients and nginx retiring keep-alive connections all
+    close first; the service must close its side then, not after its keep-alive timeout."""
+    running = stack[service]
+    for _ in range(10):
+        httpx.get(f"{running.url}/readyz", timeout=5)  # a fresh connection, closed after
+        socket.create_connection(("127.0.0.1", running.port), timeout=5).close()  # no request
+    deadline = time.monotonic() + 5
+    while (left := close_wait_sockets(running.process.pid)) > 0:
+        assert time.monotonic() < deadline, f"{left} sockets still in CLOSE-WAIT after 5 s"
+        time.sleep(0.1)
