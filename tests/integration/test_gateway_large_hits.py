@@ -11,6 +11,7 @@ would hold answers new requests 503 `busy` with Retry-After while its readers fi
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import threading
@@ -24,6 +25,8 @@ import httpx
 import pytest
 
 from tests.support.processes import RunningProcess, free_port, python_service, redis_server
+
+logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 CHUNK_BYTES = 4800  # one stub chunk: 0.1 s of 24 kHz 16-bit PCM
@@ -172,6 +175,12 @@ def test_forty_slow_readers_of_a_7_mb_entry_all_hit_within_the_cap(
         assert head.startswith("HTTP/1.1 200"), head
         assert "x-cache: HIT" in head.replace("X-Cache", "x-cache"), head
         assert body == expected
+    logger.info(
+        "40 slow readers: RSS +%.1f MiB, held at most %.1f MiB, %d other hits",
+        (peak - before) / MIB,
+        held_peak / MIB,
+        len(other_hits),
+    )
     assert other_hits, "no other key was asked for meanwhile"
     assert set(other_hits) == {"HIT"}, other_hits
     assert metric(front.url, "gateway_cache_errors_total") == errors_before
@@ -193,6 +202,13 @@ def test_above_its_cap_a_gateway_answers_busy_while_its_readers_finish(
     results = [reader.result() for reader in readers]
     served = [body for head, body in results if head.startswith("HTTP/1.1 200")]
     refused = [(head, body) for head, body in results if not head.startswith("HTTP/1.1 200")]
+    logger.info(
+        "cap %d MiB: %d served, %d refused, held at most %.1f MiB",
+        SMALL_CAP // MIB,
+        len(served),
+        len(refused),
+        held_peak / MIB,
+    )
     assert served, "no reader was served"
     assert refused, "no reader was refused although 40 pieces do not fit under the cap"
     assert all(body == expected for body in served)
