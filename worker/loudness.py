@@ -1,13 +1,13 @@
 """Even loudness for every engine: a fixed gain per voice to a target (ITU-R BS.1770 integrated
 loudness, measured with pyloudnorm), then a look-ahead peak limiter under a ceiling.
 
-The gain of a built-in voice is calibrated once, at start-up: the worker synthesizes a fixed
-text with it (seed 0) and measures it, so every worker of one model version applies the same
-gain and equal requests still give equal bytes. A cloned voice (prompt audio or registered
-features) has no calibration: its gain comes from the request's first chunk (which the worker
-holds before answering anyway), or the default voice's gain when that chunk is too short to
-measure. The gain is fixed for the whole request, so loudness follows the speech and sentences
-are never levelled one by one.
+The gain of a built-in voice is calibrated once, at start-up: the worker synthesizes the first
+six seconds of a fixed text with it (seed 0) and measures them, so every worker of one model
+version applies the same gain and equal requests still give equal bytes. A cloned voice
+(prompt audio or registered features) has no calibration: its gain comes from the request's
+first chunk (which the worker holds before answering anyway), or the default voice's gain when
+that chunk is too short to measure. The gain is fixed for the whole request, so loudness
+follows the speech and sentences are never levelled one by one.
 
 The limiter keeps every sample under the ceiling with a smooth gain: the gain each sample
 needs is spread over a short window by a sliding minimum followed by a moving average of the
@@ -39,6 +39,7 @@ CALIBRATION_TEXT = (
     "with numbers like 42 and questions such as: is it ready yet?"
 )
 MAX_CALIBRATED_VOICES = 16
+CALIBRATION_MAX_S = 6.0
 GAIN_LIMIT_DB = 30.0
 LOOKAHEAD_S = 0.004
 QUANTIZATION_MARGIN = 2 / 32768
@@ -86,9 +87,7 @@ class LoudnessStage:
         if capabilities.default_voice not in voices:
             voices.insert(0, capabilities.default_voice)
         for voice in voices:
-            request = EngineRequest(text=CALIBRATION_TEXT, voice=voice, speed=1.0, seed=0)
-            pieces = [np.asarray(chunk, dtype=np.float32) async for chunk in engine.stream(request)]
-            audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+            audio = await self._calibration_audio(engine, voice)
             loudness = self.measure(audio)
             if loudness is None:
                 logger.warning("Voice %s: calibration audio has no measurable loudness", voice)
@@ -102,6 +101,25 @@ class LoudnessStage:
                 self.target_lufs,
             )
         self.default_gain = self.voice_gains.get(capabilities.default_voice, 1.0)
+
+    async def _calibration_audio(self, engine: Engine, voice: str) -> Audio:
+        """The first `CALIBRATION_MAX_S` seconds of the calibration text in `voice` (the same
+        prefix every time; the stream is closed there, so a slow engine stops early)."""
+        request = EngineRequest(text=CALIBRATION_TEXT, voice=voice, speed=1.0, seed=0)
+        pieces: list[Audio] = []
+        wanted = int(CALIBRATION_MAX_S * self.sample_rate)
+        chunks = engine.stream(request)
+        try:
+            async for chunk in chunks:
+                pieces.append(np.asarray(chunk, dtype=np.float32))
+                if sum(len(piece) for piece in pieces) >= wanted:
+                    break
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        return audio[:wanted]
 
     async def stream(
         self, chunks: AsyncIterator[Audio], request: EngineRequest
