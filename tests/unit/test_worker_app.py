@@ -230,11 +230,11 @@ def test_threads_hint_reaches_only_engines_that_declare_it(
     monkeypatch: pytest.MonkeyPatch, factory: str
 ) -> None:
     monkeypatch.setitem(ENGINES, "fake", f"tests.unit.test_worker_app:{factory}")
-    app = create_app(settings(engine="fake", threads=3))
+    app = create_app(settings(engine="fake", threads=3, loudness=False))
     assert isinstance(app.state.worker.engine, FakeEngine)
 
 
 def test_options_an_engine_does_not_take_fail_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(ENGINES, "fake", "tests.unit.test_worker_app:factory_with_threads")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="no option model_dir"):
         create_app(settings(engine="fake", model_dir="/models"))
