@@ -45,6 +45,8 @@ LOOKAHEAD_S = 0.004
 QUANTIZATION_MARGIN = 2 / 32768
 CEILING_MARGIN_DB = 0.1
 TRUE_PEAK_HEADROOM = 0.7  # samples under 70 % of the ceiling cannot hide peaks over it
+TRUE_PEAK_SLICE_S = 1
+TRUE_PEAK_MARGIN = 256  # samples of context on each side of a slice, for the resampling filter
 MIN_MEASURABLE_S = 0.4  # BS.1770 gates 400 ms blocks: shorter audio has no loudness
 
 
@@ -139,16 +141,25 @@ class LoudnessStage:
             if aclose is not None:
                 await aclose()
 
-    def _true_peaks(self, audio: Audio) -> npt.NDArray[np.float64]:
+    def _true_peaks(self, audio: Audio) -> npt.NDArray[np.float32]:
         """Each sample's magnitude, or the highest one between it and the next when 4x
-        oversampling shows more (resampling to another output rate may reveal those)."""
-        oversampled = soxr.resample(audio, self.sample_rate, 4 * self.sample_rate, quality="HQ")
-        blocks = np.zeros(4 * len(audio), dtype=np.float64)
-        used = min(len(oversampled), len(blocks))
-        blocks[:used] = np.abs(oversampled[:used])
-        peaks: npt.NDArray[np.float64] = np.maximum(
-            blocks.reshape(len(audio), 4).max(axis=1), np.abs(audio)
-        )
+        oversampling shows more (resampling to another output rate may reveal those).
+
+        Oversampled one second at a time (with a margin for the filter), so a long chunk costs
+        a bounded working set rather than four float64 copies of itself.
+        """
+        n = len(audio)
+        peaks: npt.NDArray[np.float32] = np.abs(audio).astype(np.float32)
+        for start in range(0, n, TRUE_PEAK_SLICE_S * self.sample_rate):
+            end = min(n, start + TRUE_PEAK_SLICE_S * self.sample_rate)
+            lo, hi = max(0, start - TRUE_PEAK_MARGIN), min(n, end + TRUE_PEAK_MARGIN)
+            oversampled = soxr.resample(audio[lo:hi], self.sample_rate, 4 * self.sample_rate,
+                                        quality="HQ")
+            blocks = np.zeros(4 * (hi - lo), dtype=np.float32)
+            used = min(len(oversampled), len(blocks))
+            blocks[:used] = np.abs(oversampled[:used])
+            between = blocks.reshape(hi - lo, 4).max(axis=1)[start - lo : end - lo]
+            np.maximum(peaks[start:end], between, out=peaks[start:end])
         return peaks
 
     def limit(self, audio: Audio) -> Audio:
@@ -158,15 +169,29 @@ class LoudnessStage:
         magnitude = self._true_peaks(audio)
         if float(magnitude.max()) <= self._ceiling:
             return audio
-        needed = np.minimum(1.0, self._ceiling / np.maximum(magnitude, 1e-12))
-        width = 2 * self._half_window + 1
-        padded = np.pad(needed, self._half_window, constant_values=1.0)
-        window_min = np.lib.stride_tricks.sliding_window_view(padded, width).min(axis=1)
-        padded_min = np.pad(window_min, self._half_window, constant_values=1.0)
-        sums = np.cumsum(np.concatenate(([0.0], padded_min)))
-        smooth = (sums[width:] - sums[:-width]) / width
-        gain = np.minimum(smooth, needed)  # rounding in the average must not cross the ceiling
-        limited: Audio = (audio * gain).astype(np.float32)
+        needed = np.minimum(
+            np.float32(1.0), np.float32(self._ceiling) / np.maximum(magnitude, np.float32(1e-12))
+        )
+        half = self._half_window
+        width = 2 * half + 1
+        limited: Audio = np.asarray(audio, dtype=np.float32).copy()
+        # A sample's gain depends on `needed` within two half-windows of it: smoothing one
+        # second at a time with that much context gives the same gains in a bounded working set.
+        step = TRUE_PEAK_SLICE_S * self.sample_rate
+        for start in range(0, len(audio), step):
+            end = min(len(audio), start + step)
+            lo, hi = max(0, start - 2 * half), min(len(audio), end + 2 * half)
+            segment = needed[lo:hi]
+            if float(segment.min()) >= 1.0:
+                continue
+            padded = np.pad(segment, half, constant_values=1.0)
+            window_min = np.lib.stride_tricks.sliding_window_view(padded, width).min(axis=1)
+            padded_min = np.pad(window_min, half, constant_values=1.0)
+            sums = np.cumsum(np.concatenate(([0.0], padded_min)))
+            smooth = (sums[width:] - sums[:-width]) / width
+            # Rounding in the average must not cross the ceiling.
+            gain = np.minimum(smooth, segment)[start - lo : end - lo]
+            limited[start:end] = (limited[start:end] * gain).astype(np.float32)
         return limited
 
 

@@ -93,9 +93,13 @@ def prime_worker(settings: ClusterSettings, pid: int, rounds: int = 5) -> int:
     return how many rounds that took.
 
     ONNX Runtime's memory arena grows in large steps (over 100 MiB) the first times it meets a
-    larger input or a second concurrent run, then stays: a one-off cost of the engine, not
-    buffering. It must be paid before measuring, or it hides the stream's size.
+    larger input or a second concurrent run, then stays, and the heap grows a few MiB the first
+    time it meets a long stream's chunk pattern: one-off costs, not buffering. They must be
+    paid before measuring, or they hide the stream's size.
     """
+    # The long stream itself, once: the allocator meets its chunk sizes (and the loudness
+    # stage's temporaries) before measuring; a different text, so nothing comes from a cache.
+    assert _speech(settings, LONG_TEXT + " Priming.") > 30
     for index in range(rounds):
         before = rss_bytes(pid)
         with ThreadPoolExecutor(max_workers=2) as pool:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from contract.errors import ErrorCode, ServiceError
+from contract.requests import piece_seed
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
 from worker.engines.cosyvoice.batch_decode import BatchDecoder
 from worker.engines.cosyvoice.config import REQUIRED_FILES, ModelDirError, check_model_dir
@@ -289,7 +290,7 @@ class CosyVoiceEngine:
                     flow_prompt_tokens=flow_tokens,
                     prompt_mel=prompt_mel,
                     embedding=embedding,
-                    seed=(request.seed + i * 7919) % (2**63),
+                    seed=piece_seed(request.seed, i),
                     speed=request.speed,
                 )
             )
