@@ -16,8 +16,8 @@ import pytest
 import redis
 import soundfile as sf
 
-from tests.support.audio import decode
 from testbed.cosyvoice_models import build_model_dir
+from tests.support.audio import decode
 from tests.support.processes import RunningProcess, free_port, python_service, redis_server
 from worker.engines.cosyvoice.frontend import VoicePrompt
 
