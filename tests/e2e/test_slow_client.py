@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 LONG_TEXT = " ".join(
     f"Paragraph {n} goes on at length, so that the stream lasts for well over a minute of "
     "audio, while the listener on the other end takes it in a few kilobytes at a time."
-    for n in range(10)
+    for n in range(20)
 )
 SHORT_TEXT = "Other listeners are served meanwhile."
 # One sentence without a break: Piper cuts it into pieces of its largest size (200 phonemes).
@@ -88,7 +88,7 @@ def audio_seconds(worker_port: int) -> float:
     return float(match.group(1))
 
 
-def prime_worker(settings: ClusterSettings, pid: int, rounds: int = 5) -> int:
+def prime_worker(settings: ClusterSettings, pid: int, rounds: int = 10) -> int:
     """Run two concurrent syntheses of the longest pieces Piper makes until RSS holds still;
     return how many rounds that took.
 
@@ -99,7 +99,7 @@ def prime_worker(settings: ClusterSettings, pid: int, rounds: int = 5) -> int:
     """
     # The long stream itself, once: the allocator meets its chunk sizes (and the loudness
     # stage's temporaries) before measuring; a different text, so nothing comes from a cache.
-    assert _speech(settings, LONG_TEXT + " Priming.") > 30
+    assert _speech(settings, LONG_TEXT + " Priming.") > 60
     for index in range(rounds):
         before = rss_bytes(pid)
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -203,8 +203,9 @@ def test_slow_reader_leaves_the_worker_bounded(cluster: ClusterSettings) -> None
             peaks.sample()
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + 0.5
-                # The short requests make a few seconds of audio; the long one over a minute.
-                if audio_seconds(worker_port) - produced_before > 60:
+                # The short requests make a few seconds of audio; the long one nearly three
+                # minutes (about 14 MiB): past 150 s the worker has made most of it.
+                if audio_seconds(worker_port) - produced_before > 150:
                     lag_when_worker_done = len(raw)
                     break
             time.sleep(PAUSE_S)
