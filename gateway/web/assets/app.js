@@ -137,9 +137,17 @@ function option(value, label) {
   return element;
 }
 
+const VOICE_PAGES = 50;
+
 async function loadVoices() {
-  const body = await (await api("/v1/voices")).json();
-  const voices = body.data ?? [];
+  // The listing is paged: follow `last_id` while `has_more` (bounded, for a huge registry).
+  const body = await (await api("/v1/voices?limit=100")).json();
+  const voices = [...(body.data ?? [])];
+  let page = body;
+  for (let n = 1; page.has_more && page.last_id && n < VOICE_PAGES; n++) {
+    page = await (await api(`/v1/voices?limit=100&after=${encodeURIComponent(page.last_id)}`)).json();
+    voices.push(...(page.data ?? []));
+  }
   const select = $("voice");
   const previous = select.value;
   const groups = {
