@@ -13,7 +13,7 @@ and prints a JSON report: p50/p99 per path and the added milliseconds, also per 
 cluster it also times the hops alone (a gateway called directly; nginx's internal listener in
 front of the worker), to show where added time comes from. With
 `--stub-worker` the worker is a stand-in that answers at once with fixed audio
-(tests/e2e/stub_worker.py): synthesis time and its spread drop out, and what remains is the
+(testbed/stub_worker.py): synthesis time and its spread drop out, and what remains is the
 cost of nginx (twice) and the gateway.
 """
 
@@ -198,7 +198,7 @@ def main() -> int:
     parser.add_argument(
         "--stub-worker",
         action="store_true",
-        help="run tests/e2e/stub_worker.py (fixed audio, no synthesis) as the worker, so that "
+        help="run testbed/stub_worker.py (fixed audio, no synthesis) as the worker, so that "
         "only the stack's own cost remains",
     )
     args = parser.parse_args()
@@ -207,7 +207,7 @@ def main() -> int:
     if args.public_url:
         report = run(Endpoints(args.public_url, args.worker_url), args.requests, args.warmup)
     else:
-        module = "tests.e2e.stub_worker" if args.stub_worker else "worker"
+        module = "testbed.stub_worker" if args.stub_worker else "worker"
         with own_cluster(module) as endpoints:
             report = run(endpoints, args.requests, args.warmup)
         report["worker"] = module

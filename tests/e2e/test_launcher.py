@@ -1,6 +1,6 @@
 """The launcher itself: idempotent `up`, refusal on other settings, clean failure, the CLI.
 
-Workers are the stand-in (tests/e2e/stub_worker.py), so clusters start in seconds.
+Workers are the stand-in (testbed/stub_worker.py), so clusters start in seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cluster.launcher import ClusterError
 from cluster.settings import REPO_ROOT, ClusterSettings
 from tests.e2e.conftest import cluster_on_free_ports
 
-STUB = "tests.e2e.stub_worker"
+STUB = "testbed.stub_worker"
 
 
 def _settings(run_dir: Path, **overrides: object) -> ClusterSettings:

@@ -1,6 +1,6 @@
 """`make up` with CLUSTER_WORKER_DEVICES: each worker process runs with its own WORKER_DEVICE.
 
-Workers are the stand-in (tests/e2e/stub_worker.py), which starts in a moment and ignores the
+Workers are the stand-in (testbed/stub_worker.py), which starts in a moment and ignores the
 device, so the test runs without a GPU; what it checks is what the launcher hands each process
 (read from the process's own environment) and what it says when workers share a GPU.
 """
@@ -32,7 +32,7 @@ def settings(run_dir: Path) -> Iterator[ClusterSettings]:
         gateways=1,
         workers=3,
         worker_devices="cuda:0,cuda:1",
-        worker_module="tests.e2e.stub_worker",
+        worker_module="testbed.stub_worker",
         ready_timeout=60,
     )
     try:

@@ -1,6 +1,6 @@
 """A large cached entry under concurrent slow readers: every reader hits, memory stays capped.
 
-Real redis-server, a real Hypercorn gateway, and the stand-in worker (tests/e2e/stub_worker.py),
+Real redis-server, a real Hypercorn gateway, and the stand-in worker (testbed/stub_worker.py),
 which makes a 7 MB response on request. 40 clients then read that entry at once, slowly, with
 small socket buffers, while other keys are asked for: every one of the 40 is a hit with the
 exact bytes, the other keys keep hitting, Redis is never taken for down, and the gateway's
@@ -69,7 +69,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Runnin
         store = stack.enter_context(redis_server(root / "redis"))
         worker = stack.enter_context(
             python_service(
-                "tests.e2e.stub_worker",
+                "testbed.stub_worker",
                 {"WORKER_PORT": str(worker_port)},
                 port=worker_port,
                 log_dir=root,

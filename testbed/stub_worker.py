@@ -1,6 +1,6 @@
 """A stand-in worker that answers the worker API with fixed audio at once, run as a process.
 
-`python -m tests.e2e.stub_worker` (WORKER_HOST, WORKER_PORT from the environment; other
+`python -m testbed.stub_worker` (WORKER_HOST, WORKER_PORT from the environment; other
 `WORKER_*` variables are ignored) serves /livez, /readyz, /v1/info, /metrics and
 POST /v1/synthesize on Hypercorn + uvloop, like the real worker, with no engine behind it:
 synthesis takes no time and the same bytes come back every time (CHUNKS chunks of a tone, or
