@@ -160,6 +160,27 @@ async def test_busy_worker_refuses_with_retry_after() -> None:
         assert (await first).status_code == 200
 
 
+@dataclass
+class OneStreamEngine(FakeEngine):
+    """An engine that says it holds one stream at a time."""
+
+    def capabilities(self) -> Capabilities:
+        return super().capabilities().model_copy(update={"max_streams": 1})
+
+
+async def test_admission_never_exceeds_what_the_engine_holds() -> None:
+    engine = OneStreamEngine(chunks=50, delay=0.02)
+    app = await ready_app(engine, max_concurrency=8)
+    async with client(app) as c:
+        assert (await c.get("/readyz")).json()["max_concurrency"] == 1
+        first = asyncio.create_task(c.post("/v1/synthesize", json={"text": "Hi."}))
+        await engine.started.wait()
+        refused = await c.post("/v1/synthesize", json={"text": "Hi."})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "busy"
+        assert (await first).status_code == 200
+
+
 @pytest.fixture
 async def hypercorn_worker() -> AsyncIterator[tuple[str, FakeEngine]]:
     """The app under a real (in-process) Hypercorn, to see what a client sees on the wire."""
