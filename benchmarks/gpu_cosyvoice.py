@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import base64
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -37,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contract.playback import UNDERRUN_THRESHOLD_S, PlaybackClock
 from testbed.cosyvoice_models import build_model_dir
+from testbed.processes import free_port, python_service
 from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 
@@ -221,31 +220,16 @@ def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
                dtype: str, device: str, log_dir: Path) -> list[dict[str, Any]]:
     import httpx
 
-    port = 19231
-    env = os.environ | {
+    port = free_port()
+    env = {
         "WORKER_PORT": str(port), "WORKER_HOST": "127.0.0.1", "WORKER_ENGINE": "cosyvoice",
         "WORKER_MODEL_DIR": str(model_dir), "WORKER_DEVICE": device,
         "WORKER_MAX_CONCURRENCY": str(max(levels)), "WORKER_MAX_QUEUE": "0",
         "WORKER_ENGINE_OPTIONS": json.dumps({"dtype": dtype, "fixed_speech_tokens": tokens,
                                              "max_streams": max(max(levels), 8)}),
     }
-    log = (log_dir / "worker.log").open("w")
-    worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if worker.poll() is not None:
-                raise RuntimeError(f"worker exited with {worker.returncode}; see worker.log")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError("worker never became ready")
+    with python_service("worker", env, port=port, log_dir=log_dir, timeout=600) as worker:
+        base = worker.url
 
         async def level(c: int) -> dict[str, Any]:
             limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
@@ -264,10 +248,6 @@ def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
                 return summarize("http", c, list(stats), wall, held / 2**30)
 
         return [asyncio.run(level(c)) for c in levels]
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
-        log.close()
 
 
 # -- upstream ------------------------------------------------------------------------------------

@@ -62,11 +62,13 @@ class Utterance:
 
 @dataclass(frozen=True)
 class Chunk:
-    """The next piece of audio to make for `utterance`: from its tokens so far, `tokens`."""
+    """The next piece of audio to make for `utterance`: from its tokens so far, `tokens`, the
+    audio up to token `end` (the utterance's offset once the chunk is spoken)."""
 
     utterance: Utterance
     tokens: list[int]
     finalize: bool
+    end: int
 
 
 class AudioStage:
@@ -87,9 +89,9 @@ class AudioStage:
         available = len(utt.tokens)
         upto = utt.offset + utt.hop() + self.lookahead
         if available >= upto:
-            return Chunk(utt, utt.tokens[:upto], False)
+            return Chunk(utt, utt.tokens[:upto], False, utt.offset + utt.hop())
         if decoded and available > utt.offset:
-            return Chunk(utt, utt.tokens[:available], True)
+            return Chunk(utt, utt.tokens[:available], True, available)
         return None
 
     @torch.inference_mode()
@@ -153,12 +155,9 @@ class AudioStage:
     ) -> list[np.ndarray | Exception]:
         """Vocoder over equal-length mels, cross-fading each with its previous chunk's tail."""
         utts = [c.utterance for c in chunks]
-        generators: list[torch.Generator | None] = []
-        for chunk in chunks:
-            hop = len(chunk.tokens) - chunk.utterance.offset if chunk.finalize else (
-                chunk.utterance.hop())
-            generators.append(torch.Generator().manual_seed(chunk.utterance.seed +
-                                                            chunk.utterance.offset + hop))
+        generators: list[torch.Generator | None] = [
+            torch.Generator().manual_seed(c.utterance.seed + c.end) for c in chunks
+        ]
         mel = torch.stack(mels).to(self.device)
         caches = [u.source_cache for u in utts]
         cache = None
@@ -172,10 +171,8 @@ class AudioStage:
             wav = speech[i : i + 1].clone()
             if utt.speech_tail is not None:
                 wav[:, :n] = wav[:, :n] * self.window[:n] + utt.speech_tail * self.window[n:]
-            if chunk.finalize:
-                utt.offset = len(chunk.tokens)
-            else:
-                utt.offset += utt.hop()
+            utt.offset = chunk.end
+            if not chunk.finalize:
                 utt.mel_cache = mels[i][:, -MEL_CACHE_FRAMES:]
                 utt.source_cache = source[i : i + 1, :, -n:]
                 utt.speech_tail = wav[:, -n:]

@@ -67,6 +67,11 @@ class Job:
     audio_s: float = 0.0
     first_audio_at: float | None = None
 
+    @property
+    def live(self) -> bool:
+        """Neither finished nor cancelled."""
+        return not (self.cancelled or self.finished)
+
     def urgency(self) -> float:
         """When the listener runs out of audio (smaller is more urgent)."""
         if self.first_audio_at is None:
@@ -118,7 +123,7 @@ class Scheduler:
     def active(self) -> int:
         """Requests submitted and neither finished nor cancelled."""
         with self._lock:
-            return sum(1 for job in self._speaking if not (job.cancelled or job.finished))
+            return sum(1 for job in self._speaking if job.live)
 
     def start(self) -> None:
         if self._threads:
@@ -143,8 +148,7 @@ class Scheduler:
         """Block until no request is live and every row is free; False on timeout."""
         with self._lock:
             return self._lock.wait_for(
-                lambda: not any(not (j.cancelled or j.finished) for j in self._speaking)
-                and not self._decoding,
+                lambda: not any(j.live for j in self._speaking) and not self._decoding,
                 timeout,
             )
 
@@ -195,7 +199,7 @@ class Scheduler:
                 self._waiting.remove(job)
                 job.fail(ServiceError(ErrorCode.DEADLINE_EXCEEDED,
                                       "The request waited past its deadline."))
-        for job in [j for j in self._decoding if j.cancelled or j.finished]:
+        for job in [j for j in self._decoding if not j.live]:
             self._release(job)
 
     def _admit(self) -> list[Job]:
@@ -224,7 +228,8 @@ class Scheduler:
         assert job.row is not None
         utt = job.utterances[job.decoding]
         min_len, max_len = self.limits.bounds(utt)
-        job.row = Row(slot=job.row.slot, seed=utt.seed, min_len=min_len, max_len=max_len)
+        job.row = Row(slot=job.row.slot, seed=utt.seed, min_len=min_len, max_len=max_len,
+                      tokens=utt.tokens)
         try:
             embeds = self.embed(utt)
             max_len = min(max_len, self.decoder.positions - embeds.size(1))
@@ -263,8 +268,7 @@ class Scheduler:
         assert row is not None
         utt = job.utterances[job.decoding]
         if token != self.eos:
-            row.tokens.append(token)
-            utt.tokens.append(token)
+            utt.tokens.append(token)  # the row's tokens: the audio loop reads them as they come
         if token == self.eos or row.finished:
             utt.decoded = True
             job.decoding += 1
@@ -283,8 +287,7 @@ class Scheduler:
                     while True:
                         if self._stopping:
                             return
-                        self._speaking = [j for j in self._speaking
-                                          if not (j.cancelled or j.finished)]
+                        self._speaking = [j for j in self._speaking if j.live]
                         ready = self._ready_chunks()
                         if ready:
                             break
