@@ -126,10 +126,11 @@ def redis_ping(port: int) -> bool:
         return False
 
 
-@contextmanager
-def redis_server(data_dir: Path, port: int | None = None) -> Iterator[RunningProcess]:
-    """A real redis-server with the cluster's policy: volatile-lru, appendonly, no snapshots."""
-    port = port or free_port()
+def start_redis(
+    data_dir: Path, port: int, *options: str, maxmemory: str = "256mb"
+) -> RunningProcess:
+    """A redis-server with the cluster's policy (volatile-lru, appendonly, no snapshots) and
+    any further `options`, returned once it answers PING; the caller stops it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"redis-{port}.log"
     process = subprocess.Popen(
@@ -138,9 +139,10 @@ def redis_server(data_dir: Path, port: int | None = None) -> Iterator[RunningPro
             "--port", str(port),
             "--bind", "127.0.0.1",
             "--dir", str(data_dir),
+            *options,
             "--appendonly", "yes",
             "--save", "",
-            "--maxmemory", "256mb",
+            "--maxmemory", maxmemory,
             "--maxmemory-policy", "volatile-lru",
             "--logfile", str(log_path),
         ],
@@ -151,6 +153,17 @@ def redis_server(data_dir: Path, port: int | None = None) -> Iterator[RunningPro
     running = RunningProcess(process=process, port=port, log_path=log_path)
     try:
         wait_until_ready(lambda: redis_ping(port), process, log_path, 20.0)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+@contextmanager
+def redis_server(data_dir: Path, port: int | None = None) -> Iterator[RunningProcess]:
+    """A real redis-server with the cluster's policy: volatile-lru, appendonly, no snapshots."""
+    running = start_redis(data_dir, port or free_port())
+    try:
         yield running
     finally:
         running.stop()

@@ -11,11 +11,10 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.processes import start_redis
 from tests.support.processes import (
     RunningProcess,
     free_port,
-    redis_ping,
-    redis_server_binary,
     wait_until_ready,
 )
 
@@ -67,30 +66,15 @@ class ClusterNode:
     process: RunningProcess | None = None
 
     def start(self) -> None:
-        log_path = self.data_dir / "redis.log"
-        popen = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.data_dir),
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "1000",
-                # A cache keeps serving the slots it has while another node is away.
-                "--cluster-require-full-coverage", "no",
-                "--appendonly", "yes",
-                "--save", "",
-                "--maxmemory", "64mb",
-                "--maxmemory-policy", "volatile-lru",
-                "--logfile", str(log_path),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
+        self.process = start_redis(
+            self.data_dir, self.port,
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "1000",
+            # A cache keeps serving the slots it has while another node is away.
+            "--cluster-require-full-coverage", "no",
+            maxmemory="64mb",
         )
-        log_path.touch()
-        self.process = RunningProcess(process=popen, port=self.port, log_path=log_path)
-        wait_until_ready(lambda: redis_ping(self.port), popen, log_path, 20.0)
 
     def pause(self) -> None:
         """SIGSTOP: the node hangs; connections open, nothing answers."""
