@@ -54,12 +54,10 @@ class SlotPool:
 
 class PoolDecoder:
     def __init__(self, model: Qwen2Model, pool: SlotPool) -> None:
-        cfg = model.config
         self.model = model
         self.pool = pool
-        self.heads = cfg.num_attention_heads
-        self.kv_heads: int = cfg.num_key_value_heads or self.heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.heads: int = model.config.num_attention_heads
+        _, self.kv_heads, _, self.head_dim = pool.keys[0].shape
 
     def _qkv(
         self, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
