@@ -14,7 +14,9 @@ from testbed.cosyvoice_models import build_model_dir
 from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.features import prompt_mel, slaney_mel_filters
+from worker.engines.cosyvoice.flow import FlowRow
 from worker.engines.cosyvoice.llm import SpeechLM
+from worker.engines.cosyvoice.pipeline import TOKEN_HOP
 
 pytestmark = pytest.mark.skipif(
     not cosyvoice_upstream.available(), reason="reference cosyvoice2-eu not installed"
@@ -102,6 +104,43 @@ def test_flow_mel_matches(
                           streaming=streaming)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_streamed_mel_matches_upstream_at_every_chunk(
+    upstream: dict[str, Any], ours: CosyVoiceEngine
+) -> None:
+    """Chunk by chunk, the incremental flow (only the new frames, from the kept state) gives the
+    frames upstream's streaming flow gets by recomputing everything so far."""
+    stages, _ = ours._require()
+    flow = stages.audio.flow
+    gen = torch.Generator().manual_seed(4)
+    prompt = 9
+    tokens = torch.randint(0, 6561, (100,), generator=gen, dtype=torch.int32)
+    prompt_tokens = torch.randint(0, 6561, (prompt,), generator=gen, dtype=torch.int32)
+    prompt_feat = torch.randn(2 * prompt, 80, generator=gen)
+    embedding = torch.randn(192, generator=gen)
+    look = flow.cfg.pre_lookahead_len
+    hop = TOKEN_HOP + (-(-prompt // TOKEN_HOP) * TOKEN_HOP - prompt)
+    offset, state, chunks = 0, None, 0
+    while True:
+        finalize = offset + hop + look > tokens.numel()
+        upto = tokens.numel() if finalize else offset + hop + look
+        want, _ = upstream["flow"].inference(
+            token=tokens[None, :upto], token_len=torch.tensor([upto]),
+            prompt_token=prompt_tokens[None], prompt_token_len=torch.tensor([prompt]),
+            prompt_feat=prompt_feat[None], prompt_feat_len=torch.tensor([2 * prompt]),
+            embedding=embedding[None], streaming=True, finalize=finalize,
+        )
+        row = FlowRow(tokens[:upto], prompt_tokens, prompt_feat, embedding, finalize, True)
+        (got,), (state,) = flow.stream_batch([row], [state])
+        torch.testing.assert_close(got, want[0, :, 2 * offset :].float(), atol=1e-4, rtol=1e-4)
+        chunks += 1
+        if finalize:
+            break
+        offset += hop
+        hop = TOKEN_HOP
+    assert chunks == 4
+    assert state.frames == 2 * (prompt + tokens.numel())
 
 
 def test_hift_waveform_matches(upstream: dict[str, Any], ours: CosyVoiceEngine) -> None:

@@ -19,7 +19,7 @@ from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.flow import FlowRow
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
-from worker.engines.cosyvoice.pipeline import Utterance
+from worker.engines.cosyvoice.pipeline import TOKEN_HOP, Utterance
 from worker.engines.cosyvoice.scheduler import DONE, Scheduler
 
 TEXTS = [
@@ -207,22 +207,78 @@ def test_batched_vocoder_rows_match_each_row_alone(engine: CosyVoiceEngine) -> N
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-4, rtol=1e-4)
 
 
-def test_bucketed_solver_inputs_give_each_row_its_own_result(engine: CosyVoiceEngine) -> None:
-    """The graph path pads a call into a (rows, frames) bucket; padding changes nothing."""
+def _stream_alongside(flow: Any, utterances: list[dict[str, Any]]) -> float:
+    """Stream every utterance chunk by chunk, all in one batch while they last; return the
+    largest difference from recomputing each chunk alone over everything so far."""
+    look = flow.cfg.pre_lookahead_len
+    for u in utterances:
+        u.update(offset=0, state=None, done=False)
+    worst = 0.0
+    while not all(u["done"] for u in utterances):
+        live = [u for u in utterances if not u["done"]]
+        rows, hops = [], []
+        for u in live:
+            prompt = u["prompt_tokens"].numel()
+            hop = TOKEN_HOP
+            if u["offset"] == 0:
+                hop += -(-prompt // TOKEN_HOP) * TOKEN_HOP - prompt
+            finalize = u["offset"] + hop + look > u["tokens"].numel()
+            upto = u["tokens"].numel() if finalize else u["offset"] + hop + look
+            rows.append(FlowRow(u["tokens"][:upto], u["prompt_tokens"], u["prompt_mel"],
+                                u["embedding"], finalize, True))
+            hops.append(hop)
+        mels, states = flow.stream_batch(rows, [u["state"] for u in live])
+        for u, row, hop, mel, state in zip(live, rows, hops, mels, states, strict=True):
+            alone = flow.mel_batch([row])[0][:, 2 * u["offset"] :]
+            assert mel.shape == alone.shape
+            worst = max(worst, (mel - alone).abs().max().item())
+            u.update(state=state, offset=u["offset"] + hop, done=row.finalize)
+    return worst
+
+
+def _utterances(seed: int) -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {"tokens": torch.randint(0, 6561, (n,), generator=gen),
+         "prompt_tokens": torch.randint(0, 6561, (p,), generator=gen),
+         "prompt_mel": torch.randn(2 * p, 80, generator=gen),
+         "embedding": torch.randn(192, generator=gen)}
+        for p, n in ((9, 90), (0, 70), (30, 60))
+    ]
+
+
+def test_streamed_flow_in_a_batch_matches_each_chunk_recomputed_alone(
+    engine: CosyVoiceEngine,
+) -> None:
+    """Utterances of different prompts and lengths stream together, each from its own state;
+    every chunk equals the chunk recomputed alone over everything so far."""
     flow = engine._require()[0].audio.flow
-    graphs = SolverGraphs(flow.solver, flow.cfg.output_size, torch.float32, torch.device("cpu"),
-                          steps=4, rows=(1, 4), frame_step=64, max_frames=128)
-    gen = torch.Generator().manual_seed(7)
-    b, t, c = 3, 70, flow.cfg.output_size
-    mask = (torch.arange(t) < torch.tensor([[70], [50], [64]])).unsqueeze(1).float()
-    inputs = (torch.randn(b, c, t, generator=gen), mask, torch.randn(b, c, t, generator=gen),
-              torch.randn(b, c, generator=gen), torch.randn(b, c, t, generator=gen),
-              torch.tensor([True, True, False]))
-    assert graphs.bucket_for(3, 70, steps=4) is not None
-    assert graphs.bucket_for(5, 70, steps=4) is None
-    assert graphs.bucket_for(3, 200, steps=4) is None
-    assert graphs.solve(*inputs, steps=10) is None
-    got = graphs.solve(*inputs, steps=4)
-    assert got is not None
-    want = flow.solver.solve(*inputs, steps=4)
-    torch.testing.assert_close(got * mask, want * mask, atol=1e-4, rtol=1e-4)
+    assert _stream_alongside(flow, _utterances(8)) < 1e-4
+
+
+def test_bucketed_streamed_flow_gives_each_row_its_own_result(engine: CosyVoiceEngine) -> None:
+    """The graph path pads a call into a (rows, frames, earlier frames) bucket; padding changes
+    nothing."""
+    flow = engine._require()[0].audio.flow
+    graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
+                          rows=(1, 4), frame_step=64, max_frames=256, later_frames=64)
+    assert graphs.bucket_for(3, 150, past=0, steps=10) is not None
+    assert graphs.bucket_for(3, 50, past=150, steps=10) is not None
+    assert graphs.bucket_for(3, 80, past=150, steps=10) is None
+    assert graphs.bucket_for(5, 50, past=150, steps=10) is None
+    assert graphs.bucket_for(3, 50, past=150, steps=4) is None
+    used = []
+    solve = graphs.solve
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        result = solve(*args, **kwargs)
+        used.append(result is not None)
+        return result
+
+    graphs.solve = counted  # type: ignore[method-assign]
+    flow.solver_graphs = graphs
+    try:
+        assert _stream_alongside(flow, _utterances(9)) < 1e-4
+    finally:
+        flow.solver_graphs = None
+    assert any(used)

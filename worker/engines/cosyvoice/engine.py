@@ -112,8 +112,8 @@ class CosyVoiceEngine:
         decoder = BatchDecoder(llm, sampling, slots=self.max_streams,
                                positions=self.max_positions, use_graphs=self.cuda_graph)
         if self.cuda_graph and self.device.type == "cuda":
-            flow.solver_graphs = SolverGraphs(flow.solver, flow.cfg.output_size, self.dtype,
-                                              self.device, steps=self.flow_steps)
+            flow.solver_graphs = SolverGraphs(flow.solver, self.dtype, self.device,
+                                              steps=self.flow_steps)
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
         self._llm = llm
         self._scheduler = Scheduler(

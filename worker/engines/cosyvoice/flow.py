@@ -1,8 +1,9 @@
 """Speech tokens -> mel frames: token embedding, upsampling encoder, conditional flow matching.
 
-Parameter names match the released `flow.pt`. `FlowModel.mel_batch` is the stage the scheduler
-calls on the chunks of many requests at once; it returns only the new frames after each
-request's prompt.
+Parameter names match the released `flow.pt`. `FlowModel.stream_batch` is the stage the
+scheduler calls on the next chunks of many requests at once: it computes only their new frames,
+from the state each request keeps (`flow_state`). `mel_batch` recomputes a whole utterance, as
+upstream does at every chunk; the parity tests hold the two to each other and to upstream.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from torch import nn
 
 from worker.engines.cosyvoice.config import FlowConfig
 from worker.engines.cosyvoice.flow_decoder import Estimator, EulerSolver
-from worker.engines.cosyvoice.flow_encoder import UpsampleEncoder
+from worker.engines.cosyvoice.flow_encoder import UpsampleEncoder, attention_mask
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
+from worker.engines.cosyvoice.flow_state import FlowState, SolverHistory, incremental_mask
 
 NOISE_FRAMES = 50 * 300
 """The released model starts every utterance from the same noise: N(0, 1) drawn with seed 0."""
@@ -46,7 +48,8 @@ class FlowModel(nn.Module):
         self.noise: torch.Tensor
         self.register_buffer("noise", fixed_noise(cfg.output_size), persistent=False)
         self.solver_graphs: SolverGraphs | None = None
-        """Set (and captured) by the engine on a GPU: the Euler loop as graphs, small batches."""
+        """Set (and captured) by the engine on a GPU: the streamed Euler loop as graphs, for
+        small batches."""
 
     @torch.inference_mode()
     def mel(
@@ -68,17 +71,13 @@ class FlowModel(nn.Module):
                       streaming)
         return self.mel_batch([row], steps)[0].unsqueeze(0)
 
-    @torch.inference_mode()
-    def mel_batch(self, rows: list[FlowRow], steps: int = 10) -> list[torch.Tensor]:
-        """New mel frames [80, frames] after each row's prompt, for rows of any lengths at once.
-
-        Rows are padded on the right to the longest and masked: every layer is causal or masked
-        over padding, so a row's frames are what it would get alone, up to rounding.
-        """
+    def _encode(self, rows: list[FlowRow], streaming: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """Encoder output [B, C, T] over each row's prompt and tokens, its [B, T] validity, the
+        speaker rows [B, C] and each row's frame count (look-ahead tokens make none)."""
         device = self.input_embedding.weight.device
         dtype = self.spk_embed_affine_layer.weight.dtype
         look = self.cfg.pre_lookahead_len
-        ratio = self.cfg.token_mel_ratio
         lengths = [r.prompt_tokens.numel() + r.tokens.numel() for r in rows]
         frames_in = [n if r.finalize else n - look for n, r in zip(lengths, rows, strict=True)]
         width = max(frames_in)
@@ -89,29 +88,125 @@ class FlowModel(nn.Module):
             token_ids[i, :n] = torch.cat([r.prompt_tokens.long(), r.tokens.long()]).clamp(min=0)
             present[i, :n] = True
         valid = torch.arange(width).unsqueeze(0) < torch.tensor(frames_in).unsqueeze(1)
-        streaming = torch.tensor([r.streaming for r in rows], device=device)
         xs = self.input_embedding(token_ids.to(device))
         h, h_valid = self.encoder(xs, present.to(device), valid.to(device), streaming)
         h = self.encoder_proj(h)
-        total = h.size(1)
-        cond = torch.zeros(b, total, self.cfg.output_size, device=device, dtype=h.dtype)
-        for i, r in enumerate(rows):
-            cond[i, : r.prompt_mel.size(0)] = r.prompt_mel.to(device, h.dtype)
         embeddings = torch.stack([r.embedding for r in rows]).to(device, dtype)
         spks = self.spk_embed_affine_layer(F.normalize(embeddings, dim=1))
-        mask = h_valid.unsqueeze(1).to(h.dtype)
-        noise = self.noise[:, :, :total].to(h.dtype).expand(b, -1, -1)
-        inputs = (noise, mask, h.transpose(1, 2).contiguous(), spks, cond.transpose(1, 2),
-                  streaming)
-        feat = None
+        ratio = self.cfg.token_mel_ratio
+        return h.transpose(1, 2), h_valid, spks, [n * ratio for n in frames_in]
+
+    @torch.inference_mode()
+    def mel_batch(self, rows: list[FlowRow], steps: int = 10) -> list[torch.Tensor]:
+        """New mel frames [80, frames] after each row's prompt, recomputed over the whole
+        utterance so far, for rows of any lengths at once.
+
+        Rows are padded on the right to the longest and masked: every layer is causal or masked
+        over padding, so a row's frames are what it would get alone, up to rounding.
+        """
+        device = self.input_embedding.weight.device
+        streaming = torch.tensor([r.streaming for r in rows], device=device)
+        mu, valid, spks, frames = self._encode(rows, streaming)
+        b, _, total = mu.shape
+        cond = torch.zeros(b, self.cfg.output_size, total, device=device, dtype=mu.dtype)
+        for i, r in enumerate(rows):
+            cond[i, :, : r.prompt_mel.size(0)] = r.prompt_mel.to(device, mu.dtype).T
+        allowed = attention_mask(valid, self.cfg.estimator.static_chunk_size, streaming)
+        noise = self.noise[:, :, :total].to(mu.dtype).expand(b, -1, -1)
+        feat = self.solver.solve(noise, valid.unsqueeze(1).to(mu.dtype), mu, spks, cond,
+                                 additive(allowed, mu.dtype), steps)
+        return [feat[i, :, r.prompt_mel.size(0) : n] for i, (r, n) in enumerate(zip(rows, frames,
+                                                                                   strict=True))]
+
+    @torch.inference_mode()
+    def stream_batch(
+        self, rows: list[FlowRow], states: list[FlowState | None], steps: int = 10
+    ) -> tuple[list[torch.Tensor], list[FlowState]]:
+        """The next chunk of each row's streamed (chunk-causal) mel, computing only its new
+        frames: mel [80, frames] after the prompt, and each row's state to pass with its next
+        chunk (None before the first).
+
+        Equal, up to rounding, to `mel_batch` with `streaming` over the same tokens, sliced to
+        the frames after the state's.
+        """
+        device = self.input_embedding.weight.device
+        mu_all, _, spks, frames = self._encode(rows, torch.ones(len(rows), dtype=torch.bool,
+                                                                device=device))
+        dtype = mu_all.dtype
+        past = [0 if s is None else s.frames for s in states]
+        new = [f - p for f, p in zip(frames, past, strict=True)]
+        if min(new) <= 0:
+            raise ValueError("a chunk must add frames")
+        b, channels, total = mu_all.shape
+        width_new = max(new)
+        positions = (torch.tensor(past).unsqueeze(1) + torch.arange(width_new)).clamp(
+            max=total - 1).to(device)
+        mu = mu_all.gather(2, positions.unsqueeze(1).expand(-1, channels, -1))
+        noise = self.noise[0].to(dtype)[:, positions].permute(1, 0, 2)
+        cond = torch.zeros(b, channels, width_new, device=device, dtype=dtype)
+        for i, (r, p, n) in enumerate(zip(rows, past, new, strict=True)):
+            prompt = r.prompt_mel[p : p + n]
+            cond[i, :, : prompt.size(0)] = prompt.to(device, dtype).T
+        new_frames = torch.tensor(new, device=device)
+        past_frames = torch.tensor(past, device=device)
+        mask = (torch.arange(width_new, device=device) < new_frames.unsqueeze(1)).unsqueeze(1)
+        chunk = self.cfg.estimator.static_chunk_size
+        feat, records = self._solve_incremental(
+            noise, mask.to(dtype), mu, spks, cond, past_frames, new_frames, states, chunk, steps)
+        prompt_frames = [r.prompt_mel.size(0) for r in rows]
+        mels = [feat[i, :, max(0, pf - p) : n]
+                for i, (pf, p, n) in enumerate(zip(prompt_frames, past, new, strict=True))]
+        attention, tails = records
+        updated = []
+        for i, (state, n) in enumerate(zip(states, new, strict=True)):
+            rows_attention = attention[:, :, :, i, :n]
+            rows_tails = tails[:, :, :, i]
+            updated.append(FlowState.start(rows_attention, rows_tails) if state is None
+                           else state.extended(rows_attention, rows_tails))
+        return mels, updated
+
+    def _solve_incremental(
+        self, noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
+        cond: torch.Tensor, past_frames: torch.Tensor, new_frames: torch.Tensor,
+        states: list[FlowState | None], chunk: int, steps: int,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        width_past = max((s.frames for s in states if s is not None), default=0)
+        b, _, width_new = noise.shape
+        allowed = incremental_mask(past_frames, new_frames, width_past, width_new, chunk)
+        bias = additive(allowed, noise.dtype)
         if self.solver_graphs is not None:
-            feat = self.solver_graphs.solve(*inputs, steps)
-        if feat is None:
-            feat = self.solver.solve(*inputs, steps)
-        return [
-            feat[i, :, r.prompt_mel.size(0) : n * ratio]
-            for i, (r, n) in enumerate(zip(rows, frames_in, strict=True))
-        ]
+            solved = self.solver_graphs.solve(noise, mask, mu, spks, cond, bias, states,
+                                              new_frames, steps)
+            if solved is not None:
+                return solved
+        history = self.new_history(b, width_past, width_new, steps, noise.device, noise.dtype)
+        history.load(states, new_frames)
+        feat = self.solver.solve(noise, mask, mu, spks, cond, bias, steps, history)
+        return feat, (history.attention_out, history.tails_out)
+
+    def new_history(self, rows: int, width_past: int, width_new: int, steps: int,
+                    device: torch.device, dtype: torch.dtype) -> SolverHistory:
+        """Zeroed history buffers for `rows` rows of `width_new` new frames after `width_past`."""
+        estimator = self.decoder.estimator
+        blocks = estimator.attention_blocks
+        convs = estimator.convolutions
+        ch = estimator.cfg.channels[0]
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, device=device, dtype=dtype)
+
+        return SolverHistory(
+            past=zeros(steps, blocks, 2, rows, width_past, ch),
+            tails=zeros(steps, len(convs), 2, rows, max(convs), 2),
+            tail_index=torch.zeros(2 * rows, 1, 2, dtype=torch.long, device=device),
+            attention_out=zeros(steps, blocks, 2, rows, width_new, ch),
+            tails_out=zeros(steps, len(convs), 2, rows, max(convs), 2),
+        )
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention bias from a boolean mask: 0 where allowed, -1e10 elsewhere."""
+    return (1.0 - allowed.to(dtype)) * -1.0e10
 
 
 @dataclass(frozen=True)

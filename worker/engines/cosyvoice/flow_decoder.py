@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from worker.engines.cosyvoice.config import EstimatorConfig
-from worker.engines.cosyvoice.flow_encoder import attention_mask
+from worker.engines.cosyvoice.flow_state import SolverHistory, StepHistory
 
 
 class SinusoidalTime(nn.Module):
@@ -45,12 +45,27 @@ class TimestepMLP(nn.Module):
 
 
 class CausalConv1d(nn.Conv1d):
+    """Kernel-3 convolution over [B, C, T] that sees only the present and the two frames before.
+
+    With a history, those two frames come from the history's tail instead of zero padding, and
+    the last two input frames of each row are recorded for the next chunk.
+    """
+
     def __init__(self, cin: int, cout: int, kernel: int) -> None:
         super().__init__(cin, cout, kernel)
-        self.causal_padding = kernel - 1
+        assert kernel == 3, "histories keep two frames"
+        self.index = 0
+        """Position among the estimator's causal convolutions (set by the estimator)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, (self.causal_padding, 0)))
+    def forward(self, x: torch.Tensor, history: StepHistory | None = None) -> torch.Tensor:
+        if history is None:
+            return super().forward(F.pad(x, (2, 0)))
+        rows, channels, _ = x.shape
+        tail = history.tails[self.index, :, :, :channels].reshape(rows, channels, 2)
+        x = torch.cat([tail, x], dim=-1)
+        last = x.gather(2, history.tail_index.expand(-1, channels, -1))
+        history.tails_out[self.index, :, :, :channels].copy_(last.view(2, -1, channels, 2))
+        return super().forward(x)
 
 
 class _ChannelNorm(nn.LayerNorm):
@@ -69,8 +84,10 @@ class CausalBlock(nn.Module):
             nn.Mish(),
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.block(x * mask) * mask
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                history: StepHistory | None = None) -> torch.Tensor:
+        conv, _, norm, _, act = self.block
+        return act(norm(conv(x * mask, history))) * mask
 
 
 class CausalResnet(nn.Module):
@@ -81,9 +98,10 @@ class CausalResnet(nn.Module):
         self.block2 = CausalBlock(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x, mask) + self.mlp(t).unsqueeze(-1)
-        return self.block2(h, mask) + self.res_conv(x * mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
+                history: StepHistory | None = None) -> torch.Tensor:
+        h = self.block1(x, mask, history) + self.mlp(t).unsqueeze(-1)
+        return self.block2(h, mask, history) + self.res_conv(x * mask)
 
 
 class Attention(nn.Module):
@@ -96,12 +114,19 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor,
+                past: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention of x [B, T, C]; with `past` [2, B/2, H, C] (earlier frames' inputs),
+        the keys and values are those frames' followed by x's."""
         b, t, _ = x.shape
-        q, k, v = (
-            proj(x).view(b, t, self.heads, -1).transpose(1, 2)
-            for proj in (self.to_q, self.to_k, self.to_v)
-        )
+        q = self.to_q(x)
+        k = self.to_k(x)
+        v = self.to_v(x)
+        if past is not None and past.size(-2) > 0:
+            k = torch.cat([self.to_k(past).reshape(b, -1, k.size(-1)), k], dim=1)
+            v = torch.cat([self.to_v(past).reshape(b, -1, v.size(-1)), v], dim=1)
+        q, k, v = (y.view(b, -1, self.heads, y.size(-1) // self.heads).transpose(1, 2)
+                   for y in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))
         return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
 
@@ -134,9 +159,17 @@ class TransformerBlock(nn.Module):
         self.attn1 = Attention(dim, heads, head_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.index = 0
+        """Position among the estimator's transformer blocks (set by the estimator)."""
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor,
+                history: StepHistory | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        past = None
+        if history is not None:
+            history.attention_out[self.index].copy_(h.view(2, -1, *h.shape[1:]))
+            past = history.past[self.index]
+        x = x + self.attn1(h, bias, past)
         return x + self.ff(self.norm3(x))
 
 
@@ -170,13 +203,26 @@ class Estimator(nn.Module):
         )
         self.final_block = CausalBlock(ch, ch)
         self.final_proj = nn.Conv1d(ch, cfg.out_channels, 1)
+        for kind in (TransformerBlock, CausalConv1d):
+            for i, module in enumerate(m for m in self.modules() if isinstance(m, kind)):
+                module.index = i
+
+    @property
+    def attention_blocks(self) -> int:
+        return sum(isinstance(m, TransformerBlock) for m in self.modules())
+
+    @property
+    def convolutions(self) -> list[int]:
+        """Input channels of each causal convolution, in order."""
+        return [m.in_channels for m in self.modules() if isinstance(m, CausalConv1d)]
 
     def _attend(
-        self, x: torch.Tensor, blocks: nn.ModuleList, bias: torch.Tensor
+        self, x: torch.Tensor, blocks: nn.ModuleList, bias: torch.Tensor,
+        history: StepHistory | None,
     ) -> torch.Tensor:
         x = x.transpose(1, 2)
         for block in blocks:
-            x = block(x, bias)
+            x = block(x, bias, history)
         return x.transpose(1, 2)
 
     def forward(
@@ -187,24 +233,24 @@ class Estimator(nn.Module):
         t: torch.Tensor,
         spks: torch.Tensor,
         cond: torch.Tensor,
-        streaming: torch.Tensor,
+        bias: torch.Tensor,
+        history: StepHistory | None = None,
     ) -> torch.Tensor:
-        """`streaming` [B] bool chooses chunk-causal attention per row."""
+        """`bias` [B, T, K] is the additive attention mask over the K keys (the history's frames,
+        then x's); `history` carries the earlier frames of a chunk-by-chunk utterance."""
         temb = self.time_mlp(self.time_embeddings(t).to(t.dtype))
         spk = spks.unsqueeze(-1).expand(-1, -1, x.size(-1))
         h = torch.cat([x, mu, spk, cond], dim=1)
-        allowed = attention_mask(mask[:, 0].bool(), self.cfg.static_chunk_size, streaming)
-        bias = (1.0 - allowed.to(h.dtype)) * -1.0e10
         resnet, blocks, down = cast(Any, self.down_blocks[0])
-        h = resnet(h, mask, temb)
-        skip = self._attend(h, blocks, bias)
-        h = down(skip * mask)
+        h = resnet(h, mask, temb, history)
+        skip = self._attend(h, blocks, bias, history)
+        h = down(skip * mask, history)
         for resnet, blocks in cast(Any, self.mid_blocks):
-            h = self._attend(resnet(h, mask, temb), blocks, bias)
+            h = self._attend(resnet(h, mask, temb, history), blocks, bias, history)
         resnet, blocks, up = cast(Any, self.up_blocks[0])
-        h = resnet(torch.cat([h[:, :, : skip.size(-1)], skip], dim=1), mask, temb)
-        h = up(self._attend(h, blocks, bias) * mask)
-        h = self.final_block(h, mask)
+        h = resnet(torch.cat([h[:, :, : skip.size(-1)], skip], dim=1), mask, temb, history)
+        h = up(self._attend(h, blocks, bias, history) * mask, history)
+        h = self.final_block(h, mask, history)
         return self.final_proj(h * mask) * mask
 
 
@@ -233,10 +279,15 @@ class EulerSolver:
         mu: torch.Tensor,
         spks: torch.Tensor,
         cond: torch.Tensor,
-        streaming: torch.Tensor,
+        bias: torch.Tensor,
         steps: int = 10,
+        history: SolverHistory | None = None,
     ) -> torch.Tensor:
-        """Mel [B, 80, T] from `noise` [B, 80, T]; `streaming` [B] bool per row."""
+        """Mel [B, 80, T] from `noise` [B, 80, T]; `bias` [B, T, K] masks attention per row.
+
+        With a `history`, x holds only each row's new frames, and every step reads the earlier
+        frames from the history and records the new ones in it.
+        """
         b = noise.size(0)
         span = self.time_span(steps, noise.device, noise.dtype)
         x = noise
@@ -244,12 +295,13 @@ class EulerSolver:
         mu2 = torch.cat([mu, torch.zeros_like(mu)], dim=0)
         spks2 = torch.cat([spks, torch.zeros_like(spks)], dim=0)
         cond2 = torch.cat([cond, torch.zeros_like(cond)], dim=0)
-        streaming2 = torch.cat([streaming, streaming], dim=0)
+        bias2 = torch.cat([bias, bias], dim=0)
         t = span[0]
         dt = span[1] - span[0]
         for step in range(1, steps + 1):
             v = self.estimator(
-                torch.cat([x, x], dim=0), mask2, mu2, t.expand(2 * b), spks2, cond2, streaming2
+                torch.cat([x, x], dim=0), mask2, mu2, t.expand(2 * b), spks2, cond2, bias2,
+                None if history is None else history.step(step - 1),
             )
             guided, free = v[:b], v[b:]
             x = x + dt * ((1.0 + self.cfg_rate) * guided - self.cfg_rate * free)

@@ -1,10 +1,16 @@
-"""The flow's Euler loop replayed from CUDA graphs for small batches.
+"""The flow's streamed Euler loop replayed from CUDA graphs for small batches.
 
-At small batch sizes the ten-step loop is bound by the host launching its ~12,000 kernels, not by
-the GPU. Captured once per (rows, frames) bucket at warm-up, a call pads its inputs into the
-bucket's static buffers (padding is masked, exactly as in a mixed-length batch) and replays the
-graph: one launch instead of thousands. Batches larger than the largest bucket are GPU-bound and
-run eagerly. Nothing is captured while serving.
+At small batch sizes the ten-step loop is bound by the host launching its ~13,000 kernels, not by
+the GPU. Captured once per bucket at warm-up, a call pads its inputs into the bucket's static
+buffers (padding is masked, exactly as in a mixed-length batch) and replays the graph: one launch
+instead of thousands. Two kinds of bucket cover a stream: first chunks (no earlier frames; up to
+`max_frames` new ones, prompt included) and later chunks (up to `later_frames` new frames after
+up to `max_frames` earlier ones). Other calls, and batches above the largest bucket (GPU-bound
+anyway), run eagerly. Nothing is captured while serving.
+
+The history buffers (earlier frames in, new frames' records out) are shared by every bucket, as
+views of one allocation of the largest size: replays never overlap, and each call's records are
+copied into the requests' states before the next.
 """
 
 from __future__ import annotations
@@ -15,23 +21,27 @@ from dataclasses import dataclass
 import torch
 
 from worker.engines.cosyvoice.flow_decoder import EulerSolver
+from worker.engines.cosyvoice.flow_state import FlowState, SolverHistory
 
 
 @dataclass
 class _Bucket:
     rows: int
     frames: int
+    past: int
     noise: torch.Tensor
     mask: torch.Tensor
     mu: torch.Tensor
     spks: torch.Tensor
     cond: torch.Tensor
-    streaming: torch.Tensor
+    bias: torch.Tensor
+    history: SolverHistory
     output: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
 
     def load(self, noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
-             cond: torch.Tensor, streaming: torch.Tensor) -> None:
+             cond: torch.Tensor, bias: torch.Tensor, states: list[FlowState | None],
+             new_frames: torch.Tensor) -> None:
         """Copy a call's inputs in; padding rows and frames are zero (masked out)."""
         b, _, t = noise.shape
         for static, value in ((self.noise, noise), (self.mask, mask), (self.mu, mu),
@@ -40,37 +50,59 @@ class _Bucket:
             static[:b, :, :t].copy_(value)
         self.spks.zero_()
         self.spks[:b].copy_(spks)
-        self.streaming.zero_()
-        self.streaming[:b].copy_(streaming)
+        self.bias.fill_(-1.0e10)
+        width_past = bias.size(2) - t
+        self.bias[:b, :t, :width_past].copy_(bias[:, :, :width_past])
+        self.bias[:b, :t, self.past : self.past + t].copy_(bias[:, :, width_past:])
+        self.history.load(states, new_frames)
 
 
 class SolverGraphs:
     def __init__(
-        self, solver: EulerSolver, channels: int, dtype: torch.dtype, device: torch.device,
-        steps: int, rows: tuple[int, ...] = (1, 2, 4, 8), frame_step: int = 128,
-        max_frames: int = 1024,
+        self, solver: EulerSolver, dtype: torch.dtype, device: torch.device, steps: int,
+        rows: tuple[int, ...] = (1, 2, 4, 8), frame_step: int = 128, max_frames: int = 1024,
+        later_frames: int = 64,
     ) -> None:
         self.solver = solver
         self.steps = steps
         self.rows = rows
         self.frame_step = frame_step
         self.max_frames = max_frames
-        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self.later_frames = later_frames
+        self._buckets: dict[tuple[int, int, int], _Bucket] = {}
+        estimator = solver.estimator
+        mel = estimator.cfg.out_channels
+        ch = estimator.cfg.channels[0]
+        blocks = estimator.attention_blocks
+        convs = estimator.convolutions
+        most = max(rows)
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, device=device, dtype=dtype)
 
+        past = zeros(steps, blocks, 2, most, max_frames, ch)
+        tails = zeros(steps, len(convs), 2, most, max(convs), 2)
+        attention_out = zeros(steps, blocks, 2, most, max_frames, ch)
+        tails_out = zeros(steps, len(convs), 2, most, max(convs), 2)
+        sizes = [(f, 0) for f in range(frame_step, max_frames + 1, frame_step)]
+        sizes += [(later_frames, p) for p in range(frame_step, max_frames + 1, frame_step)]
         for r in rows:
-            for f in range(frame_step, max_frames + 1, frame_step):
-                self._buckets[(r, f)] = _Bucket(
-                    rows=r, frames=f, noise=zeros(r, channels, f), mask=zeros(r, 1, f),
-                    mu=zeros(r, channels, f), spks=zeros(r, channels), cond=zeros(r, channels, f),
-                    streaming=torch.zeros(r, dtype=torch.bool, device=device),
+            for f, p in sizes:
+                history = SolverHistory(
+                    past=past[:, :, :, :r, :p], tails=tails[:, :, :, :r],
+                    tail_index=torch.zeros(2 * r, 1, 2, dtype=torch.long, device=device),
+                    attention_out=attention_out[:, :, :, :r, :f],
+                    tails_out=tails_out[:, :, :, :r],
+                )
+                self._buckets[(r, f, p)] = _Bucket(
+                    rows=r, frames=f, past=p, noise=zeros(r, mel, f), mask=zeros(r, 1, f),
+                    mu=zeros(r, mel, f), spks=zeros(r, mel), cond=zeros(r, mel, f),
+                    bias=zeros(r, f, p + f), history=history,
                 )
 
     def _run(self, bucket: _Bucket) -> torch.Tensor:
         return self.solver.solve(bucket.noise, bucket.mask, bucket.mu, bucket.spks, bucket.cond,
-                                 bucket.streaming, self.steps)
+                                 bucket.bias, self.steps, bucket.history)
 
     @torch.inference_mode()
     def capture(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -91,33 +123,41 @@ class SolverGraphs:
                 progress(i + 1, len(self._buckets))
         torch.cuda.synchronize(device)
 
-    def bucket_for(self, rows: int, frames: int, steps: int) -> _Bucket | None:
+    def bucket_for(self, rows: int, frames: int, past: int, steps: int) -> _Bucket | None:
         if steps != self.steps:
             return None
         r = next((r for r in self.rows if r >= rows), None)
-        f = -(-frames // self.frame_step) * self.frame_step
-        if r is None or f > self.max_frames:
+        p = -(-past // self.frame_step) * self.frame_step
+        f = self.later_frames if p > 0 else -(-frames // self.frame_step) * self.frame_step
+        if r is None or frames > f or p > self.max_frames or f > self.max_frames:
             return None
-        return self._buckets[(r, f)]
+        return self._buckets[(r, f, p)]
 
     @torch.inference_mode()
     def solve(
         self, noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
-        cond: torch.Tensor, streaming: torch.Tensor, steps: int,
-    ) -> torch.Tensor | None:
-        """The solver's output for these inputs from a bucket's graph; None when no bucket fits
-        (or graphs were never captured, except on the CPU, where the bucket runs eagerly)."""
+        cond: torch.Tensor, bias: torch.Tensor, states: list[FlowState | None],
+        new_frames: torch.Tensor, steps: int,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None:
+        """The streamed solver's new frames and records for these inputs from a bucket's graph;
+        None when no bucket fits (or graphs were never captured, except on the CPU, where the
+        bucket runs eagerly).
+
+        The records are views of the shared buffers: valid until the next call.
+        """
         b, _, t = noise.shape
-        bucket = self.bucket_for(b, t, steps)
+        bucket = self.bucket_for(b, t, bias.size(2) - t, steps)
         if bucket is None:
             return None
         if bucket.graph is None and noise.is_cuda:
             return None
-        bucket.load(noise, mask, mu, spks, cond, streaming)
+        bucket.load(noise, mask, mu, spks, cond, bias, states, new_frames)
         if bucket.graph is not None:
             bucket.graph.replay()
             assert bucket.output is not None
             output = bucket.output
         else:
             output = self._run(bucket)
-        return output[:b, :, :t].clone()
+        history = bucket.history
+        records = (history.attention_out[:, :, :, :b, :t], history.tails_out[:, :, :, :b])
+        return output[:b, :, :t].clone(), records

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from worker.engines.cosyvoice.flow import FlowModel, FlowRow
+from worker.engines.cosyvoice.flow_state import FlowState
 from worker.engines.cosyvoice.hift import HiFTGenerator, samples_per_frame
 
 TOKEN_HOP = 25
@@ -47,6 +48,7 @@ class Utterance:
     tokens: list[int] = field(default_factory=list)
     decoded: bool = False
     offset: int = 0
+    flow_state: FlowState | None = None
     mel_cache: torch.Tensor | None = None
     source_cache: torch.Tensor | None = None
     speech_tail: torch.Tensor | None = None
@@ -144,11 +146,13 @@ class AudioStage:
                 prompt_mel=utt.prompt_mel[0],
                 embedding=utt.embedding[0],
                 finalize=chunk.finalize,
-                streaming=not chunk.finalize,
+                streaming=True,
             ))
-        mels = self.flow.mel_batch(rows, self.flow_steps)
-        return [mel[:, c.utterance.offset * self.ratio :] for c, mel in zip(chunks, mels,
-                                                                              strict=True)]
+        states = [c.utterance.flow_state for c in chunks]
+        mels, updated = self.flow.stream_batch(rows, states, self.flow_steps)
+        for chunk, state in zip(chunks, updated, strict=True):
+            chunk.utterance.flow_state = None if chunk.finalize else state
+        return mels
 
     def _vocode(
         self, chunks: list[Chunk], mels: list[torch.Tensor]
