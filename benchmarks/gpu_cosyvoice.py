@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import json
 import sys
 import threading
@@ -341,7 +342,11 @@ def main() -> int:
     engine._require()[0].stop()
     text_ids, prompt_ids = frontend.encode(TEXT), frontend.encode(PROMPT_TEXT)
     del engine
-    torch.cuda.empty_cache()
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        print(f"in-process engine released: {torch.cuda.memory_reserved() / 2**30:.1f} GiB "
+              "still reserved by this process", flush=True)
     if "http" in modes:
         report["results"] += sweep_http(args.model_dir, features, args.concurrency, args.tokens,
                                         args.dtype, args.device, out_dir)

@@ -261,7 +261,8 @@ def test_bucketed_streamed_flow_gives_each_row_its_own_result(engine: CosyVoiceE
     nothing."""
     flow = engine._require()[0].audio.flow
     graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
-                          rows=(1, 4), frame_step=64, max_frames=256, later_frames=64)
+                          rows=(1, 4), frame_step=64, max_frames=256, later_frames=64,
+                          later_rows=(), max_past=256)
     assert graphs.bucket_for(3, 150, past=0, steps=10) is not None
     assert graphs.bucket_for(3, 50, past=150, steps=10) is not None
     assert graphs.bucket_for(3, 80, past=150, steps=10) is None

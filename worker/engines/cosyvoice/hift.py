@@ -86,9 +86,9 @@ class SourceModule(nn.Module):
         harmonics = torch.arange(1, cfg.nb_harmonics + 2, device=f0.device, dtype=f0.dtype)
         fn = f0 * harmonics.view(1, 1, -1)
         rad = (fn / cfg.sampling_rate) % 1
-        initial = torch.cat(
-            [torch.rand(1, fn.size(2), device="cpu", generator=g) for g in generators]
-        ).to(fn.device, fn.dtype)
+        initial = torch.cat([
+            torch.rand(1, fn.size(2), device=_device(g), generator=g) for g in generators
+        ]).to(fn.device, fn.dtype)
         initial[:, 0] = 0
         rad[:, 0, :] = rad[:, 0, :] + initial
         rad = F.interpolate(
@@ -104,11 +104,19 @@ class SourceModule(nn.Module):
         noise_amp = uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3
         # Same memory layout as `sines`: the released recipe's `randn_like` filled that layout.
         noise = torch.cat([
-            torch.empty_like(sines[i : i + 1], device="cpu").normal_(generator=g)
+            torch.empty_like(sines[i : i + 1], device=_device(g)).normal_(generator=g)
             for i, g in enumerate(generators)
         ]).to(sines.device)
         sines = sines * uv + noise_amp * noise
         return torch.tanh(self.l_linear(sines))
+
+
+def _device(generator: torch.Generator | None) -> torch.device:
+    """Where a row's noise is drawn: on its generator's device (a CPU generator reproduces the
+    released recipe's draws; one on the GPU avoids drawing millions of numbers on the host)."""
+    if generator is None:
+        return torch.device("cpu")
+    return generator.device
 
 
 class HiFTGenerator(nn.Module):

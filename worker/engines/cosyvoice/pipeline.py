@@ -160,7 +160,7 @@ class AudioStage:
         """Vocoder over equal-length mels, cross-fading each with its previous chunk's tail."""
         utts = [c.utterance for c in chunks]
         generators: list[torch.Generator | None] = [
-            torch.Generator().manual_seed(c.utterance.seed + c.end) for c in chunks
+            torch.Generator(self.device).manual_seed(c.utterance.seed + c.end) for c in chunks
         ]
         mel = torch.stack(mels).to(self.device)
         caches = [u.source_cache for u in utts]

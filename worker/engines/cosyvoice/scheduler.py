@@ -143,6 +143,7 @@ class Scheduler:
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads.clear()
+        atexit.unregister(self.stop)  # and let a stopped scheduler, and its GPU memory, go
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no request is live and every row is free; False on timeout."""

@@ -1,0 +1,155 @@
+"""Profile of the cosyvoice audio stage alone: where a streamed chunk's time goes, by batch size.
+
+Streams `--rows` utterances (registered 3 s voice, `--tokens` speech tokens each, already decoded)
+through `AudioStage.run` chunk by chunk, all in one batch, with nothing else on the GPU. For each
+batch size it prints the wall time per call split into encoder, flow solver, vocoder and the
+rest (each part timed between device synchronisations), audio-seconds per wall-second, and, from
+the PyTorch profiler over one later chunk, the GPU's busy time against the wall time and the
+kernels that take most of it.
+
+    python benchmarks/gpu_cosyvoice_audio.py --model-dir /tmp/cv_full --rows 1,16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_cosyvoice import PROMPT_TEXT, TEXT, levels_arg, prompt_audio
+from testbed.cosyvoice_models import build_model_dir
+from worker.engines.base import EngineRequest
+from worker.engines.cosyvoice.engine import CosyVoiceEngine
+from worker.engines.cosyvoice.pipeline import AudioStage, Utterance
+
+
+class PartTimer:
+    """Wall time of named methods, each bracketed by device synchronisations."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        original: Callable[..., Any] = getattr(owner, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[name] += time.perf_counter() - start
+
+        setattr(owner, attr, timed)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def utterances(engine: CosyVoiceEngine, n: int, tokens: int) -> list[Utterance]:
+    made = []
+    for i in range(n):
+        (utt,) = engine.plan(EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=i))
+        gen = torch.Generator().manual_seed(i)
+        utt.tokens = torch.randint(0, 6561, (tokens,), generator=gen).tolist()
+        utt.decoded = True
+        made.append(utt)
+    return made
+
+
+def stream_all(audio: AudioStage, utts: list[Utterance], on_call: Callable[[int], Any]) -> int:
+    calls = 0
+    while True:
+        chunks = [c for u in utts if (c := audio.next_chunk(u)) is not None]
+        if not chunks:
+            return calls
+        with on_call(calls):
+            for result in audio.run(chunks):
+                if isinstance(result, Exception):
+                    raise result
+        calls += 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--rows", type=levels_arg, default=levels_arg("1,16,64"))
+    parser.add_argument("--tokens", type=int, default=240)
+    parser.add_argument("--graphs", action="store_true", help="capture the flow's graphs first")
+    parser.add_argument("--profile-call", type=int, default=4)
+    parser.add_argument("--device", default="cuda", help="cpu for a dry run on a tiny model")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    if not (args.model_dir / "flow.pt").exists():
+        build_model_dir(args.model_dir, size="full")
+    engine = CosyVoiceEngine(args.model_dir, device=args.device, dtype=args.dtype,
+                             cuda_graph=args.graphs, max_streams=max(args.rows))
+    engine.load()
+    scheduler, _ = engine._require()
+    audio = scheduler.audio
+    if audio.flow.solver_graphs is not None:
+        audio.flow.solver_graphs.capture()
+    engine.add_voice("bench", engine.compute_voice(prompt_audio(), 16000, PROMPT_TEXT))
+    device = torch.device(args.device)
+    timer = PartTimer(device)
+    timer.wrap(audio.flow, "_encode", "encoder")
+    timer.wrap(audio.flow, "_solve_incremental", "solver")
+    timer.wrap(audio, "_vocode", "vocoder")
+    timer.wrap(audio, "run", "call")
+    stream_all(audio, utterances(engine, 1, 60), lambda _: _Null())  # warm the allocator
+    for rows in args.rows:
+        timer.seconds.clear()
+        utts = utterances(engine, rows, args.tokens)
+        profiled: dict[str, Any] = {}
+
+        def on_call(index: int, profiled: dict[str, Any] = profiled) -> Any:
+            if index != args.profile_call:
+                return _Null()
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            profiled["prof"] = prof
+            return prof
+
+        start = time.perf_counter()
+        calls = stream_all(audio, utts, on_call)
+        wall = time.perf_counter() - start
+        s = timer.seconds
+        rest = s["call"] - s["encoder"] - s["solver"] - s["vocoder"]
+        audio_s = rows * args.tokens / 25
+        parts = ", ".join(f"{name} {1000 * value / calls:6.1f}" for name, value in (
+            ("encoder", s["encoder"]), ("solver", s["solver"]), ("vocoder", s["vocoder"]),
+            ("rest", rest)))
+        print(f"rows {rows:4d}: {calls} calls, {1000 * s['call'] / calls:7.1f} ms per call "
+              f"({parts}); {audio_s / wall:7.1f} audio-s/s", flush=True)
+        prof = profiled.get("prof")
+        if prof is not None:
+            events = prof.key_averages()
+            busy = sum(e.self_device_time_total for e in events) / 1000
+            kernels = sum(e.count for e in events if e.self_device_time_total > 0)
+            print(f"  profiled call {args.profile_call}: GPU busy {busy:.1f} ms over "
+                  f"{kernels} device ops", flush=True)
+            print(events.table(sort_by="self_device_time_total", row_limit=12), flush=True)
+    return 0
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
