@@ -7,7 +7,8 @@ concurrency level, that many streams start at once, in-process through `engine.s
 through a real `python -m worker` over HTTP; it prints time to first audio p50/p99, aggregate
 audio-seconds per second, per-stream real-time factor, the worst wait past what the listener had
 left to play (underrun), and peak GPU memory. The upstream implementation (`cosyvoice2-eu`) runs
-the same request at the levels given to `--upstream`.
+the same request at the levels given to `--upstream`. Each mode first sends one unmeasured
+request, so the first level does not pay the first zero-shot request's one-time costs.
 
     python benchmarks/gpu_cosyvoice.py --model-dir /tmp/cv_full --concurrency 1,4,16,64,128 \
         --modes inproc,http --upstream 1,4 --out results.json
@@ -160,6 +161,8 @@ class StageTimer:
 
 async def sweep_inproc(engine: CosyVoiceEngine, levels: list[int]) -> list[dict[str, Any]]:
     rows = []
+    warm = EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=0)
+    await stream_inproc(engine, warm)  # unmeasured, as through HTTP
     timer = StageTimer(engine)
     for c in levels:
         peak_memory_gib(reset=True)
@@ -232,7 +235,7 @@ def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
     with python_service("worker", env, port=port, log_dir=log_dir, timeout=600) as worker:
         base = worker.url
 
-        async def level(c: int) -> dict[str, Any]:
+        async def level(c: int, name: str = "http") -> dict[str, Any]:
             limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
             async with httpx.AsyncClient(timeout=300, limits=limits) as client:
                 bodies = [{"text": TEXT, "voice": "bench", "seed": i, "format": "pcm_f32le",
@@ -246,8 +249,9 @@ def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
                 held = sum(float(line.split()[-1]) for line in metrics.splitlines()
                            if line.startswith("worker_gpu_memory_bytes{"))
                 # Through HTTP the figure is the memory the worker holds after the level.
-                return summarize("http", c, list(stats), wall, held / 2**30)
+                return summarize(name, c, list(stats), wall, held / 2**30)
 
+        asyncio.run(level(1, "warm-up"))  # unmeasured: the first zero-shot request's one-time costs
         return [asyncio.run(level(c)) for c in levels]
 
 
