@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from worker.engines.cosyvoice.capacity import (
+    WORKING_SHARE,
+    StreamCost,
+    flow_frame_bytes,
+    kv_row_bytes,
+    streams_that_fit,
+)
 from worker.engines.cosyvoice.config import read_yaml
 from worker.engines.cosyvoice.frontend import VoicePrompt
 from worker.engines.cosyvoice.sampling import SamplingParams, sample, uniform
@@ -131,3 +138,16 @@ def test_voice_prompt_round_trips() -> None:
     assert back.text == "你好"
     torch.testing.assert_close(back.speech_tokens, prompt.speech_tokens)
     torch.testing.assert_close(back.mel, prompt.mel)
+
+
+def test_stated_capacity_fits_the_memory_left() -> None:
+    frame = flow_frame_bytes(steps=10, attention_blocks=56, channels=256, element_size=2)
+    assert frame == 573_440  # 0.57 MB per mel frame on the released model in bf16
+    cost = StreamCost(kv_row_bytes=kv_row_bytes(24, 2, 3072, 64, 2), flow_frame_bytes=frame,
+                      frames_per_second=50)
+    total = 140 * 2**30
+    assert streams_that_fit(104 * 2**30, total, cost, limit=128) == 128
+    shared = streams_that_fit(60 * 2**30, total, cost, limit=128)
+    assert 40 < shared < 128
+    assert shared * cost.bytes() <= 60 * 2**30 - WORKING_SHARE * total
+    assert streams_that_fit(2**30, total, cost, limit=128) == 1

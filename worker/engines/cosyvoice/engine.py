@@ -22,7 +22,19 @@ from contract.errors import ErrorCode, ServiceError
 from contract.requests import piece_seed
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
 from worker.engines.cosyvoice.batch_decode import BatchDecoder
-from worker.engines.cosyvoice.config import REQUIRED_FILES, ModelDirError, check_model_dir
+from worker.engines.cosyvoice.capacity import (
+    STREAM_BUDGET_S,
+    StreamCost,
+    flow_frame_bytes,
+    kv_row_bytes,
+    streams_that_fit,
+)
+from worker.engines.cosyvoice.config import (
+    REQUIRED_FILES,
+    ModelConfig,
+    ModelDirError,
+    check_model_dir,
+)
 from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend, VoicePrompt
@@ -75,6 +87,7 @@ class CosyVoiceEngine:
         self.threads = threads or 1
         self.cuda_graph = cuda_graph
         self.max_streams = max_streams or DEFAULT_STREAMS.get(self.device.type, 8)
+        self._size_streams_to_memory = max_streams is None and self.device.type == "cuda"
         self.max_positions = max_positions
         self.flow_steps = flow_steps
         self.max_audio_rows = max_audio_rows
@@ -109,11 +122,13 @@ class CosyVoiceEngine:
         self._frontend = Frontend(self.model_dir, config, onnx_threads=self.threads)
         sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
                                   config.llm.tau_r)
-        decoder = BatchDecoder(llm, sampling, slots=self.max_streams,
-                               positions=self.max_positions, use_graphs=self.cuda_graph)
         if self.cuda_graph and self.device.type == "cuda":
             flow.solver_graphs = SolverGraphs(flow.solver, self.dtype, self.device,
                                               steps=self.flow_steps)
+        if self._size_streams_to_memory:
+            self.max_streams = self._streams_that_fit(llm, flow, config)
+        decoder = BatchDecoder(llm, sampling, slots=self.max_streams,
+                               positions=self.max_positions, use_graphs=self.cuda_graph)
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
         self._llm = llm
         self._scheduler = Scheduler(
@@ -121,6 +136,27 @@ class CosyVoiceEngine:
             max_audio_rows=self.max_audio_rows,
         )
         self._version = self._fingerprint()
+
+    def _streams_that_fit(self, llm: SpeechLM, flow: FlowModel, config: ModelConfig) -> int:
+        """`DEFAULT_STREAMS` on this device, or fewer when their memory would not fit."""
+        qwen = llm.backbone.config
+        heads = qwen.num_attention_heads
+        head_dim = getattr(qwen, "head_dim", None) or qwen.hidden_size // heads
+        element = torch.finfo(self.dtype).bits // 8
+        estimator = flow.decoder.estimator
+        cost = StreamCost(
+            kv_row_bytes=kv_row_bytes(qwen.num_hidden_layers, qwen.num_key_value_heads or heads,
+                                      self.max_positions, int(head_dim), element),
+            flow_frame_bytes=flow_frame_bytes(self.flow_steps, estimator.attention_blocks,
+                                              estimator.cfg.channels[0], element),
+            frames_per_second=config.mel.sampling_rate // config.mel.hop_size,
+        )
+        free, total = torch.cuda.mem_get_info(self.device)
+        streams = streams_that_fit(free, total, cost, self.max_streams)
+        logger.info("Capacity %d streams: %.0f MB each (KV row and %.0f s of flow state), "
+                    "%.1f of %.1f GiB free", streams, cost.bytes() / 1e6, STREAM_BUDGET_S,
+                    free / 2**30, total / 2**30)
+        return streams
 
     @staticmethod
     def _read_speakers(path: Path) -> dict[str, torch.Tensor]:

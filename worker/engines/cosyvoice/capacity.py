@@ -1,0 +1,46 @@
+"""How many streams the engine can hold on its GPU.
+
+Each stream keeps a row of the LLM's KV pool and, while it speaks, its flow state (0.57 MB per
+mel frame on the released model: 29 MB per second of audio, prompt included). Both are counted
+against the memory left once the weights and the graphs' buffers are in place, with a share of
+the device kept for the working tensors of batched calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STREAM_BUDGET_S = 20.0
+"""Seconds of audio, prompt included, each stream's flow state is budgeted for. Longer pieces
+still run; the budget is what the stated capacity is planned on."""
+
+WORKING_SHARE = 0.15
+"""Share of the device's memory kept for the working tensors of batched calls."""
+
+
+@dataclass(frozen=True)
+class StreamCost:
+    kv_row_bytes: int
+    flow_frame_bytes: int
+    frames_per_second: int
+
+    def bytes(self, seconds: float = STREAM_BUDGET_S) -> int:
+        return self.kv_row_bytes + int(seconds * self.frames_per_second) * self.flow_frame_bytes
+
+
+def streams_that_fit(free_bytes: int, total_bytes: int, cost: StreamCost, limit: int) -> int:
+    """Streams whose KV rows and budgeted flow states fit in `free_bytes`, leaving the working
+    share of `total_bytes`; at least 1 and at most `limit`."""
+    usable = free_bytes - WORKING_SHARE * total_bytes
+    return max(1, min(limit, int(usable // cost.bytes())))
+
+
+def kv_row_bytes(layers: int, kv_heads: int, positions: int, head_dim: int,
+                 element_size: int) -> int:
+    return 2 * layers * kv_heads * positions * head_dim * element_size
+
+
+def flow_frame_bytes(steps: int, attention_blocks: int, channels: int, element_size: int) -> int:
+    """Bytes a flow state keeps per mel frame: every step's attention-block inputs, for the
+    guided and the unguided row."""
+    return steps * attention_blocks * 2 * channels * element_size
