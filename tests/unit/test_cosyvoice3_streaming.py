@@ -1,0 +1,173 @@
+"""CosyVoice3 flow and vocoder streamed incrementally and batched, against their whole passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from testbed.cosyvoice3_models import build_model_dir
+from worker.engines.cosyvoice import v3_hift_stream
+from worker.engines.cosyvoice.v3_config import check_v3_model_dir
+from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, load_v3_flow
+from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise, load_v3_hift
+from worker.engines.cosyvoice.v3_hift_stream import HiFTStream
+
+# Measured: flow ~1e-6 (the same frames computed in different batch shapes), vocoder ~1e-7.
+FLOW_TOL = 1e-4
+HIFT_TOL = 1e-5
+HOP = 25
+LOOK = 3
+
+Request = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("cv3") / "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def flow(model_dir: Path) -> CosyVoice3Flow:
+    return load_v3_flow(model_dir, check_v3_model_dir(model_dir).flow)
+
+
+@pytest.fixture(scope="module")
+def hift(model_dir: Path) -> CausalHiFT:
+    cfg = check_v3_model_dir(model_dir)
+    return load_v3_hift(model_dir, cfg.hift, cfg.conv_pre_look_right)
+
+
+@pytest.fixture(scope="module")
+def noise() -> HiFTNoise:
+    return HiFTNoise.draw(11, 24000 * 6)
+
+
+def _requests() -> list[Request]:
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randint(0, 6561, (p,), generator=gen),
+             torch.randint(0, 6561, (n,), generator=gen),
+             torch.randn(2 * p, 80, generator=gen), torch.randn(192, generator=gen))
+            for p, n in ((20, 110), (13, 77), (0, 40))]
+
+
+def _whole(flow: CosyVoice3Flow, req: Request) -> torch.Tensor:
+    prompt, tokens, mel, emb = req
+    return flow.whole([prompt], [tokens], [mel], [emb], streaming=True)[0]
+
+
+def _chunks(req: Request) -> list[torch.Tensor]:
+    """Upstream's token schedule: the first chunk fills the prompt's last 25-token block."""
+    prompt, tokens = req[0], req[1]
+    first = (-prompt.numel()) % HOP + HOP + LOOK
+    cuts = [0, first, *range(first + HOP, tokens.numel(), HOP)]
+    return [tokens[a:b] for a, b in zip(cuts, [*cuts[1:], tokens.numel()], strict=True)]
+
+
+def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(flow: CosyVoice3Flow) -> None:
+    reqs = _requests()
+    streams = [flow.start(p, m, e) for p, _, m, e in reqs]
+    pieces: list[list[torch.Tensor]] = [[] for _ in reqs]
+    schedules = [_chunks(r) for r in reqs]
+    for k in range(max(len(s) for s in schedules)):
+        rows = [i for i, s in enumerate(schedules) if k < len(s)]
+        out = flow.advance([streams[i] for i in rows], [schedules[i][k] for i in rows],
+                           [k == len(schedules[i]) - 1 for i in rows])
+        for i, mel in zip(rows, out, strict=True):
+            pieces[i].append(mel)
+    for req, got, stream in zip(reqs, pieces, streams, strict=True):
+        want = _whole(flow, req)
+        assert all(p.size(1) > 0 for p in got)
+        assert (torch.cat(got, dim=1) - want).abs().max() <= FLOW_TOL
+        assert stream.frames == 2 * (req[0].numel() + req[1].numel())
+
+
+def test_flow_batch_rows_equal_each_row_alone(flow: CosyVoice3Flow) -> None:
+    reqs = _requests()
+    for streaming in (True, False):
+        batch = flow.whole([r[0] for r in reqs], [r[1] for r in reqs], [r[2] for r in reqs],
+                           [r[3] for r in reqs], streaming=streaming)
+        for req, got in zip(reqs, batch, strict=True):
+            alone = flow.whole([req[0]], [req[1]], [req[2]], [req[3]], streaming=streaming)[0]
+            assert got.shape == (80, 2 * req[1].numel())
+            assert (got - alone).abs().max() <= FLOW_TOL
+
+
+def test_off_grid_chunk_is_refused(flow: CosyVoice3Flow) -> None:
+    prompt, tokens, mel, emb = _requests()[0]
+    stream = flow.start(prompt, mel, emb)
+    with pytest.raises(ValueError, match="grid"):
+        flow.advance([stream], [tokens[:20]], [False])
+
+
+def test_past_frames_do_not_depend_on_later_tokens(flow: CosyVoice3Flow) -> None:
+    """What makes incremental streaming exact: chunk-causal attention and causal convolutions."""
+    prompt, tokens, mel, emb = _requests()[0]
+    short = flow.whole([prompt], [tokens[:33]], [mel], [emb], streaming=True, final=False)[0]
+    longer = flow.whole([prompt], [tokens], [mel], [emb], streaming=True)[0]
+    assert (longer[:, : short.size(1)] - short).abs().max() <= FLOW_TOL
+    full = flow.whole([prompt], [tokens], [mel], [emb], streaming=False)[0]
+    assert (full[:, : short.size(1)] - short).abs().max() > 100 * FLOW_TOL
+
+
+def _mels(flow: CosyVoice3Flow) -> list[torch.Tensor]:
+    return [_whole(flow, r) for r in _requests()]
+
+
+def test_chunked_hift_equals_whole_pass(
+    flow: CosyVoice3Flow, hift: CausalHiFT, noise: HiFTNoise
+) -> None:
+    mels = _mels(flow)
+    sizes = [(13, 50, 7, 50, 50, 50), (50, 50, 50, 50), (1, 2, 3, 60, 60)]
+    streams = [HiFTStream.new(80, 9, torch.device("cpu")) for _ in mels]
+    pieces: list[list[torch.Tensor]] = [[] for _ in mels]
+    starts = [0] * len(mels)
+    for k in range(6):
+        rows = [i for i in range(len(mels)) if not streams[i].finished]
+        if not rows:
+            break
+        chunks, final = [], []
+        for i in rows:
+            end = min(starts[i] + sizes[i][min(k, len(sizes[i]) - 1)], mels[i].size(1))
+            chunks.append(mels[i][:, starts[i]:end])
+            final.append(end == mels[i].size(1))
+            starts[i] = end
+        for i, wav in zip(rows, v3_hift_stream.advance(
+                hift, [streams[i] for i in rows], chunks, final, noise), strict=True):
+            pieces[i].append(wav)
+    for mel, got, stream in zip(mels, pieces, streams, strict=True):
+        assert stream.finished
+        want = hift(mel.unsqueeze(0), noise)[0]
+        wav = torch.cat(got)
+        assert wav.shape == want.shape
+        assert (wav - want).abs().max() <= HIFT_TOL
+        assert stream.mel.size(1) <= 2 * v3_hift_stream.CONTEXT + 60  # history stays bounded
+
+
+def test_hift_batch_rows_equal_each_row_alone(
+    flow: CosyVoice3Flow, hift: CausalHiFT, noise: HiFTNoise
+) -> None:
+    mels = [m[:, :80] for m in _mels(flow)]
+    batch = hift(torch.stack(mels), noise)
+    for row, mel in zip(batch, mels, strict=True):
+        assert (row - hift(mel.unsqueeze(0), noise)[0]).abs().max() <= HIFT_TOL
+
+
+def test_flow_state_size_is_what_it_claims(flow: CosyVoice3Flow) -> None:
+    prompt, tokens, mel, emb = _requests()[0]
+    stream: FlowStream = flow.start(prompt, mel, emb)
+    flow.advance([stream], [tokens[: (-20) % HOP + HOP + LOOK]], [False])
+    dit = flow.cfg.dit
+    per_frame = 10 * dit.depth * 2 * 2 * dit.heads * dit.dim_head * 4
+    assert stream.kv.size(5) >= stream.frames == 100  # prompt frames included
+    assert stream.nbytes() >= per_frame * stream.frames

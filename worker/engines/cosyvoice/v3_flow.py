@@ -1,0 +1,258 @@
+"""The CosyVoice3 flow: speech tokens to mel frames, whole or incrementally, many requests at once.
+
+Names follow the released `flow.pt`: `input_embedding` (tokens to 80 dims),
+`spk_embed_affine_layer`, `pre_lookahead_layer` (a kernel-4 convolution over each token and the
+3 after it, then a causal kernel-3 one, plus the input) and the DiT under `decoder.estimator`.
+Each token becomes `token_mel_ratio` frames; a 10-step Euler solver with cosine schedule
+integrates the estimator's velocity from fixed noise (guided and unguided passes: one batch of 2B).
+
+Incremental streaming: a `FlowStream` per request keeps, for every Euler step, the keys and values
+of all its frames at every layer and the tails of the position convolutions, so `advance` computes
+only the new frames. Chunk-causal attention makes this exact provided every non-final call ends on
+the `static_chunk_size` frame grid (counted from the first prompt frame); `advance` refuses
+otherwise. The noise is a fixed buffer indexed by a frame's position in its utterance (prompt
+included), drawn once from seed 0 as the released recipe draws it, so requests share no state.
+"""
+
+# Module calls are typed Any by torch; returns below are tensors by construction.
+# mypy: disable-error-code="no-any-return"
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from worker.engines.cosyvoice.v3_config import V3FlowConfig
+from worker.engines.cosyvoice.v3_dit import POS_KERNEL, DiT, StepCache
+from worker.engines.cosyvoice.weights import load_into, read_state
+
+STEPS = 10
+NOISE_FRAMES = 50 * 300
+NOISE_SEED = 0
+GROWTH = 256
+
+
+def fixed_noise(channels: int = 80, frames: int = NOISE_FRAMES) -> torch.Tensor:
+    """[frames, channels]: the solver's start, `randn(1, 80, 15000)` right after seed 0."""
+    gen = torch.Generator().manual_seed(NOISE_SEED)
+    return torch.randn(1, channels, frames, generator=gen)[0].T.contiguous()
+
+
+class PreLookahead(nn.Module):
+    def __init__(self, channels: int, hidden: int, lookahead: int) -> None:
+        super().__init__()
+        self.lookahead = lookahead
+        self.conv1 = nn.Conv1d(channels, hidden, lookahead + 1)
+        self.conv2 = nn.Conv1d(hidden, channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L + lookahead, C] -> [B, L, C]: features of the first L tokens (the last
+        `lookahead` inputs are context only; pass zeros there at the end of an utterance)."""
+        h = F.leaky_relu(self.conv1(x.transpose(1, 2)))
+        h = self.conv2(F.pad(h, (2, 0))).transpose(1, 2)
+        return h + x[:, : h.size(1)]
+
+
+class _Decoder(nn.Module):
+    def __init__(self, cfg: V3FlowConfig) -> None:
+        super().__init__()
+        self.estimator = DiT(cfg.dit)
+
+
+@dataclass(eq=False)
+class FlowStream:
+    """One request's flow state. `kv` [steps, layers, 2 (k, v), 2 (guided, unguided), heads,
+    capacity, dim_head] and `tails` [steps, 2 convs, 2, dim, 30] hold the estimator's view of its
+    first `frames` mel frames; `tokens` are all tokens received (prompt first)."""
+
+    tokens: torch.Tensor
+    prompt_mel: torch.Tensor
+    speaker: torch.Tensor
+    done_tokens: int
+    frames: int
+    kv: torch.Tensor
+    tails: torch.Tensor
+    finished: bool = False
+
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size() + self.tails.numel() * 4
+
+
+class CosyVoice3Flow(nn.Module):
+    def __init__(self, cfg: V3FlowConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
+        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
+        self.pre_lookahead_layer = PreLookahead(
+            cfg.input_size, cfg.lookahead_channels, cfg.pre_lookahead_len)
+        self.decoder = _Decoder(cfg)
+        self.noise: torch.Tensor
+        self.register_buffer("noise", fixed_noise(cfg.output_size), persistent=False)
+
+    @property
+    def estimator(self) -> DiT:
+        return self.decoder.estimator
+
+    def start(
+        self, prompt_tokens: torch.Tensor, prompt_mel: torch.Tensor, embedding: torch.Tensor
+    ) -> FlowStream:
+        """A new request: prompt tokens [P], their mel [ratio * P, 80], speaker embedding [192]."""
+        ratio = self.cfg.token_mel_ratio
+        if prompt_mel.size(0) != ratio * prompt_tokens.numel():
+            raise ValueError(f"prompt mel has {prompt_mel.size(0)} frames, "
+                             f"expected {ratio} per prompt token ({prompt_tokens.numel()})")
+        dit = self.cfg.dit
+        w = self.input_embedding.weight
+        speaker = self.spk_embed_affine_layer(F.normalize(embedding.view(1, -1).to(w), dim=1))
+        kv = w.new_zeros(STEPS, dit.depth, 2, 2, dit.heads, 0, dit.dim_head)
+        tails = w.new_zeros(STEPS, 2, 2, dit.dim, POS_KERNEL - 1)
+        return FlowStream(prompt_tokens.long().to(w.device).view(-1), prompt_mel.to(w),
+                          speaker[0], 0, 0, kv, tails)
+
+    def _features(self, stream: FlowStream, end: int, final: bool) -> torch.Tensor:
+        """Token features of tokens [done, end) as mel-rate rows [ratio * (end - done), 80]."""
+        look = self.cfg.pre_lookahead_len
+        first = max(stream.done_tokens - 2, 0)
+        ids = stream.tokens[first: end + look]
+        x = self.input_embedding(ids.clamp(min=0)).unsqueeze(0)
+        if final:
+            x = F.pad(x, (0, 0, 0, end + look - first - ids.numel()))
+        h = self.pre_lookahead_layer(x)[0, stream.done_tokens - first:]
+        return h.repeat_interleave(self.cfg.token_mel_ratio, dim=0)
+
+    def _gather(self, streams: list[FlowStream], step: int, past: int) -> StepCache:
+        ref = streams[0].kv
+        lens = torch.tensor([s.frames for s in streams], device=ref.device).repeat(2)
+        tails = torch.stack([s.tails[step] for s in streams], dim=2)  # [2 convs, 2, B, D, 30]
+        tails = tails.flatten(1, 2)
+        if past == 0:
+            return StepCache(lens, None, None, [tails[0], tails[1]])
+        kv = torch.stack([s.kv[step, :, :, :, :, :past] for s in streams], dim=3)
+        kv = kv.flatten(2, 3)  # [layers, 2 (k, v), 2B, heads, past, dim_head]
+        return StepCache(lens, list(kv[:, 0]), list(kv[:, 1]), [tails[0], tails[1]])
+
+    @staticmethod
+    def _keep(streams: list[FlowStream], step: int, cache: StepCache, counts: list[int]) -> None:
+        b = len(streams)
+        keys = torch.stack(cache.new_keys)  # [layers, 2B, heads, N, dim_head]
+        values = torch.stack(cache.new_values)
+        tails = torch.stack(cache.new_tails)  # [2 convs, 2B, D, 30]
+        for i, (s, n) in enumerate(zip(streams, counts, strict=True)):
+            rows = [i, b + i]
+            s.kv[step, :, 0, :, :, s.frames: s.frames + n] = keys[:, rows, :, :n]
+            s.kv[step, :, 1, :, :, s.frames: s.frames + n] = values[:, rows, :, :n]
+            s.tails[step] = tails[:, rows]
+
+    @staticmethod
+    def _grow(stream: FlowStream, frames: int) -> None:
+        if frames > stream.kv.size(5):
+            cap = math.ceil(frames / GROWTH) * GROWTH
+            grown = stream.kv.new_zeros(*stream.kv.shape[:5], cap, stream.kv.size(6))
+            grown[..., : stream.frames, :] = stream.kv[..., : stream.frames, :]
+            stream.kv = grown
+
+    def _prepare(
+        self, s: FlowStream, tokens: torch.Tensor, final: bool, streaming: bool, grid: bool
+    ) -> torch.Tensor:
+        look, chunk = self.cfg.pre_lookahead_len, self.cfg.dit.static_chunk_size
+        if s.finished:
+            raise ValueError("this request's flow has already finished")
+        if not streaming and s.frames:
+            raise ValueError("a non-streaming pass is one call on a new request")
+        s.tokens = torch.cat([s.tokens, tokens.long().to(s.tokens.device).view(-1)])
+        end = s.tokens.numel() if final else s.tokens.numel() - look
+        if grid and not final and (end * self.cfg.token_mel_ratio) % chunk:
+            raise ValueError(f"a non-final chunk must end on the {chunk}-frame grid "
+                             f"(this one ends at frame {end * self.cfg.token_mel_ratio})")
+        if end <= s.done_tokens:
+            raise ValueError("a call must bring at least one new token past the look-ahead")
+        return self._features(s, end, final)
+
+    @torch.inference_mode()
+    def advance(
+        self, streams: list[FlowStream], new_tokens: list[torch.Tensor], final: list[bool],
+    ) -> list[torch.Tensor]:
+        """Append tokens to each request and return its new mel frames [80, n] (prompt frames
+        excluded), computing only those frames. A non-final call holds back the last
+        `pre_lookahead_len` tokens as look-ahead and must end on the chunk grid."""
+        mus = [self._prepare(s, tok, fin, True, True)
+               for s, tok, fin in zip(streams, new_tokens, final, strict=True)]
+        return self._solve(streams, mus, final, True)
+
+    def _solve(
+        self, streams: list[FlowStream], mus: list[torch.Tensor], final: list[bool],
+        streaming: bool,
+    ) -> list[torch.Tensor]:
+        counts = [m.size(0) for m in mus]
+        b, n = len(streams), max(counts)
+        dev, dtype = mus[0].device, mus[0].dtype
+        mu = torch.zeros(b, n, self.cfg.output_size, device=dev, dtype=dtype)
+        cond, x = torch.zeros_like(mu), torch.zeros_like(mu)
+        for i, (s, m, c) in enumerate(zip(streams, mus, counts, strict=True)):
+            if s.frames + c > self.noise.size(0):
+                raise ValueError(f"utterance exceeds {self.noise.size(0)} mel frames")
+            mu[i, :c] = m
+            x[i, :c] = self.noise[s.frames: s.frames + c].to(dtype)
+            prompt = s.prompt_mel[s.frames: s.frames + c]
+            cond[i, : prompt.size(0)] = prompt
+        past = max(s.frames for s in streams)
+        for s, c in zip(streams, counts, strict=True):
+            self._grow(s, max(past, s.frames + c))
+        spk = torch.stack([s.speaker for s in streams])
+        lengths = torch.tensor(counts, device=dev).repeat(2)
+        t_span = torch.linspace(0, 1, STEPS + 1, device=dev, dtype=dtype)
+        if self.cfg.t_scheduler == "cosine":
+            t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        rate = self.cfg.inference_cfg_rate
+        zeros = torch.zeros_like(mu)
+        for step in range(STEPS):
+            cache = self._gather(streams, step, past)
+            v = self.estimator(
+                torch.cat([x, x]), torch.cat([mu, zeros]), torch.cat([cond, zeros]),
+                torch.cat([spk, torch.zeros_like(spk)]), t.expand(2 * b), lengths, cache,
+                streaming,
+            )
+            if streaming:
+                self._keep(streams, step, cache, counts)
+            guided, unguided = v.split(b)
+            x = x + dt * ((1.0 + rate) * guided - rate * unguided)
+            t = t + dt
+            if step < STEPS - 1:
+                dt = t_span[step + 2] - t
+        out = []
+        for i, (s, c, fin) in enumerate(zip(streams, counts, final, strict=True)):
+            skip = max(s.prompt_mel.size(0) - s.frames, 0)
+            out.append(x[i, skip:c].T.float())
+            s.frames += c
+            s.done_tokens += c // self.cfg.token_mel_ratio
+            s.finished = fin
+        return out
+
+    @torch.inference_mode()
+    def whole(
+        self, prompt_tokens: list[torch.Tensor], tokens: list[torch.Tensor],
+        prompt_mels: list[torch.Tensor], embeddings: list[torch.Tensor], streaming: bool,
+        final: bool = True,
+    ) -> list[torch.Tensor]:
+        """Mel [80, frames] of each request's tokens in one pass, batched: upstream's
+        `inference` (a non-final pass holds back the look-ahead tokens, on the grid or not)."""
+        streams = [self.start(p, m, e)
+                   for p, m, e in zip(prompt_tokens, prompt_mels, embeddings, strict=True)]
+        mus = [self._prepare(s, tok, final, streaming, False)
+               for s, tok in zip(streams, tokens, strict=True)]
+        return self._solve(streams, mus, [True] * len(streams), streaming)
+
+
+def load_v3_flow(model_dir: Path, cfg: V3FlowConfig) -> CosyVoice3Flow:
+    """The model of `model_dir/flow.pt` (CPU, float32, eval mode)."""
+    model = CosyVoice3Flow(cfg)
+    path = model_dir / "flow.pt"
+    load_into(model, read_state(path), path)
+    return model.eval()

@@ -1,0 +1,236 @@
+"""The CosyVoice3 vocoder: a causal HiFT (mel [B, 80, T] -> 24 kHz), whole or streamed per request.
+
+Parameter names match the released `hift.pt` (weight norm folded on loading, as for CosyVoice2).
+Every convolution looks only left, except `conv_pre` (4 frames ahead) and the F0 predictor's first
+convolution (3 ahead); the F0 predictor runs in float64, as the released recipe requires. The
+excitation's noise is not drawn per call: like the released recipe, fixed buffers (`HiFTNoise`)
+are indexed by a sample's position in its utterance, so a request's audio depends on nothing but
+its mel. The harmonic phase is a running sum over frames, accumulated in float64 exactly as the
+reference's float32 `cumsum` on CPU does, and carried between chunks.
+
+Streaming lives in `v3_hift_stream`.
+"""
+
+# Module calls are typed Any by torch; returns below are tensors by construction.
+# mypy: disable-error-code="no-any-return"
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from worker.engines.cosyvoice.config import HiFTConfig
+from worker.engines.cosyvoice.hift import Snake
+from worker.engines.cosyvoice.weights import hift_state, load_into, read_state
+
+F0_AHEAD = 3
+
+
+@dataclass
+class HiFTNoise:
+    """The fixed excitation noise: `sines` [samples, harmonics + 1], uniform in [0, 1).
+
+    `draw(seed, samples)` takes, from one generator, first the (unused) initial-phase row and
+    then the buffer, in the reference's order, so the buffer for a longer limit starts with the
+    one for a shorter limit."""
+
+    sines: torch.Tensor
+
+    @staticmethod
+    def draw(seed: int, samples: int, harmonics: int = 9) -> HiFTNoise:
+        gen = torch.Generator().manual_seed(seed)
+        torch.rand(1, harmonics, generator=gen)
+        return HiFTNoise(torch.rand(1, samples, harmonics, generator=gen)[0])
+
+
+class CausalConv(nn.Conv1d):
+    def __init__(self, cin: int, cout: int, kernel: int, dilation: int = 1,
+                 ahead: bool = False) -> None:
+        super().__init__(cin, cout, kernel, dilation=dilation)
+        self.pad = (kernel - 1) * dilation
+        self.ahead = ahead
+
+    def forward(self, x: torch.Tensor, final: bool = True) -> torch.Tensor:
+        """Left-causal: zeros before. Looking ahead: zeros after when `final`, else the input's
+        last `pad` frames are context only (the output is that much shorter)."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not self.ahead:
+            x = F.pad(x, (self.pad, 0))
+        elif final:
+            x = F.pad(x, (0, self.pad))
+        return self._conv_forward(x, self.weight.to(x.dtype), bias)
+
+
+class CausalUpsample(nn.Conv1d):
+    def __init__(self, cin: int, cout: int, kernel: int, rate: int) -> None:
+        super().__init__(cin, cout, kernel)
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=float(self.rate), mode="nearest")
+        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+
+
+class CausalDownsample(nn.Conv1d):
+    def __init__(self, cin: int, cout: int, rate: int) -> None:
+        super().__init__(cin, cout, rate * 2, stride=rate)
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.rate - 1, 0)))
+
+
+class CausalResBlock(nn.Module):
+    def __init__(self, channels: int, kernel: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convs1 = nn.ModuleList(CausalConv(channels, channels, kernel, d) for d in dilations)
+        self.convs2 = nn.ModuleList(CausalConv(channels, channels, kernel) for _ in dilations)
+        self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
+        self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for c1, c2, a1, a2 in zip(
+            self.convs1, self.convs2, self.activations1, self.activations2, strict=True
+        ):
+            x = c2(a2(c1(a1(x)))) + x
+        return x
+
+
+class CausalF0Predictor(nn.Module):
+    def __init__(self, in_channels: int, cond: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [CausalConv(in_channels, cond, F0_AHEAD + 1, ahead=True)]
+        for _ in range(4):
+            layers += [nn.ELU(), CausalConv(cond, cond, 3)]
+        self.condnet = nn.Sequential(*layers, nn.ELU())
+        self.classifier = nn.Linear(cond, 1)
+
+    def forward(self, mel: torch.Tensor, final: bool) -> torch.Tensor:
+        """F0 [B, T] (T - 3 when not `final`) from mel [B, 80, T], computed in float64."""
+        x = mel.double()
+        x = self.condnet[0](x, final)
+        for layer in list(self.condnet)[1:]:
+            x = layer(x)
+        weight, bias = self.classifier.weight.double(), self.classifier.bias.double()
+        return torch.abs(F.linear(x.transpose(1, 2), weight, bias).squeeze(-1))
+
+
+class _Source(nn.Module):
+    def __init__(self, harmonics: int) -> None:
+        super().__init__()
+        self.l_linear = nn.Linear(harmonics, 1)
+
+
+class CausalHiFT(nn.Module):
+    def __init__(self, cfg: HiFTConfig, look_right: int = 4) -> None:
+        super().__init__()
+        self.cfg, self.look_right = cfg, look_right
+        self.scale = int(np.prod(cfg.upsample_rates)) * cfg.hop_len
+        self.m_source = _Source(cfg.nb_harmonics + 1)
+        base = cfg.base_channels
+        self.conv_pre = CausalConv(cfg.in_channels, base, look_right + 1, ahead=True)
+        self.ups = nn.ModuleList(
+            CausalUpsample(base // 2**i, base // 2 ** (i + 1), k, u)
+            for i, (u, k) in enumerate(
+                zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, strict=True)))
+        cum = np.cumprod([1, *list(cfg.upsample_rates[::-1][:-1])])[::-1]
+        self.source_downs = nn.ModuleList()
+        self.source_resblocks = nn.ModuleList()
+        for i, (u, k, d) in enumerate(zip(cum, cfg.source_resblock_kernel_sizes,
+                                          cfg.source_resblock_dilation_sizes, strict=True)):
+            out = base // 2 ** (i + 1)
+            self.source_downs.append(CausalConv(cfg.n_fft + 2, out, 1) if int(u) == 1
+                                     else CausalDownsample(cfg.n_fft + 2, out, int(u)))
+            self.source_resblocks.append(CausalResBlock(out, k, d))
+        self.resblocks = nn.ModuleList(
+            CausalResBlock(base // 2 ** (i + 1), k, d)
+            for i in range(len(cfg.upsample_rates))
+            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True))
+        last = base // 2 ** len(cfg.upsample_rates)
+        self.conv_post = CausalConv(last, cfg.n_fft + 2, 7)
+        self.f0_predictor = CausalF0Predictor(cfg.in_channels, cfg.f0_cond_channels)
+        self.window: torch.Tensor
+        self.register_buffer("window", torch.hann_window(cfg.n_fft, periodic=True),
+                             persistent=False)
+
+    def excitation(
+        self, f0: torch.Tensor, phase: torch.Tensor, offset: list[int], noise: HiFTNoise
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source [B, 1, samples] for frames f0 [B, T] (float32), each row continuing from its
+        running phase sum `phase` [B, harmonics] (float64) at sample `offset`; and the new sums."""
+        cfg = self.cfg
+        b, t = f0.shape
+        harmonics = torch.arange(1, cfg.nb_harmonics + 2, device=f0.device, dtype=f0.dtype)
+        rad = (f0.unsqueeze(-1) * harmonics / cfg.sampling_rate) % 1
+        total = phase.unsqueeze(1) + torch.cumsum(rad.double(), dim=1)
+        sines = torch.sin(total.float() * 2 * np.pi * self.scale) * cfg.nsf_alpha
+        uv = (f0 > cfg.nsf_voiced_threshold).float().unsqueeze(-1)
+        amp = uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3
+        n = t * self.scale
+        if max(offset) + n > noise.sines.size(0):
+            raise ValueError(f"utterance exceeds the noise buffer ({noise.sines.size(0)} samples)")
+        rows = torch.stack([noise.sines[o: o + n] for o in offset]).to(f0.device)
+        rows = rows.view(b, t, self.scale, -1)
+        waves = (sines * uv).unsqueeze(2) + amp.unsqueeze(2) * rows
+        source = torch.tanh(self.m_source.l_linear(waves.flatten(1, 2)))
+        return source.transpose(1, 2), total[:, -1]
+
+    def decode(self, mel: torch.Tensor, source: torch.Tensor, final: bool) -> torch.Tensor:
+        """Samples from mel [B, 80, T] and excitation [B, 1, scale * T]: all of them when
+        `final`, else the last `look_right + 1` frames' worth fewer."""
+        cfg = self.cfg
+        spec = torch.stft(source.squeeze(1), cfg.n_fft, cfg.hop_len, cfg.n_fft,
+                          window=self.window, return_complex=True)
+        s = torch.cat([spec.real, spec.imag], dim=1)
+        x = self.conv_pre(mel, final)
+        if not final:
+            s = s[:, :, : -int(np.prod(cfg.upsample_rates)) * self.look_right]
+        kernels = len(cfg.resblock_kernel_sizes)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, cfg.lrelu_slope))
+            if i == len(self.ups) - 1:
+                x = F.pad(x, (1, 0), mode="reflect")
+            x = x + self.source_resblocks[i](self.source_downs[i](s))
+            acc = self.resblocks[i * kernels](x)
+            for j in range(1, kernels):
+                acc = acc + self.resblocks[i * kernels + j](x)
+            x = acc / kernels
+        x = self.conv_post(F.leaky_relu(x))
+        bins = cfg.n_fft // 2 + 1
+        magnitude = torch.clip(torch.exp(x[:, :bins]), max=1e2)
+        phase = torch.sin(x[:, bins:])
+        wav = torch.istft(
+            torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase)),
+            cfg.n_fft, cfg.hop_len, cfg.n_fft, window=self.window)
+        if not final:
+            wav = wav[:, : -self.scale]
+        return torch.clamp(wav, -cfg.audio_limit, cfg.audio_limit)
+
+    @torch.inference_mode()
+    def forward(self, mel: torch.Tensor, noise: HiFTNoise, final: bool = True) -> torch.Tensor:
+        """Waveform [B, samples] of whole utterances mel [B, 80, T] (the reference's
+        `inference`: a non-final pass leaves out the frames still waiting for look-ahead)."""
+        mel = mel.float()
+        f0 = self.f0_predictor(mel, final).float()
+        start = torch.zeros(mel.size(0), self.cfg.nb_harmonics + 1, dtype=torch.float64,
+                            device=mel.device)
+        source, _ = self.excitation(f0, start, [0] * mel.size(0), noise)
+        return self.decode(mel[:, :, : f0.size(1)], source, final)
+
+
+def samples_per_frame(cfg: HiFTConfig) -> int:
+    return int(math.prod(cfg.upsample_rates)) * cfg.hop_len
+
+
+def load_v3_hift(model_dir: Path, cfg: HiFTConfig, look_right: int) -> CausalHiFT:
+    """The model of `model_dir/hift.pt` (CPU, float32, eval mode)."""
+    model = CausalHiFT(cfg, look_right)
+    path = model_dir / "hift.pt"
+    load_into(model, hift_state(read_state(path)), path)
+    return model.eval()
