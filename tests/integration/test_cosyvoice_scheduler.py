@@ -16,6 +16,7 @@ import torch
 from contract.errors import ErrorCode, ServiceError
 from testbed.cosyvoice_models import build_model_dir
 from worker.engines.base import EngineRequest
+from worker.engines.cosyvoice.config import check_model_dir
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.flow import FlowRow
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
@@ -165,6 +166,24 @@ async def test_request_past_its_deadline_never_starts(engine: CosyVoiceEngine) -
     assert scheduler.steps == before
 
 
+def test_capacity_on_a_gpu_is_sized_from_its_free_memory(
+    engine: CosyVoiceEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What load() does on a GPU with `max_streams` unset, with the device's memory stubbed:
+    more free memory states more streams, up to the default."""
+    flow = engine._require()[0].audio.flow
+    config = check_model_dir(engine.model_dir)
+    assert engine._llm is not None
+    gib = 2**30
+
+    def fit(free: int) -> int:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, gib))
+        return engine._streams_that_fit(engine._llm, flow, config)  # type: ignore[arg-type]
+
+    assert fit(0) == 1
+    assert 1 < fit(gib // 5) < fit(gib) == engine.max_streams
+
+
 async def test_more_requests_than_rows_wait_for_a_free_row(tmp_path: Path) -> None:
     model_dir = build_model_dir(tmp_path / "tiny", eos_bias=4.5)
     small = CosyVoiceEngine(model_dir, max_streams=2)
@@ -262,7 +281,7 @@ def test_bucketed_streamed_flow_gives_each_row_its_own_result(engine: CosyVoiceE
     flow = engine._require()[0].audio.flow
     graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
                           rows=(1, 4), frame_step=64, max_frames=256, later_frames=64,
-                          later_rows=(), max_past=256)
+                          wide_rows=(), max_past=256)
     assert graphs.bucket_for(3, 150, past=0, steps=10) is not None
     assert graphs.bucket_for(3, 50, past=150, steps=10) is not None
     assert graphs.bucket_for(3, 80, past=150, steps=10) is None

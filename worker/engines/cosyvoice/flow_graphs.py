@@ -4,9 +4,10 @@ At small batch sizes the ten-step loop is bound by the host launching its ~13,00
 the GPU. Captured once per bucket at warm-up, a call pads its inputs into the bucket's static
 buffers (padding is masked, exactly as in a mixed-length batch) and replays the graph: one launch
 instead of thousands. Eagerly, the loop costs about 0.8 s of host time per call whatever the
-batch size, so graphs matter at every size that streams: first chunks (no earlier frames; up to
-`max_frames` new ones, prompt included) for small batches, and later chunks (up to `later_frames`
-new frames after up to `max_past` earlier ones) up to the largest batch. Other calls run eagerly.
+batch size, so graphs matter at every size that streams: first chunks (no earlier frames, prompt
+included: up to `max_frames` for small batches, `wide_frames` for large ones) and later chunks (up
+to `later_frames` new frames after up to `max_past` earlier ones) up to the largest batch. Other
+calls run eagerly.
 Nothing is captured while serving.
 
 The history buffers (earlier frames in, new frames' records out) are shared by every bucket, as
@@ -60,23 +61,24 @@ class _Bucket:
 
 
 class SolverGraphs:
-    """Graphs for first chunks of up to `max(rows)` rows and `max_frames` frames, and for later
-    chunks of up to `later_frames` new frames after up to `max_past` earlier ones, for every
-    batch size in `rows` and `later_rows`.
+    """Graphs for first chunks (up to `max_frames` frames for batches up to `max(rows)`, up to
+    `wide_frames` for the batch sizes in `wide_rows`) and later chunks (up to `later_frames` new
+    frames after up to `max_past` earlier ones, every batch size).
 
     The shared history buffers hold 0.57 MB per frame (released model, bf16): `max_past` x the
-    largest later batch for the earlier frames, about 28 GB at the defaults.
+    largest later batch for the earlier frames (about 28 GB at the defaults) and the largest first
+    chunk's frames for the records (about 9.4 GB).
     """
 
     def __init__(
         self, solver: EulerSolver, dtype: torch.dtype, device: torch.device, steps: int,
         rows: tuple[int, ...] = (1, 2, 4, 8), frame_step: int = 128, max_frames: int = 1024,
-        later_frames: int = 64, later_rows: tuple[int, ...] = (16, 32, 64), max_past: int = 768,
+        later_frames: int = 64, wide_rows: tuple[int, ...] = (16, 32, 64), wide_frames: int = 256,
+        max_past: int = 768,
     ) -> None:
         self.solver = solver
         self.steps = steps
-        self.rows = rows
-        self.later_rows = tuple(sorted(set(rows) | set(later_rows)))
+        self.rows = tuple(sorted(set(rows) | set(wide_rows)))
         self.frame_step = frame_step
         self.max_frames = max_frames
         self.later_frames = later_frames
@@ -88,13 +90,15 @@ class SolverGraphs:
         blocks = estimator.attention_blocks
         convs = estimator.convolutions
         sizes = [(r, f, 0) for r in rows for f in range(frame_step, max_frames + 1, frame_step)]
-        sizes += [(r, later_frames, p) for r in self.later_rows
+        sizes += [(r, f, 0) for r in wide_rows for f in range(frame_step, wide_frames + 1,
+                                                             frame_step)]
+        sizes += [(r, later_frames, p) for r in self.rows
                   for p in range(frame_step, max_past + 1, frame_step)]
         per_frame = steps * blocks * 2 * ch
         per_row = steps * len(convs) * 2 * max(convs) * 2
         past = torch.zeros(per_frame * max(r * p for r, _, p in sizes), device=device, dtype=dtype)
         out = torch.zeros(per_frame * max(r * f for r, f, _ in sizes), device=device, dtype=dtype)
-        most = max(self.later_rows)
+        most = max(self.rows)
         tails = torch.zeros(per_row * most, device=device, dtype=dtype)
         tails_out = torch.zeros(per_row * most, device=device, dtype=dtype)
 
@@ -145,12 +149,8 @@ class SolverGraphs:
         if steps != self.steps:
             return None
         p = -(-past // self.frame_step) * self.frame_step
-        if p > 0:
-            r = next((r for r in self.later_rows if r >= rows), None)
-            f = self.later_frames
-        else:
-            r = next((r for r in self.rows if r >= rows), None)
-            f = -(-frames // self.frame_step) * self.frame_step
+        r = next((r for r in self.rows if r >= rows), None)
+        f = self.later_frames if p > 0 else -(-frames // self.frame_step) * self.frame_step
         return self._buckets.get((r, f, p)) if r is not None and frames <= f else None
 
     @torch.inference_mode()
