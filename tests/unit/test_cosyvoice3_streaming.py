@@ -151,7 +151,23 @@ def test_chunked_hift_equals_whole_pass(
         wav = torch.cat(got)
         assert wav.shape == want.shape
         assert (wav - want).abs().max() <= HIFT_TOL
-        assert stream.mel.size(1) <= 2 * v3_hift_stream.CONTEXT + 60  # history stays bounded
+        assert stream.mel.size(1) <= v3_hift_stream.F0_BEHIND + 8  # history stays bounded
+        assert stream.source.numel() <= 480
+
+
+def test_hift_releases_all_but_the_look_ahead(
+    flow: CosyVoice3Flow, hift: CausalHiFT, noise: HiFTNoise
+) -> None:
+    mel = _mels(flow)[0]
+    stream = HiFTStream.new(80, 9, torch.device("cpu"))
+    first = v3_hift_stream.advance(hift, [stream], [mel[:, :50]], [False], noise)[0]
+    assert first.numel() == 480 * (50 - 4) - 4  # conv_pre looks 4 frames ahead
+    assert stream.decoded == 46
+    second = v3_hift_stream.advance(hift, [stream], [mel[:, 50:100]], [False], noise)[0]
+    assert second.numel() == 480 * 50
+    want = hift(mel[:, :100].unsqueeze(0), noise, final=False)[0]
+    got = torch.cat([first, second])
+    assert (got[: want.numel()] - want).abs().max() <= HIFT_TOL
 
 
 def test_hift_batch_rows_equal_each_row_alone(

@@ -49,6 +49,26 @@ class HiFTNoise:
         return HiFTNoise(torch.rand(1, samples, harmonics, generator=gen)[0])
 
 
+class Tails:
+    """Streaming: what each convolution keeps of its input between chunks, for a batch of rows.
+
+    `store` maps a convolution to its kept input [B, C, k]: the frames the next output needs
+    that came earlier (zeros before the first chunk, as the whole pass pads)."""
+
+    def __init__(self, store: dict[nn.Module, torch.Tensor]) -> None:
+        self.store = store
+
+    def run(self, conv: nn.Conv1d, x: torch.Tensor, pad: int) -> torch.Tensor:
+        tail = self.store.get(conv)
+        if tail is None:
+            tail = x.new_zeros(x.size(0), x.size(1), pad)
+        full = torch.cat([tail, x], dim=2)
+        bias = None if conv.bias is None else conv.bias.to(x.dtype)
+        out = conv._conv_forward(full, conv.weight.to(x.dtype), bias)
+        self.store[conv] = full[:, :, conv.stride[0] * out.size(2):]
+        return out
+
+
 class CausalConv(nn.Conv1d):
     def __init__(self, cin: int, cout: int, kernel: int, dilation: int = 1,
                  ahead: bool = False) -> None:
@@ -56,9 +76,13 @@ class CausalConv(nn.Conv1d):
         self.pad = (kernel - 1) * dilation
         self.ahead = ahead
 
-    def forward(self, x: torch.Tensor, final: bool = True) -> torch.Tensor:
-        """Left-causal: zeros before. Looking ahead: zeros after when `final`, else the input's
-        last `pad` frames are context only (the output is that much shorter)."""
+    def forward(
+        self, x: torch.Tensor, final: bool = True, tails: Tails | None = None
+    ) -> torch.Tensor:
+        """Left-causal: zeros before (or the kept tail). Looking ahead: zeros after when
+        `final`, else the input's last `pad` frames are context only (the output is shorter)."""
+        if tails is not None and not self.ahead:
+            return tails.run(self, x, self.pad)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.ahead:
             x = F.pad(x, (self.pad, 0))
@@ -72,8 +96,10 @@ class CausalUpsample(nn.Conv1d):
         super().__init__(cin, cout, kernel)
         self.rate = rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tails: Tails | None = None) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=float(self.rate), mode="nearest")
+        if tails is not None:
+            return tails.run(self, x, self.kernel_size[0] - 1)
         return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
 
 
@@ -82,7 +108,9 @@ class CausalDownsample(nn.Conv1d):
         super().__init__(cin, cout, rate * 2, stride=rate)
         self.rate = rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tails: Tails | None = None) -> torch.Tensor:
+        if tails is not None:
+            return tails.run(self, x, self.rate - 1)
         return super().forward(F.pad(x, (self.rate - 1, 0)))
 
 
@@ -94,11 +122,11 @@ class CausalResBlock(nn.Module):
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tails: Tails | None = None) -> torch.Tensor:
         for c1, c2, a1, a2 in zip(
             self.convs1, self.convs2, self.activations1, self.activations2, strict=True
         ):
-            x = c2(a2(c1(a1(x)))) + x
+            x = c2(a2(c1(a1(x), tails=tails)), tails=tails) + x
         return x
 
 
@@ -113,8 +141,7 @@ class CausalF0Predictor(nn.Module):
 
     def forward(self, mel: torch.Tensor, final: bool) -> torch.Tensor:
         """F0 [B, T] (T - 3 when not `final`) from mel [B, 80, T], computed in float64."""
-        x = mel.double()
-        x = self.condnet[0](x, final)
+        x = self.condnet[0](mel.double(), final)
         for layer in list(self.condnet)[1:]:
             x = layer(x)
         weight, bias = self.classifier.weight.double(), self.classifier.bias.double()
@@ -181,27 +208,49 @@ class CausalHiFT(nn.Module):
         source = torch.tanh(self.m_source.l_linear(waves.flatten(1, 2)))
         return source.transpose(1, 2), total[:, -1]
 
+    def stft(self, source: torch.Tensor, center: bool = True) -> torch.Tensor:
+        """[B, n_fft + 2, frames]: real and imaginary parts of the excitation's STFT."""
+        cfg = self.cfg
+        spec = torch.stft(source, cfg.n_fft, cfg.hop_len, cfg.n_fft, window=self.window,
+                          center=center, return_complex=True)
+        return torch.cat([spec.real, spec.imag], dim=1)
+
+    def body(self, x: torch.Tensor, s: torch.Tensor, tails: Tails | None = None,
+             first: bool = True) -> torch.Tensor:
+        """Spectra [B, n_fft + 2, F] from `conv_pre`'s output and the excitation's STFT frames.
+        `first`: the chunk starts the utterance (the last level repeats its second frame)."""
+        cfg = self.cfg
+        kernels = len(cfg.resblock_kernel_sizes)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, cfg.lrelu_slope), tails=tails)
+            if i == len(self.ups) - 1 and first:
+                x = F.pad(x, (1, 0), mode="reflect")
+            x = x + self.source_resblocks[i](self.source_downs[i](s, tails=tails), tails=tails)
+            acc = self.resblocks[i * kernels](x, tails=tails)
+            for j in range(1, kernels):
+                acc = acc + self.resblocks[i * kernels + j](x, tails=tails)
+            x = acc / kernels
+        return self.conv_post(F.leaky_relu(x), tails=tails)
+
+    def frames(self, spectra: torch.Tensor) -> torch.Tensor:
+        """Windowed time frames [B, F, n_fft] of spectra [B, n_fft + 2, F] (inverse STFT
+        before overlap-add)."""
+        cfg = self.cfg
+        bins = cfg.n_fft // 2 + 1
+        magnitude = torch.clip(torch.exp(spectra[:, :bins]), max=1e2)
+        phase = torch.sin(spectra[:, bins:])
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        return torch.fft.irfft(spec.transpose(1, 2), n=cfg.n_fft) * self.window
+
     def decode(self, mel: torch.Tensor, source: torch.Tensor, final: bool) -> torch.Tensor:
         """Samples from mel [B, 80, T] and excitation [B, 1, scale * T]: all of them when
         `final`, else the last `look_right + 1` frames' worth fewer."""
         cfg = self.cfg
-        spec = torch.stft(source.squeeze(1), cfg.n_fft, cfg.hop_len, cfg.n_fft,
-                          window=self.window, return_complex=True)
-        s = torch.cat([spec.real, spec.imag], dim=1)
+        s = self.stft(source.squeeze(1))
         x = self.conv_pre(mel, final)
         if not final:
             s = s[:, :, : -int(np.prod(cfg.upsample_rates)) * self.look_right]
-        kernels = len(cfg.resblock_kernel_sizes)
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, cfg.lrelu_slope))
-            if i == len(self.ups) - 1:
-                x = F.pad(x, (1, 0), mode="reflect")
-            x = x + self.source_resblocks[i](self.source_downs[i](s))
-            acc = self.resblocks[i * kernels](x)
-            for j in range(1, kernels):
-                acc = acc + self.resblocks[i * kernels + j](x)
-            x = acc / kernels
-        x = self.conv_post(F.leaky_relu(x))
+        x = self.body(x, s)
         bins = cfg.n_fft // 2 + 1
         magnitude = torch.clip(torch.exp(x[:, :bins]), max=1e2)
         phase = torch.sin(x[:, bins:])
