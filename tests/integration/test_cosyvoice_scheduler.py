@@ -16,6 +16,7 @@ import torch
 from contract.errors import ErrorCode, ServiceError
 from testbed.cosyvoice_models import build_model_dir
 from worker.engines.base import EngineRequest
+from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
 from worker.engines.cosyvoice.config import check_model_dir
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.flow import FlowRow
@@ -114,7 +115,7 @@ async def test_cancelled_request_leaves_and_the_rest_complete(engine: CosyVoiceE
     assert not scheduler.active
 
 
-@pytest.mark.parametrize("stage", ["prefill", "flow"])
+@pytest.mark.parametrize("stage", ["prefill", "batched prefill", "flow"])
 async def test_a_failing_request_fails_alone(
     engine: CosyVoiceEngine, monkeypatch: pytest.MonkeyPatch, stage: str
 ) -> None:
@@ -134,6 +135,15 @@ async def test_a_failing_request_fails_alone(
             return original_embed(utt)
 
         monkeypatch.setattr(scheduler, "embed", embed)
+    elif stage == "batched prefill":
+        original_prefill = scheduler.decoder.prefill_rows
+
+        def prefill_rows(rows: list[Any], embeds: list[torch.Tensor]) -> list[int]:
+            if any(row.seed == bad_plan[0].seed for row in rows):
+                raise RuntimeError("poisoned prefill")
+            return original_prefill(rows, embeds)
+
+        monkeypatch.setattr(scheduler.decoder, "prefill_rows", prefill_rows)
     else:
         original_mels = scheduler.audio._mels
 
@@ -194,6 +204,32 @@ async def test_more_requests_than_rows_wait_for_a_free_row(tmp_path: Path) -> No
     results = await asyncio.gather(*(_run(scheduler, small.plan(r)) for r in _requests(5)))
     assert all(audio.size > 24000 for audio in results)
     assert len(scheduler._free_slots) == 2
+
+
+def test_prompts_prefilled_together_match_each_alone(engine: CosyVoiceEngine) -> None:
+    """Prompts of different lengths prefilled in one pass, into any slots, give each row the
+    log-probabilities and first token it gets alone."""
+    lm = engine._require()[0].decoder.lm
+    sampling = engine._require()[0].decoder.sampling
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randn(1, n, lm.backbone.config.hidden_size, generator=gen)
+               for n in (11, 3, 7)]
+    together = BatchDecoder(lm, sampling, slots=4, positions=64, use_graphs=False)
+    rows = [Row(slot=slot, seed=seed, min_len=0, max_len=8)
+            for slot, seed in ((3, 1), (0, 2), (2, 3))]
+    tokens = together.prefill_rows(rows, prompts)
+    for row, prompt, token in zip(rows, prompts, tokens, strict=True):
+        alone = BatchDecoder(lm, sampling, slots=4, positions=64, use_graphs=False)
+        single = Row(slot=row.slot, seed=row.seed, min_len=0, max_len=8)
+        assert alone.prefill(single, prompt) == token
+        assert row.position == single.position == prompt.size(1)
+        torch.testing.assert_close(together.last_logp(row.slot), alone.last_logp(row.slot),
+                                   atol=1e-5, rtol=1e-4)
+        for layer in range(len(lm.backbone.layers)):
+            n = prompt.size(1)
+            torch.testing.assert_close(together.pool.keys[layer][row.slot, :, :n],
+                                       alone.pool.keys[layer][row.slot, :, :n],
+                                       atol=1e-5, rtol=1e-4)
 
 
 def test_batched_flow_rows_match_each_row_alone(engine: CosyVoiceEngine) -> None:

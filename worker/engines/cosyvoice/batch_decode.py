@@ -96,21 +96,36 @@ class BatchDecoder:
     @torch.inference_mode()
     def prefill(self, row: Row, embeds: torch.Tensor) -> int:
         """Write a prompt [1, L, H] into the row's slot; returns the first token (or eos)."""
-        if embeds.size(1) + row.max_len > self.positions:
-            raise ValueError(
-                f"prompt of {embeds.size(1)} positions and {row.max_len} speech tokens exceed "
-                f"the cache's {self.positions} positions"
-            )
-        hidden = self.decoder.prefill(embeds, row.slot)
-        row.position = embeds.size(1)
-        inputs = torch.from_numpy(self._host_inputs([row], 1, by_slot=False)).to(self.device)
-        logp = self.lm.logp(hidden)
-        self._logp[row.slot].copy_(logp[0])
-        token = sample(
+        return self.prefill_rows([row], [embeds])[0]
+
+    @torch.inference_mode()
+    def prefill_rows(self, rows: list[Row], embeds: list[torch.Tensor]) -> list[int]:
+        """`prefill` for several rows in one pass (prompts padded on the right to the longest);
+        returns each row's first token."""
+        for row, e in zip(rows, embeds, strict=True):
+            if e.size(1) + row.max_len > self.positions:
+                raise ValueError(
+                    f"prompt of {e.size(1)} positions and {row.max_len} speech tokens exceed "
+                    f"the cache's {self.positions} positions"
+                )
+        lengths = [e.size(1) for e in embeds]
+        x = embeds[0].new_zeros(len(rows), max(lengths), embeds[0].size(2))
+        for i, e in enumerate(embeds):
+            x[i, : e.size(1)] = e[0]
+        hidden = self.decoder.prefill_rows(x, [r.slot for r in rows])
+        last = hidden[torch.arange(len(rows)), torch.tensor(lengths, device=hidden.device) - 1]
+        for row, n in zip(rows, lengths, strict=True):
+            row.position = n
+        inputs = torch.from_numpy(self._host_inputs(rows, len(rows), by_slot=False)).to(
+            self.device)
+        logp = self.lm.logp(last.unsqueeze(1))
+        for i, row in enumerate(rows):
+            self._logp[row.slot].copy_(logp[i])
+        tokens = sample(
             logp, inputs[:, _HISTORY:], inputs[:, _SEED], inputs[:, _COUNTER],
             inputs[:, _ALLOW_EOS].bool(), self.sampling, self.lm.eos,
         )
-        return int(token.item())
+        return [int(t) for t in tokens.tolist()]
 
     @torch.inference_mode()
     def step(self, rows: list[Row]) -> list[int]:

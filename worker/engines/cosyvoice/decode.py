@@ -79,16 +79,25 @@ class PoolDecoder:
     def prefill(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """Hidden states [1, T, H] after the final norm for a prompt [1, T, H] written into
         positions 0..T-1 of `slot` (whatever the slot held before is forgotten)."""
+        return self.prefill_rows(x, [slot])
+
+    @torch.inference_mode()
+    def prefill_rows(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """`prefill` for several prompts at once: x [B, T, H] right-padded, row i into
+        `slots[i]`. Causal attention keeps each row's prompt positions from seeing its padding;
+        the padding's keys and values land past the prompt, where decoding overwrites them
+        before any step attends to them."""
         t = x.size(1)
         if t > self.pool.positions:
             raise ValueError(f"prompt of {t} positions exceeds the cache ({self.pool.positions})")
         positions = torch.arange(t, device=x.device).unsqueeze(0)
         cos, sin = cast(Any, self.model.rotary_emb)(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        index = torch.tensor(slots, device=x.device)
         for i, layer in enumerate(cast(list[Any], self.model.layers)):
             q, k, v = self._qkv(layer, x, cos, sin)
-            self.pool.keys[i][slot, :, :t] = k[0]
-            self.pool.values[i][slot, :, :t] = v[0]
+            self.pool.keys[i][index, :, :t] = k
+            self.pool.values[i][index, :, :t] = v
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=t > 1, enable_gqa=self.heads != self.kv_heads
             )

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -182,8 +182,8 @@ class Scheduler:
                         return
                     self._evict()
                     admitted = self._admit()
-                for job in admitted:
-                    self._start_utterance(job)
+                if admitted:
+                    self._start_utterances(admitted)
                 rows = [job for job in self._decoding if job.row is not None]
                 if rows:
                     self._step(rows)
@@ -225,7 +225,41 @@ class Scheduler:
             job.row = None
 
     def _start_utterance(self, job: Job) -> None:
-        """Prefill the job's current utterance into its row and take its first token."""
+        self._start_utterances([job])
+
+    def _start_utterances(self, jobs: list[Job]) -> None:
+        """Prefill each job's current utterance into its row, all in one pass, and take their
+        first tokens. A job whose prompt cannot be prefilled fails alone: a failed pass is
+        retried job by job."""
+        ready = [(job, embeds) for job in jobs if (embeds := self._prepare(job)) is not None]
+        if not ready:
+            return
+        rows = [job.row for job, _ in ready]
+        assert all(row is not None for row in rows)
+        try:
+            tokens: list[int | Exception] = list(self.decoder.prefill_rows(
+                cast(list[Row], rows), [e for _, e in ready]))
+        except Exception:
+            tokens = [self._prefill_alone(job, embeds) for job, embeds in ready]
+        for (job, _), token in zip(ready, tokens, strict=True):
+            if isinstance(token, Exception):
+                logger.warning("Prefill failed for one request", exc_info=token)
+                with self._lock:
+                    self._release(job)
+                job.fail(token)
+            else:
+                self._accept(job, token)
+
+    def _prefill_alone(self, job: Job, embeds: torch.Tensor) -> int | Exception:
+        assert job.row is not None
+        try:
+            return self.decoder.prefill(job.row, embeds)
+        except Exception as e:
+            return e
+
+    def _prepare(self, job: Job) -> torch.Tensor | None:
+        """The job's next utterance's row and prompt embeddings; None (job failed) if its text
+        and prompt do not fit."""
         assert job.row is not None
         utt = job.utterances[job.decoding]
         min_len, max_len = self.limits.bounds(utt)
@@ -237,15 +271,14 @@ class Scheduler:
             if max_len < max(min_len, 1):
                 raise ServiceError(ErrorCode.TEXT_TOO_LONG,
                                    "The text and prompt are too long for this engine.")
-            job.row.max_len = max_len
-            token = self.decoder.prefill(job.row, embeds)
         except Exception as e:
             logger.warning("Prefill failed for one request", exc_info=True)
             with self._lock:
                 self._release(job)
             job.fail(e)
-            return
-        self._accept(job, token)
+            return None
+        job.row.max_len = max_len
+        return embeds
 
     def _step(self, jobs: list[Job]) -> None:
         rows = [job.row for job in jobs if job.row is not None]

@@ -27,6 +27,8 @@ from torch import nn
 
 from worker.engines.cosyvoice.config import HiFTConfig
 from worker.engines.cosyvoice.hift import Snake
+from worker.engines.cosyvoice.v3_config import V3FlowConfig
+from worker.engines.cosyvoice.v3_flow import NOISE_FRAMES as FLOW_NOISE_FRAMES
 from worker.engines.cosyvoice.weights import hift_state, load_into, read_state
 
 F0_AHEAD = 3
@@ -38,7 +40,7 @@ class HiFTNoise:
 
     `draw(seed, samples)` takes, from one generator, first the (unused) initial-phase row and
     then the buffer, in the reference's order, so the buffer for a longer limit starts with the
-    one for a shorter limit."""
+    one for a shorter limit. `released` reproduces the reference loader's buffer."""
 
     sines: torch.Tensor
 
@@ -47,6 +49,31 @@ class HiFTNoise:
         gen = torch.Generator().manual_seed(seed)
         torch.rand(1, harmonics, generator=gen)
         return HiFTNoise(torch.rand(1, samples, harmonics, generator=gen)[0])
+
+    @staticmethod
+    def released(flow: V3FlowConfig, hift: HiFTConfig, samples: int) -> HiFTNoise:
+        """The buffer the reference loader ends up with for a model of these dimensions.
+
+        Its flow seeds the global generator with 0 and draws its fixed noise; then the flow's
+        token embedding and speaker projection, the vocoder's F0 predictor and, first thing in
+        the vocoder, these buffers are drawn from it. The same constructors replay those draws
+        here, on a forked generator (the caller's random state is left as it was)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            torch.randn(1, flow.output_size, FLOW_NOISE_FRAMES)
+            nn.Embedding(flow.vocab_size, flow.input_size)
+            nn.Linear(flow.spk_embed_dim, flow.output_size)
+            cond = hift.f0_cond_channels
+            nn.Conv1d(hift.in_channels, cond, F0_AHEAD + 1)
+            for _ in range(4):
+                nn.Conv1d(cond, cond, 3)
+            nn.Linear(cond, 1)
+            return HiFTNoise.draw_global(samples, hift.nb_harmonics + 1)
+
+    @staticmethod
+    def draw_global(samples: int, harmonics: int) -> HiFTNoise:
+        torch.rand(1, harmonics)
+        return HiFTNoise(torch.rand(1, samples, harmonics)[0])
 
 
 class Tails:
