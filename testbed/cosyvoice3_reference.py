@@ -11,8 +11,8 @@ through HyperPyYAML, then `load_state_dict(strict=True)`), and runs:
 - the LLM, teacher-forced: logits at every speech position for fixed text and speech tokens;
 - the flow's `inference`: streaming and non-streaming, final, and a non-final first chunk;
 - the causal HiFT's `inference` on the streaming mel, final and non-final, with its fixed noise
-  buffers replaced by `HiFTNoise.draw(NOISE_SEED, ...)` (upstream draws them from the global RNG
-  when the module is built, which no caller controls).
+  buffers replaced by `HiFTNoise.draw(NOISE_SEED, ...)`; the sha256 of the buffer upstream drew
+  itself when its loader built the module is stored too, for `HiFTNoise.released`.
 
     python -m testbed.cosyvoice3_reference --upstream /tmp/cv3_upstream --deps /tmp/cv3_deps \\
         --commit <upstream commit> --out tests/data/cosyvoice3
@@ -21,6 +21,7 @@ through HyperPyYAML, then `load_state_dict(strict=True)`), and runs:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -140,6 +141,8 @@ def main() -> None:
     out["flow_first_chunk"] = _flow(up["flow"], tokens[:, : FIRST_CHUNK + 3], data, True, False)
 
     hift = up["hift"]
+    own = hift.m_source.l_sin_gen.sine_waves[0, :NOISE_SAMPLES].contiguous()
+    released = hashlib.sha256(own.numpy().tobytes()).hexdigest()
     noise = HiFTNoise.draw(NOISE_SEED, NOISE_SAMPLES)
     hift.m_source.l_sin_gen.sine_waves = noise.sines.unsqueeze(0)
     mel = torch.from_numpy(out["flow_streaming"]).unsqueeze(0)
@@ -151,7 +154,8 @@ def main() -> None:
     np.savez_compressed(args.out / "reference.npz", **out)  # type: ignore[arg-type]
     meta = {"upstream": "FunAudioLLM/CosyVoice", "commit": args.commit, "model_seed": SEED,
             "noise_seed": NOISE_SEED, "noise_samples": NOISE_SAMPLES,
-            "torch": torch.__version__, "weights_sha256": digest}
+            "torch": torch.__version__, "weights_sha256": digest,
+            "released_noise_sha256": released}
     (args.out / "reference.json").write_text(json.dumps(meta, indent=2) + "\n")
     for key, value in out.items():
         print(f"{key}: {value.shape} {value.dtype}")

@@ -7,6 +7,7 @@ that this directory is still the one they were made from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,3 +117,14 @@ def test_hift_waveform_matches(
     assert wav.shape == ref[key].shape
     assert np.abs(wav.numpy() - ref[key]).max() <= HIFT_TOL
     assert np.abs(ref[key]).max() > 1e-3  # not a silent reference
+
+
+def test_released_noise_is_the_buffer_upstreams_loader_draws(
+    model_dir: Path, meta: dict[str, object]
+) -> None:
+    cfg = check_v3_model_dir(model_dir)
+    before = torch.random.get_rng_state()
+    noise = HiFTNoise.released(cfg.flow, cfg.hift, int(str(meta["noise_samples"])))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's state is kept
+    digest = hashlib.sha256(noise.sines.contiguous().numpy().tobytes()).hexdigest()
+    assert digest == meta["released_noise_sha256"]

@@ -68,12 +68,8 @@ class HiFTNoise:
             for _ in range(4):
                 nn.Conv1d(cond, cond, 3)
             nn.Linear(cond, 1)
-            return HiFTNoise.draw_global(samples, hift.nb_harmonics + 1)
-
-    @staticmethod
-    def draw_global(samples: int, harmonics: int) -> HiFTNoise:
-        torch.rand(1, harmonics)
-        return HiFTNoise(torch.rand(1, samples, harmonics)[0])
+            torch.rand(1, hift.nb_harmonics + 1)
+            return HiFTNoise(torch.rand(1, samples, hift.nb_harmonics + 1)[0])
 
 
 class Tails:
