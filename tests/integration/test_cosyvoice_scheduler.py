@@ -5,6 +5,7 @@ deadlines hold, and batched stages compute what each row computes alone."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from worker.engines.cosyvoice.flow import FlowRow
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.pipeline import TOKEN_HOP, Utterance
 from worker.engines.cosyvoice.scheduler import DONE, Scheduler
+from worker.logging_setup import RequestIdFilter, request_id_var
 
 TEXTS = [
     "Hello there, this is a streaming test of the speech engine today.",
@@ -117,8 +119,12 @@ async def test_cancelled_request_leaves_and_the_rest_complete(engine: CosyVoiceE
 
 @pytest.mark.parametrize("stage", ["prefill", "batched prefill", "flow"])
 async def test_a_failing_request_fails_alone(
-    engine: CosyVoiceEngine, monkeypatch: pytest.MonkeyPatch, stage: str
+    engine: CosyVoiceEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    stage: str,
 ) -> None:
+    """The failure reaches that request alone, and its log line carries its request id."""
+    caplog.handler.addFilter(RequestIdFilter())
+    caplog.set_level(logging.WARNING, logger="worker.engines.cosyvoice.scheduler")
     scheduler = engine._require()[0]
     good = _requests(3)
     bad = EngineRequest(text="This one is poisoned, and it fails.", voice="english_male",
@@ -153,12 +159,19 @@ async def test_a_failing_request_fails_alone(
             return original_mels(chunks)
 
         monkeypatch.setattr(scheduler.audio, "_mels", mels)
+    async def as_request(request_id: str, utterances: list[Utterance]) -> np.ndarray:
+        request_id_var.set(request_id)
+        return await _run(scheduler, utterances)
+
     results = await asyncio.gather(
-        *(_run(scheduler, engine.plan(r)) for r in good), _run(scheduler, bad_plan),
-        return_exceptions=True,
+        *(as_request(f"good-{i}", engine.plan(r)) for i, r in enumerate(good)),
+        as_request("bad", bad_plan), return_exceptions=True,
     )
     assert isinstance(results[-1], RuntimeError)
     assert "poisoned" in str(results[-1])
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert failures
+    assert {r.request_id for r in failures} == {"bad"}  # type: ignore[attr-defined]
     for audio in results[:-1]:
         assert isinstance(audio, np.ndarray)
         assert audio.size > 24000

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -66,6 +67,9 @@ class Job:
     row: Row | None = None
     audio_s: float = 0.0
     first_audio_at: float | None = None
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    """The submitter's context variables (the request id among them), for this job's log lines
+    written from the scheduler's threads."""
 
     @property
     def live(self) -> bool:
@@ -86,6 +90,10 @@ class Job:
         if not self.finished:
             self.finished = True
             self.send(error)
+
+    def log(self, level: int, message: str, *args: object,
+            error: BaseException | None = None) -> None:
+        self.context.run(logger.log, level, message, *args, exc_info=error)
 
 
 class Scheduler:
@@ -243,7 +251,7 @@ class Scheduler:
             tokens = [self._prefill_alone(job, embeds) for job, embeds in ready]
         for (job, _), token in zip(ready, tokens, strict=True):
             if isinstance(token, Exception):
-                logger.warning("Prefill failed for one request", exc_info=token)
+                job.log(logging.WARNING, "Prefill failed", error=token)
                 with self._lock:
                     self._release(job)
                 job.fail(token)
@@ -272,7 +280,7 @@ class Scheduler:
                 raise ServiceError(ErrorCode.TEXT_TOO_LONG,
                                    "The text and prompt are too long for this engine.")
         except Exception as e:
-            logger.warning("Prefill failed for one request", exc_info=True)
+            job.log(logging.WARNING, "Prefill failed", error=e)
             with self._lock:
                 self._release(job)
             job.fail(e)
@@ -285,8 +293,9 @@ class Scheduler:
         try:
             tokens = self.decoder.step(rows)
         except Exception as e:
-            logger.error("A batched decode step failed; failing its %d requests", len(jobs),
-                         exc_info=True)
+            for i, job in enumerate(jobs):
+                job.log(logging.ERROR, "A batched decode step of %d requests failed", len(jobs),
+                        error=e if i == 0 else None)
             with self._lock:
                 for job in jobs:
                     self._release(job)
@@ -360,7 +369,7 @@ class Scheduler:
         now = time.monotonic()
         for (job, _), audio in zip(ready, results, strict=True):
             if isinstance(audio, Exception):
-                logger.warning("Audio failed for one request", exc_info=audio)
+                job.log(logging.WARNING, "Audio failed", error=audio)
                 job.fail(audio)
                 continue
             if job.first_audio_at is None:

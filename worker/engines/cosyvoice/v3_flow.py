@@ -80,7 +80,8 @@ class FlowStream:
     finished: bool = False
 
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size() + self.tails.numel() * 4
+        return (self.kv.numel() * self.kv.element_size()
+                + self.tails.numel() * self.tails.element_size())
 
 
 class CosyVoice3Flow(nn.Module):
