@@ -12,6 +12,7 @@ import yaml
 
 from testbed.cosyvoice3_models import build_model_dir
 from worker.engines.cosyvoice.config import ModelDirError
+from worker.engines.cosyvoice.decode import PoolDecoder, SlotPool
 from worker.engines.cosyvoice.v3_config import REQUIRED_FILES, check_v3_model_dir
 from worker.engines.cosyvoice.v3_llm import (
     MAX_SILENT_RUN,
@@ -80,6 +81,30 @@ def test_teacher_forced_logits_agree_with_one_step_head(llm: CosyVoice3LM) -> No
     with torch.inference_mode():
         hidden = llm.backbone(inputs_embeds=embeds).last_hidden_state
         assert (forced[:, 0] - llm.logits(hidden)).abs().max() <= 1e-5
+
+
+def test_slot_pool_decoding_matches_teacher_forcing_per_row(llm: CosyVoice3LM) -> None:
+    """The project's batched KV-cache decoder drives the CosyVoice3 backbone unchanged: two
+    requests of different prompt lengths stepping together give each one's own logits."""
+    prompts = [llm.build_input(torch.tensor([[5, 7, 9, 11]]), torch.tensor([[3, 4]])),
+               llm.build_input(torch.tensor([[7, 8]]), torch.zeros(1, 0, dtype=torch.long))]
+    targets = [torch.tensor([[10, 11, 12]]), torch.tensor([[20, 21, 22]])]
+    pool = SlotPool(llm.backbone, slots=2, positions=32)
+    decoder = PoolDecoder(llm.backbone, pool)
+    got: list[list[torch.Tensor]] = [[], []]
+    with torch.inference_mode():
+        for slot, embeds in enumerate(prompts):
+            got[slot].append(llm.logits(decoder.prefill(embeds, slot)))
+        positions = torch.tensor([p.size(1) for p in prompts])
+        for k in range(2):
+            x = torch.cat([llm.speech_embedding(t[:, k : k + 1]) for t in targets])
+            hidden = decoder.step(x, positions)
+            for slot in range(2):
+                got[slot].append(llm.logits(hidden[slot : slot + 1]))
+            positions = positions + 1
+    for slot in range(2):
+        want = llm.teacher_forced(prompts[slot], targets[slot])[0, :3]
+        assert (torch.cat(got[slot]) - want).abs().max() <= 1e-4
 
 
 def test_silent_filter_keeps_five_in_a_row() -> None:
