@@ -44,7 +44,7 @@ def llm(model_dir: Path) -> CosyVoice3LM:
 
 
 def test_special_ids_and_widths(llm: CosyVoice3LM) -> None:
-    assert (llm.sos, llm.eos, llm.task_id) == (6561, 6562, 6563)
+    assert (llm.sos, llm.task_id) == (6561, 6563)
     assert llm.speech_embedding.num_embeddings == llm.llm_decoder.out_features == 6761
     assert llm.llm_decoder.bias is None
     stops = llm.stop_mask()
@@ -54,6 +54,19 @@ def test_special_ids_and_widths(llm: CosyVoice3LM) -> None:
     assert llm.is_stop(6562)
     assert llm.is_stop(6760)
     assert not llm.is_stop(6560)
+
+
+def test_logp_merges_every_stop_id_into_eos(llm: CosyVoice3LM) -> None:
+    embeds = llm.build_input(torch.tensor([[5, 7, 9]]), torch.tensor([[3]]))
+    with torch.inference_mode():
+        hidden = llm.backbone(inputs_embeds=embeds).last_hidden_state
+        logp = llm.logp(hidden)
+        full = llm.logits(hidden).softmax(dim=-1)
+    assert logp.shape == (1, 6562)
+    assert llm.eos == 6561
+    assert abs(float(logp.exp().sum()) - 1) <= 1e-5
+    assert abs(float(logp[0, llm.eos].exp()) - float(full[0, 6561:].sum())) <= 1e-6
+    assert torch.allclose(logp[0, :6561].exp(), full[0, :6561], atol=1e-7)
 
 
 def test_prompt_layout_uses_speech_embedding_rows(llm: CosyVoice3LM) -> None:

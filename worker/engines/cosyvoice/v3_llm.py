@@ -50,7 +50,11 @@ class CosyVoice3LM(nn.Module):
 
     @property
     def eos(self) -> int:
-        return self.cfg.speech_token_size + 1
+        """The column of `logp` that means "stop": every stop id merged into one. The released
+        model ends speech with 6562, but upstream stops on any of the 200 ids past the codebook;
+        merging them keeps that rule and lets the CosyVoice2 sampler (one end id, nothing
+        above it) serve this model unchanged."""
+        return self.cfg.speech_token_size
 
     @property
     def task_id(self) -> int:
@@ -92,7 +96,11 @@ class CosyVoice3LM(nn.Module):
         return self.llm_decoder(hidden[:, -1]).float()
 
     def logp(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.logits(hidden).log_softmax(dim=-1)
+        """Log-probabilities [B, V + 1] of the next token from hidden states [B, T, H]: the
+        codebook, then (column `eos`) the total probability of all stop ids."""
+        full = self.logits(hidden).log_softmax(dim=-1)
+        v = self.cfg.speech_token_size
+        return torch.cat([full[:, :v], full[:, v:].logsumexp(dim=-1, keepdim=True)], dim=-1)
 
     @torch.inference_mode()
     def teacher_forced(self, embeds: torch.Tensor, speech_tokens: torch.Tensor) -> torch.Tensor:
