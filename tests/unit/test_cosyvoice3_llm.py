@@ -38,9 +38,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def llm(model_dir: Path) -> CosyVoice3LM:
-    model = load_v3_llm(model_dir, check_v3_model_dir(model_dir).llm)
-    model.end_of_prompt = 7  # the tiny vocabulary has no <|endofprompt|>
-    return model
+    # The tiny vocabulary has no <|endofprompt|>; any id stands in for it.
+    return load_v3_llm(model_dir, check_v3_model_dir(model_dir).llm, end_of_prompt=7)
 
 
 def test_special_ids_and_widths(llm: CosyVoice3LM) -> None:

@@ -131,9 +131,13 @@ def filter_silent(
     return kept, run
 
 
-def load_v3_llm(model_dir: Path, cfg: LLMConfig) -> CosyVoice3LM:
-    """The model of `model_dir/llm.pt` (CPU, float32, eval mode)."""
-    model = CosyVoice3LM(cfg, qwen_config(model_dir))
+def load_v3_llm(
+    model_dir: Path, cfg: LLMConfig, end_of_prompt: int = END_OF_PROMPT
+) -> CosyVoice3LM:
+    """The model of `model_dir/llm.pt` (CPU, float32, eval mode). `end_of_prompt` is the id the
+    text tokenizer gives `<|endofprompt|>` (151646 for the released tokenizer once the
+    CosyVoice3 special tokens are added)."""
+    model = CosyVoice3LM(cfg, qwen_config(model_dir), end_of_prompt)
     path = model_dir / "llm.pt"
     state = llm_state(read_state(path))
     if "llm_embedding.weight" in state:
