@@ -108,6 +108,9 @@ def test_off_grid_chunk_is_refused(flow: CosyVoice3Flow) -> None:
     stream = flow.start(prompt, mel, emb)
     with pytest.raises(ValueError, match="grid"):
         flow.advance([stream], [tokens[:20]], [False])
+    assert stream.tokens.numel() == prompt.numel()  # a refused call leaves the state as it was
+    first = (-prompt.numel()) % HOP + HOP + LOOK
+    assert flow.advance([stream], [tokens[:first]], [False])[0].size(1) == 2 * (first - LOOK)
 
 
 def test_past_frames_do_not_depend_on_later_tokens(flow: CosyVoice3Flow) -> None:

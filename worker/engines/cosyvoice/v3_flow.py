@@ -166,13 +166,14 @@ class CosyVoice3Flow(nn.Module):
             raise ValueError("this request's flow has already finished")
         if not streaming and s.frames:
             raise ValueError("a non-streaming pass is one call on a new request")
-        s.tokens = torch.cat([s.tokens, tokens.long().to(s.tokens.device).view(-1)])
-        end = s.tokens.numel() if final else s.tokens.numel() - look
+        total = s.tokens.numel() + tokens.numel()
+        end = total if final else total - look
         if grid and not final and (end * self.cfg.token_mel_ratio) % chunk:
             raise ValueError(f"a non-final chunk must end on the {chunk}-frame grid "
                              f"(this one ends at frame {end * self.cfg.token_mel_ratio})")
         if end <= s.done_tokens:
             raise ValueError("a call must bring at least one new token past the look-ahead")
+        s.tokens = torch.cat([s.tokens, tokens.long().to(s.tokens.device).view(-1)])
         return self._features(s, end, final)
 
     @torch.inference_mode()
@@ -203,8 +204,9 @@ class CosyVoice3Flow(nn.Module):
             prompt = s.prompt_mel[s.frames: s.frames + c]
             cond[i, : prompt.size(0)] = prompt
         past = max(s.frames for s in streams)
-        for s, c in zip(streams, counts, strict=True):
-            self._grow(s, max(past, s.frames + c))
+        if streaming:
+            for s, c in zip(streams, counts, strict=True):
+                self._grow(s, max(past, s.frames + c))
         spk = torch.stack([s.speaker for s in streams])
         lengths = torch.tensor(counts, device=dev).repeat(2)
         t_span = torch.linspace(0, 1, STEPS + 1, device=dev, dtype=dtype)
