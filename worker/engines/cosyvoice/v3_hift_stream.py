@@ -156,9 +156,9 @@ def advance(
     noise: HiFTNoise,
 ) -> list[torch.Tensor]:
     """Append mel frames [80, n_i] to each request; returns its newly completed samples."""
+    if any(s.finished for s in streams):
+        raise ValueError("a request's vocoder stream has already finished")
     for s, mel in zip(streams, mels, strict=True):
-        if s.finished:
-            raise ValueError("this request's vocoder stream has already finished")
         s.mel = torch.cat([s.mel, mel.float().to(s.mel.device)], dim=1)
     _excite(hift, streams, final, noise)
     groups: dict[tuple[bool, bool, int], list[tuple[HiFTStream, int]]] = {}
