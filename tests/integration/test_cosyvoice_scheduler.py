@@ -22,7 +22,8 @@ from worker.engines.cosyvoice.config import check_model_dir
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.flow import FlowRow
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
-from worker.engines.cosyvoice.pipeline import TOKEN_HOP, Utterance
+from worker.engines.cosyvoice.hift import samples_per_frame
+from worker.engines.cosyvoice.pipeline import MEL_CACHE_FRAMES, TOKEN_HOP, Utterance
 from worker.engines.cosyvoice.scheduler import DONE, Scheduler
 from worker.logging_setup import RequestIdFilter, request_id_var
 
@@ -245,6 +246,29 @@ def test_prompts_prefilled_together_match_each_alone(engine: CosyVoiceEngine) ->
                                        atol=1e-5, rtol=1e-4)
 
 
+async def test_a_shorter_first_chunk_comes_first_and_the_rest_follows(
+    engine: CosyVoiceEngine,
+) -> None:
+    """`first_chunk_tokens` shortens the first chunk only: the same speech follows, as long."""
+    quick = CosyVoiceEngine(engine.model_dir, max_streams=2, first_chunk_tokens=8)
+    quick.load()
+    request = EngineRequest(text=TEXTS[0], voice="english_male", speed=1.0, seed=4)
+
+    async def chunks(on: CosyVoiceEngine) -> list[np.ndarray]:
+        return [np.asarray(c) async for c in on.stream(request)]
+
+    default, short = await chunks(engine), await chunks(quick)
+    audio = engine._require()[0].audio
+    per_frame = samples_per_frame(audio.hift.cfg)
+    # 8 tokens of frames, less the vocoder's overlap, held back for the next chunk
+    assert len(short[0]) == (8 * audio.ratio - MEL_CACHE_FRAMES) * per_frame
+    assert len(short[0]) < len(default[0])
+    assert sum(map(len, short)) == sum(map(len, default))
+    assert float(np.abs(np.concatenate(short)).max()) > 1e-3
+    with pytest.raises(ValueError, match="first_chunk_tokens"):
+        CosyVoiceEngine(engine.model_dir, first_chunk_tokens=30)
+
+
 def test_batched_flow_rows_match_each_row_alone(engine: CosyVoiceEngine) -> None:
     flow = engine._require()[0].audio.flow
     gen = torch.Generator().manual_seed(5)
@@ -275,9 +299,11 @@ def test_batched_vocoder_rows_match_each_row_alone(engine: CosyVoiceEngine) -> N
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-4, rtol=1e-4)
 
 
-def _stream_alongside(flow: Any, utterances: list[dict[str, Any]]) -> float:
-    """Stream every utterance chunk by chunk, all in one batch while they last; return the
-    largest difference from recomputing each chunk alone over everything so far."""
+def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
+                      first_chunk: int = TOKEN_HOP) -> float:
+    """Stream every utterance chunk by chunk (the engine's hops), all in one batch while they
+    last; return the largest difference from recomputing each chunk alone over everything so
+    far."""
     look = flow.cfg.pre_lookahead_len
     for u in utterances:
         u.update(offset=0, state=None, done=False)
@@ -286,16 +312,19 @@ def _stream_alongside(flow: Any, utterances: list[dict[str, Any]]) -> float:
         live = [u for u in utterances if not u["done"]]
         rows, hops = [], []
         for u in live:
-            prompt = u["prompt_tokens"].numel()
-            hop = TOKEN_HOP
-            if u["offset"] == 0:
-                hop += -(-prompt // TOKEN_HOP) * TOKEN_HOP - prompt
+            hop = Utterance(
+                text_ids=[], tts_token_count=0, llm_prompt_tokens=u["prompt_tokens"][None],
+                flow_prompt_tokens=u["prompt_tokens"][None], prompt_mel=u["prompt_mel"][None],
+                embedding=u["embedding"][None], seed=0, first_chunk=first_chunk,
+                offset=u["offset"],
+            ).hop()
             finalize = u["offset"] + hop + look > u["tokens"].numel()
             upto = u["tokens"].numel() if finalize else u["offset"] + hop + look
             rows.append(FlowRow(u["tokens"][:upto], u["prompt_tokens"], u["prompt_mel"],
                                 u["embedding"], finalize, True))
             hops.append(hop)
-        mels, states = flow.stream_batch(rows, [u["state"] for u in live])
+        mels, states = flow.stream_batch(rows, [u["state"] for u in live],
+                                         emitted=[2 * u["offset"] for u in live])
         for u, row, hop, mel, state in zip(live, rows, hops, mels, states, strict=True):
             alone = flow.mel_batch([row])[0][:, 2 * u["offset"] :]
             assert mel.shape == alone.shape
@@ -322,6 +351,13 @@ def test_streamed_flow_in_a_batch_matches_each_chunk_recomputed_alone(
     every chunk equals the chunk recomputed alone over everything so far."""
     flow = engine._require()[0].audio.flow
     assert _stream_alongside(flow, _utterances(8)) < 1e-4
+
+
+def test_a_short_first_chunk_streams_the_same_frames(engine: CosyVoiceEngine) -> None:
+    """A first chunk shorter than the grid: its last frames are computed again with the next
+    chunk, and every chunk still equals the chunk recomputed alone."""
+    flow = engine._require()[0].audio.flow
+    assert _stream_alongside(flow, _utterances(10), first_chunk=7) < 1e-4
 
 
 def test_bucketed_streamed_flow_gives_each_row_its_own_result(engine: CosyVoiceEngine) -> None:

@@ -21,6 +21,7 @@ def create_engine(
     max_positions: int = 3072,
     flow_steps: int = 10,
     max_audio_rows: int = 64,
+    first_chunk_tokens: int = 25,
 ) -> CosyVoiceEngine:
     """The engine, from keyword options only; an option not named here fails start-up (the
     registry names it). `model_dir` (required), `device` ("cpu", "cuda", "cuda:1"...), `dtype`
@@ -45,6 +46,7 @@ def create_engine(
         max_positions=max_positions,
         flow_steps=flow_steps,
         max_audio_rows=max_audio_rows,
+        first_chunk_tokens=first_chunk_tokens,
     )
 
 

@@ -40,7 +40,7 @@ from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend, VoicePrompt
 from worker.engines.cosyvoice.hift import HiFTGenerator
 from worker.engines.cosyvoice.llm import SpeechLM
-from worker.engines.cosyvoice.pipeline import AudioStage, Utterance
+from worker.engines.cosyvoice.pipeline import TOKEN_HOP, AudioStage, Utterance
 from worker.engines.cosyvoice.sampling import SamplingParams
 from worker.engines.cosyvoice.scheduler import DONE, DecodeLimits, Scheduler
 from worker.engines.cosyvoice.text import normalize, split_sentences
@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_STREAMS = {"cpu": 8, "cuda": 128}
+MIN_FIRST_CHUNK = 5
+"""Tokens: below this, the vocoder's 8-frame overlap would hold back most of a first chunk."""
 
 
 class CosyVoiceEngine:
@@ -76,9 +78,13 @@ class CosyVoiceEngine:
         max_positions: int = 3072,
         flow_steps: int = 10,
         max_audio_rows: int = 64,
+        first_chunk_tokens: int = TOKEN_HOP,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+        if not MIN_FIRST_CHUNK <= first_chunk_tokens <= TOKEN_HOP:
+            raise ValueError(f"first_chunk_tokens must be {MIN_FIRST_CHUNK}..{TOKEN_HOP}, "
+                             f"not {first_chunk_tokens}")
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -91,6 +97,7 @@ class CosyVoiceEngine:
         self.max_positions = max_positions
         self.flow_steps = flow_steps
         self.max_audio_rows = max_audio_rows
+        self.first_chunk_tokens = first_chunk_tokens
         self._scheduler: Scheduler | None = None
         self._llm: SpeechLM | None = None
         self._frontend: Frontend | None = None
@@ -328,6 +335,7 @@ class CosyVoiceEngine:
                     embedding=embedding,
                     seed=piece_seed(request.seed, i),
                     speed=request.speed,
+                    first_chunk=self.first_chunk_tokens,
                 )
             )
         return utterances

@@ -120,23 +120,34 @@ class FlowModel(nn.Module):
 
     @torch.inference_mode()
     def stream_batch(
-        self, rows: list[FlowRow], states: list[FlowState | None], steps: int = 10
+        self, rows: list[FlowRow], states: list[FlowState | None], steps: int = 10,
+        emitted: list[int] | None = None,
     ) -> tuple[list[torch.Tensor], list[FlowState]]:
-        """The next chunk of each row's streamed (chunk-causal) mel, computing only its new
-        frames: mel [80, frames] after the prompt, and each row's state to pass with its next
-        chunk (None before the first).
+        """The next chunk of each row's streamed (chunk-causal) mel, computing only what its
+        state does not hold: mel [80, frames] after the prompt and after the row's `emitted`
+        frames (default: all its state holds), and each row's state to pass with its next chunk
+        (None before the first).
 
-        Equal, up to rounding, to `mel_batch` with `streaming` over the same tokens, sliced to
-        the frames after the state's.
+        A state holds frames up to the last boundary of the 50-frame attention grid: a chunk
+        that ends between two (a short first chunk) leaves its last frames to be computed again
+        with the next chunk, which they see. Equal, up to rounding, to `mel_batch` with
+        `streaming` over the same tokens, sliced to the frames after `emitted`.
         """
         device = self.input_embedding.weight.device
         mu_all, _, spks, frames = self._encode(rows, torch.ones(len(rows), dtype=torch.bool,
                                                                 device=device))
         dtype = mu_all.dtype
+        grid = self.cfg.estimator.static_chunk_size
+        prompt_frames = [r.prompt_mel.size(0) for r in rows]
         past = [0 if s is None else s.frames for s in states]
+        if emitted is None:
+            emitted = [max(0, p - pf) for p, pf in zip(past, prompt_frames, strict=True)]
+        start = [pf + e for pf, e in zip(prompt_frames, emitted, strict=True)]
         new = [f - p for f, p in zip(frames, past, strict=True)]
-        if min(new) <= 0:
-            raise ValueError("a chunk must add frames")
+        if any(s >= f or s < p for s, f, p in zip(start, frames, past, strict=True)):
+            raise ValueError("a chunk must add frames after those its state holds")
+        kept = [(f // grid) * grid - p if grid > 0 else n
+                for f, p, n in zip(frames, past, new, strict=True)]
         b, channels, total = mu_all.shape
         width_new = max(new)
         positions = (torch.tensor(past).unsqueeze(1) + torch.arange(width_new)).clamp(
@@ -148,17 +159,15 @@ class FlowModel(nn.Module):
             prompt = r.prompt_mel[p : p + n]
             cond[i, :, : prompt.size(0)] = prompt.to(device, dtype).T
         new_frames = torch.tensor(new, device=device)
-        past_frames = torch.tensor(past, device=device)
         mask = (torch.arange(width_new, device=device) < new_frames.unsqueeze(1)).unsqueeze(1)
-        chunk = self.cfg.estimator.static_chunk_size
         feat, records = self._solve_incremental(
-            noise, mask.to(dtype), mu, spks, cond, past_frames, new_frames, states, chunk, steps)
-        prompt_frames = [r.prompt_mel.size(0) for r in rows]
-        mels = [feat[i, :, max(0, pf - p) : n]
-                for i, (pf, p, n) in enumerate(zip(prompt_frames, past, new, strict=True))]
+            noise, mask.to(dtype), mu, spks, cond, torch.tensor(past, device=device), new_frames,
+            torch.tensor(kept, device=device), states, grid, steps)
+        mels = [feat[i, :, s - p : n]
+                for i, (s, p, n) in enumerate(zip(start, past, new, strict=True))]
         attention, tails = records
         updated = []
-        for i, (state, n) in enumerate(zip(states, new, strict=True)):
+        for i, (state, n) in enumerate(zip(states, kept, strict=True)):
             rows_attention = attention[:, :, :, i, :n]
             rows_tails = tails[:, :, :, i]
             updated.append(FlowState.start(rows_attention, rows_tails) if state is None
@@ -168,19 +177,21 @@ class FlowModel(nn.Module):
     def _solve_incremental(
         self, noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
         cond: torch.Tensor, past_frames: torch.Tensor, new_frames: torch.Tensor,
-        states: list[FlowState | None], chunk: int, steps: int,
+        kept_frames: torch.Tensor, states: list[FlowState | None], chunk: int, steps: int,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The solver over each row's new frames, and its records; the convolution tails are
+        taken where each row's kept frames end."""
         width_past = max((s.frames for s in states if s is not None), default=0)
         b, _, width_new = noise.shape
         allowed = incremental_mask(past_frames, new_frames, width_past, width_new, chunk)
         bias = additive(allowed, noise.dtype)
         if self.solver_graphs is not None:
             solved = self.solver_graphs.solve(noise, mask, mu, spks, cond, bias, states,
-                                              new_frames, steps)
+                                              kept_frames, steps)
             if solved is not None:
                 return solved
         history = self.new_history(b, width_past, width_new, steps, noise.device, noise.dtype)
-        history.load(states, new_frames)
+        history.load(states, kept_frames)
         feat = self.solver.solve(noise, mask, mu, spks, cond, bias, steps, history)
         return feat, (history.attention_out, history.tails_out)
 

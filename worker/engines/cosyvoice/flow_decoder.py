@@ -48,7 +48,8 @@ class CausalConv1d(nn.Conv1d):
     """Kernel-3 convolution over [B, C, T] that sees only the present and the two frames before.
 
     With a history, those two frames come from the history's tail instead of zero padding, and
-    the last two input frames of each row are recorded for the next chunk.
+    the two input frames before the end of each row's kept frames are recorded for its next
+    chunk.
     """
 
     def __init__(self, cin: int, cout: int, kernel: int) -> None:

@@ -44,7 +44,7 @@ class _Bucket:
 
     def load(self, noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
              cond: torch.Tensor, bias: torch.Tensor, states: list[FlowState | None],
-             new_frames: torch.Tensor) -> None:
+             kept_frames: torch.Tensor) -> None:
         """Copy a call's inputs in; padding rows and frames are zero (masked out)."""
         b, _, t = noise.shape
         for static, value in ((self.noise, noise), (self.mask, mask), (self.mu, mu),
@@ -57,7 +57,7 @@ class _Bucket:
         width_past = bias.size(2) - t
         self.bias[:b, :t, :width_past].copy_(bias[:, :, :width_past])
         self.bias[:b, :t, self.past : self.past + t].copy_(bias[:, :, width_past:])
-        self.history.load(states, new_frames)
+        self.history.load(states, kept_frames)
 
 
 class SolverGraphs:
@@ -157,7 +157,7 @@ class SolverGraphs:
     def solve(
         self, noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
         cond: torch.Tensor, bias: torch.Tensor, states: list[FlowState | None],
-        new_frames: torch.Tensor, steps: int,
+        kept_frames: torch.Tensor, steps: int,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None:
         """The streamed solver's new frames and records for these inputs from a bucket's graph;
         None when no bucket fits (or graphs were never captured, except on the CPU, where the
@@ -171,7 +171,7 @@ class SolverGraphs:
             return None
         if bucket.graph is None and noise.is_cuda:
             return None
-        bucket.load(noise, mask, mu, spks, cond, bias, states, new_frames)
+        bucket.load(noise, mask, mu, spks, cond, bias, states, kept_frames)
         if bucket.graph is not None:
             bucket.graph.replay()
             assert bucket.output is not None

@@ -63,7 +63,8 @@ class StepHistory:
 
     `past` [blocks, 2, R, H, C] and `tails` [convs, 2, R, C_max, 2] are read; `attention_out`
     [blocks, 2, R, N, C] and `tails_out` [convs, 2, R, C_max, 2] are written. `tail_index`
-    [2R, 1, 2] holds, per row, where its last two input frames sit in [tail, new frames].
+    [2R, 1, 2] holds, per row, where the two input frames before its kept ones end sit in
+    [tail, new frames].
     """
 
     past: torch.Tensor
@@ -87,9 +88,10 @@ class SolverHistory:
         return StepHistory(self.past[index], self.tails[index], self.tail_index,
                            self.attention_out[index], self.tails_out[index])
 
-    def load(self, states: list[FlowState | None], new_frames: torch.Tensor) -> None:
+    def load(self, states: list[FlowState | None], kept_frames: torch.Tensor) -> None:
         """Fill the inputs from each row's state (rows past the states' stay zero), and the
-        tail positions from each row's count of new frames."""
+        tail positions: each row's tails are recorded where its first `kept_frames` new frames
+        end (the frames its next state keeps)."""
         self.past.zero_()
         self.tails.zero_()
         for i, state in enumerate(states):
@@ -97,8 +99,8 @@ class SolverHistory:
                 self.past[:, :, :, i, : state.frames] = state.attention[:, :, :, : state.frames]
                 self.tails[:, :, :, i] = state.tails
         rows = self.tail_index.size(0) // 2
-        counts = torch.zeros(rows, dtype=torch.long, device=new_frames.device)
-        counts[: new_frames.numel()] = new_frames
+        counts = torch.zeros(rows, dtype=torch.long, device=kept_frames.device)
+        counts[: kept_frames.numel()] = kept_frames
         index = torch.cat([counts, counts]).view(-1, 1, 1)
         self.tail_index.copy_(index + torch.arange(2, device=index.device).view(1, 1, 2))
 

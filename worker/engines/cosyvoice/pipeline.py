@@ -45,6 +45,7 @@ class Utterance:
     embedding: torch.Tensor
     seed: int
     speed: float = 1.0
+    first_chunk: int = TOKEN_HOP
     tokens: list[int] = field(default_factory=list)
     decoded: bool = False
     offset: int = 0
@@ -53,13 +54,15 @@ class Utterance:
     source_cache: torch.Tensor | None = None
     speech_tail: torch.Tensor | None = None
 
-    def first_hop(self) -> int:
-        """Tokens in the first chunk: enough to align prompt + chunk on the model's chunk grid."""
-        p = self.flow_prompt_tokens.size(1)
-        return TOKEN_HOP + (math.ceil(p / TOKEN_HOP) * TOKEN_HOP - p)
-
     def hop(self) -> int:
-        return self.first_hop() if self.offset == 0 else TOKEN_HOP
+        """Tokens in the next chunk. The first is enough to align prompt + chunk on the model's
+        25-token chunk grid (as upstream), or `first_chunk` tokens if that is fewer; every later
+        chunk ends on the grid."""
+        p = self.flow_prompt_tokens.size(1)
+        if self.offset == 0:
+            aligned = TOKEN_HOP + (math.ceil(p / TOKEN_HOP) * TOKEN_HOP - p)
+            return min(aligned, self.first_chunk)
+        return TOKEN_HOP - (p + self.offset) % TOKEN_HOP
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,8 @@ class AudioStage:
                 streaming=True,
             ))
         states = [c.utterance.flow_state for c in chunks]
-        mels, updated = self.flow.stream_batch(rows, states, self.flow_steps)
+        emitted = [c.utterance.offset * self.ratio for c in chunks]
+        mels, updated = self.flow.stream_batch(rows, states, self.flow_steps, emitted)
         for chunk, state in zip(chunks, updated, strict=True):
             chunk.utterance.flow_state = None if chunk.finalize else state
         return mels
