@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.machinery
 import json
 import sys
 import tempfile
@@ -65,7 +66,9 @@ def _stub_torchaudio() -> None:
     except ImportError:
         for name in ("torchaudio", "torchaudio.compliance", "torchaudio.compliance.kaldi",
                      "torchaudio.transforms"):
-            sys.modules[name] = types.ModuleType(name)
+            module = types.ModuleType(name)
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            sys.modules[name] = module
 
 
 def _upstream(model_dir: Path) -> dict[str, Any]:
