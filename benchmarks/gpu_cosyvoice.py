@@ -13,6 +13,9 @@ request, so the first level does not pay the first zero-shot request's one-time 
     python benchmarks/gpu_cosyvoice.py --model-dir /tmp/cv_full --concurrency 1,4,16,64,128 \
         --modes inproc,http --upstream 1,4 --out results.json
 
+`--engine-option NAME=JSON` passes an engine option to both modes (`first_chunk_tokens=10`,
+`flow_steps=5`) to measure it beside the defaults.
+
 `--check` also verifies that requests batched together get the same speech as each alone (within
 the engine's stated tolerance) and exits 1 if they do not.
 """
@@ -221,7 +224,8 @@ async def stream_http(client: Any, url: str, body: dict[str, Any]) -> StreamStat
 
 
 def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
-               dtype: str, device: str, log_dir: Path) -> list[dict[str, Any]]:
+               dtype: str, device: str, log_dir: Path,
+               options: dict[str, Any]) -> list[dict[str, Any]]:
     import httpx
 
     port = free_port()
@@ -230,7 +234,7 @@ def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
         "WORKER_MODEL_DIR": str(model_dir), "WORKER_DEVICE": device,
         "WORKER_MAX_CONCURRENCY": str(max(levels)), "WORKER_MAX_QUEUE": "0",
         "WORKER_ENGINE_OPTIONS": json.dumps({"dtype": dtype, "fixed_speech_tokens": tokens,
-                                             "max_streams": max(max(levels), 8)}),
+                                             "max_streams": max(max(levels), 8), **options}),
     }
     with python_service("worker", env, port=port, log_dir=log_dir, timeout=600) as worker:
         base = worker.url
@@ -300,6 +304,11 @@ def sweep_upstream(model_dir: Path, levels: list[int], voice: Any, text_ids: lis
     return rows
 
 
+def engine_option(text: str) -> tuple[str, Any]:
+    name, _, value = text.partition("=")
+    return name, json.loads(value)
+
+
 def levels_arg(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -315,18 +324,23 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu for a dry run on a tiny model")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--engine-option", type=engine_option, action="append", default=[],
+                        help="NAME=JSON for the engine, in-process and in the worker, e.g. "
+                             "first_chunk_tokens=10 or flow_steps=5")
     args = parser.parse_args()
+    args.engine_option = dict(args.engine_option)
     if not (args.model_dir / "flow.pt").exists():
         t = time.perf_counter()
         build_model_dir(args.model_dir, size="full")
         print(f"built full-size model dir in {time.perf_counter() - t:.0f} s", flush=True)
     out_dir = args.out.parent if args.out else Path(".")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    report: dict[str, Any] = {"device": device_name, "tokens": args.tokens, "results": []}
+    report: dict[str, Any] = {"device": device_name, "tokens": args.tokens,
+                              "engine_options": args.engine_option, "results": []}
     t = time.perf_counter()
     engine = CosyVoiceEngine(args.model_dir, device=args.device, dtype=args.dtype,
                              fixed_speech_tokens=args.tokens,
-                             max_streams=max(max(args.concurrency), 8))
+                             max_streams=max(max(args.concurrency), 8), **args.engine_option)
     engine.load()
     engine.warm_up()
     print(f"engine loaded and warm in {time.perf_counter() - t:.1f} s "
@@ -353,7 +367,7 @@ def main() -> int:
               "still reserved by this process", flush=True)
     if "http" in modes:
         report["results"] += sweep_http(args.model_dir, features, args.concurrency, args.tokens,
-                                        args.dtype, args.device, out_dir)
+                                        args.dtype, args.device, out_dir, args.engine_option)
     if args.upstream:
         report["results"] += sweep_upstream(args.model_dir, args.upstream, voice, text_ids,
                                             prompt_ids, args.tokens)
