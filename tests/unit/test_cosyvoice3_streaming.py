@@ -103,14 +103,30 @@ def test_flow_batch_rows_equal_each_row_alone(flow: CosyVoice3Flow) -> None:
             assert (got - alone).abs().max() <= FLOW_TOL
 
 
-def test_off_grid_chunk_is_refused(flow: CosyVoice3Flow) -> None:
-    prompt, tokens, mel, emb = _requests()[0]
+@pytest.mark.parametrize("first_tokens", [5, 12])
+def test_off_grid_chunks_match_a_stream_that_recomputes_everything(
+    flow: CosyVoice3Flow, first_tokens: int
+) -> None:
+    """A short first chunk ends off the attention grid: each piece must be what upstream's
+    streaming returns, a whole non-final pass over every token so far minus what it had sent."""
+    prompt, tokens, mel, emb = _requests()[1]
+    cuts = [first_tokens + LOOK, first_tokens + LOOK + 7, *range(40, tokens.numel(), HOP)]
+    cuts.append(tokens.numel())
     stream = flow.start(prompt, mel, emb)
-    with pytest.raises(ValueError, match="grid"):
-        flow.advance([stream], [tokens[:20]], [False])
-    assert stream.tokens.numel() == prompt.numel()  # a refused call leaves the state as it was
-    first = (-prompt.numel()) % HOP + HOP + LOOK
-    assert flow.advance([stream], [tokens[:first]], [False])[0].size(1) == 2 * (first - LOOK)
+    sent, start = 0, 0
+    for k, cut in enumerate(cuts):
+        final = k == len(cuts) - 1
+        got = flow.advance([stream], [tokens[start:cut]], [final])[0]
+        whole = flow.whole([prompt], [tokens[:cut]], [mel], [emb], streaming=True,
+                           final=final)[0]
+        assert got.shape == whole[:, sent:].shape
+        assert (got - whole[:, sent:]).abs().max() <= FLOW_TOL
+        assert stream.frames % 50 == 0 or final
+        sent, start = whole.size(1), cut
+    refused = flow.start(prompt, mel, emb)
+    with pytest.raises(ValueError, match="look-ahead"):
+        flow.advance([refused], [tokens[:LOOK]], [False])
+    assert refused.tokens.numel() == prompt.numel()  # a refused call leaves the state as it was
 
 
 def test_past_frames_do_not_depend_on_later_tokens(flow: CosyVoice3Flow) -> None:

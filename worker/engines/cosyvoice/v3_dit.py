@@ -42,13 +42,15 @@ class StepCache:
     (P >= every past_len, entries beyond a row's past_len ignored) or None when no row has any;
     `tails`: per position convolution [B, dim, kernel-1], the input frames just before the new
     ones (zeros at the start). The call fills `new_keys`/`new_values` [B, heads, N, dim_head] and
-    `new_tails` (each row's last kernel-1 input frames, padding excluded).
+    `new_tails`: each row's kernel-1 input frames before its first `commit` new frames (all its
+    valid ones when `commit` is None), where the next call will continue.
     """
 
     past_len: torch.Tensor
     keys: list[torch.Tensor] | None
     values: list[torch.Tensor] | None
     tails: list[torch.Tensor]
+    commit: torch.Tensor | None = None
     new_keys: list[torch.Tensor] = field(default_factory=list)
     new_values: list[torch.Tensor] = field(default_factory=list)
     new_tails: list[torch.Tensor] = field(default_factory=list)
@@ -87,7 +89,8 @@ class _CausalPositionConv(nn.Module):
         h = x.transpose(1, 2)
         for conv, tail in zip((self.conv1, self.conv2), cache.tails, strict=True):
             full = torch.cat([tail.to(h.dtype), h], dim=2)
-            cache.new_tails.append(_last_valid(full, lengths, POS_KERNEL - 1))
+            commit = lengths if cache.commit is None else cache.commit
+            cache.new_tails.append(_last_valid(full, commit, POS_KERNEL - 1))
             h = conv(full)
         return h.transpose(1, 2)
 

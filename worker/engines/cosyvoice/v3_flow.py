@@ -7,11 +7,13 @@ Each token becomes `token_mel_ratio` frames; a 10-step Euler solver with cosine 
 integrates the estimator's velocity from fixed noise (guided and unguided passes: one batch of 2B).
 
 Incremental streaming: a `FlowStream` per request keeps, for every Euler step, the keys and values
-of all its frames at every layer and the tails of the position convolutions, so `advance` computes
-only the new frames. Chunk-causal attention makes this exact provided every non-final call ends on
-the `static_chunk_size` frame grid (counted from the first prompt frame); `advance` refuses
-otherwise. The noise is a fixed buffer indexed by a frame's position in its utterance (prompt
-included), drawn once from seed 0 as the released recipe draws it, so requests share no state.
+of its frames at every layer and the tails of the position convolutions, so `advance` computes
+only new frames. Attention is chunk-causal on a `static_chunk_size` grid counted from the first
+prompt frame, so frames before the last grid line never change and are kept; frames after it
+(a call that ends off the grid) are returned but computed again, with what follows, by the next
+call, exactly as a recompute-everything stream would see them. The noise is a fixed buffer
+indexed by a frame's position in its utterance (prompt included), drawn once from seed 0 as the
+released recipe draws it, so requests share no state.
 """
 
 # Module calls are typed Any by torch; returns below are tensors by construction.
@@ -77,6 +79,8 @@ class FlowStream:
     frames: int
     kv: torch.Tensor
     tails: torch.Tensor
+    emitted: int = 0
+    """Frames returned so far (prompt included), at or past `frames`."""
     finished: bool = False
 
     def nbytes(self) -> int:
@@ -159,19 +163,15 @@ class CosyVoice3Flow(nn.Module):
             stream.kv = grown
 
     def _prepare(
-        self, s: FlowStream, tokens: torch.Tensor, final: bool, streaming: bool, grid: bool
+        self, s: FlowStream, tokens: torch.Tensor, final: bool, streaming: bool
     ) -> torch.Tensor:
-        look, chunk = self.cfg.pre_lookahead_len, self.cfg.dit.static_chunk_size
         if s.finished:
             raise ValueError("this request's flow has already finished")
         if not streaming and s.frames:
             raise ValueError("a non-streaming pass is one call on a new request")
         total = s.tokens.numel() + tokens.numel()
-        end = total if final else total - look
-        if grid and not final and (end * self.cfg.token_mel_ratio) % chunk:
-            raise ValueError(f"a non-final chunk must end on the {chunk}-frame grid "
-                             f"(this one ends at frame {end * self.cfg.token_mel_ratio})")
-        if end <= s.done_tokens:
+        end = total if final else total - self.cfg.pre_lookahead_len
+        if end * self.cfg.token_mel_ratio <= max(s.emitted, s.prompt_mel.size(0)):
             raise ValueError("a call must bring at least one new token past the look-ahead")
         s.tokens = torch.cat([s.tokens, tokens.long().to(s.tokens.device).view(-1)])
         return self._features(s, end, final)
@@ -181,9 +181,9 @@ class CosyVoice3Flow(nn.Module):
         self, streams: list[FlowStream], new_tokens: list[torch.Tensor], final: list[bool],
     ) -> list[torch.Tensor]:
         """Append tokens to each request and return its new mel frames [80, n] (prompt frames
-        excluded), computing only those frames. A non-final call holds back the last
-        `pre_lookahead_len` tokens as look-ahead and must end on the chunk grid."""
-        mus = [self._prepare(s, tok, fin, True, True)
+        excluded). A non-final call holds back the last `pre_lookahead_len` tokens as
+        look-ahead; the frames it computes are those after the last grid line it kept."""
+        mus = [self._prepare(s, tok, fin, True)
                for s, tok, fin in zip(streams, new_tokens, final, strict=True)]
         return self._solve(streams, mus, final, True)
 
@@ -209,6 +209,10 @@ class CosyVoice3Flow(nn.Module):
                 self._grow(s, max(past, s.frames + c))
         spk = torch.stack([s.speaker for s in streams])
         lengths = torch.tensor(counts, device=dev).repeat(2)
+        chunk = self.cfg.dit.static_chunk_size
+        commits = [c if fin or not streaming else (s.frames + c) // chunk * chunk - s.frames
+                   for s, c, fin in zip(streams, counts, final, strict=True)]
+        commit = torch.tensor(commits, device=dev).repeat(2)
         t_span = torch.linspace(0, 1, STEPS + 1, device=dev, dtype=dtype)
         if self.cfg.t_scheduler == "cosine":
             t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
@@ -217,6 +221,7 @@ class CosyVoice3Flow(nn.Module):
         zeros = torch.zeros_like(mu)
         for step in range(STEPS):
             cache = self._gather(streams, step, past)
+            cache.commit = commit
             v = self.estimator(
                 torch.cat([x, x]), torch.cat([mu, zeros]), torch.cat([cond, zeros]),
                 torch.cat([spk, torch.zeros_like(spk)]), t.expand(2 * b), lengths, cache,
@@ -230,11 +235,12 @@ class CosyVoice3Flow(nn.Module):
             if step < STEPS - 1:
                 dt = t_span[step + 2] - t
         out = []
-        for i, (s, c, fin) in enumerate(zip(streams, counts, final, strict=True)):
-            skip = max(s.prompt_mel.size(0) - s.frames, 0)
+        for i, (s, c, kept, fin) in enumerate(zip(streams, counts, commits, final, strict=True)):
+            skip = max(s.prompt_mel.size(0), s.emitted) - s.frames
             out.append(x[i, skip:c].T.float())
-            s.frames += c
-            s.done_tokens += c // self.cfg.token_mel_ratio
+            s.emitted = s.frames + c
+            s.frames += kept
+            s.done_tokens += kept // self.cfg.token_mel_ratio
             s.finished = fin
         return out
 
@@ -248,7 +254,7 @@ class CosyVoice3Flow(nn.Module):
         `inference` (a non-final pass holds back the look-ahead tokens, on the grid or not)."""
         streams = [self.start(p, m, e)
                    for p, m, e in zip(prompt_tokens, prompt_mels, embeddings, strict=True)]
-        mus = [self._prepare(s, tok, final, streaming, False)
+        mus = [self._prepare(s, tok, final, streaming)
                for s, tok in zip(streams, tokens, strict=True)]
         return self._solve(streams, mus, [True] * len(streams), streaming)
 
