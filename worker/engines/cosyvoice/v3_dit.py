@@ -167,8 +167,10 @@ class DiTBlock(nn.Module):
         cos, sin = rope
         rot = self.dim_head
         q, k, v = self.attn.to_q(h), self.attn.to_k(h), self.attn.to_v(h)
-        q = torch.cat([q[..., :rot] * cos + _rotate_pairs(q[..., :rot]) * sin, q[..., rot:]], -1)
-        k = torch.cat([k[..., :rot] * cos + _rotate_pairs(k[..., :rot]) * sin, k[..., rot:]], -1)
+        q = torch.cat([(q[..., :rot] * cos + _rotate_pairs(q[..., :rot]) * sin).to(q.dtype),
+                       q[..., rot:]], -1)
+        k = torch.cat([(k[..., :rot] * cos + _rotate_pairs(k[..., :rot]) * sin).to(k.dtype),
+                       k[..., rot:]], -1)
         q, k, v = (a.view(b, n, self.heads, self.dim_head).transpose(1, 2) for a in (q, k, v))
         cache.new_keys.append(k)
         cache.new_values.append(v)
