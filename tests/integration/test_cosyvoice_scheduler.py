@@ -19,6 +19,7 @@ from testbed.cosyvoice_models import build_model_dir
 from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
 from worker.engines.cosyvoice.config import check_model_dir
+from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.flow import FlowRow
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
@@ -361,8 +362,8 @@ def test_a_short_first_chunk_streams_the_same_frames(engine: CosyVoiceEngine) ->
 
 
 def test_bucketed_streamed_flow_gives_each_row_its_own_result(engine: CosyVoiceEngine) -> None:
-    """The graph path pads a call into a (rows, frames, earlier frames) bucket; padding changes
-    nothing."""
+    """The graph paths pad a call into buckets: (rows, frames, earlier frames) for the solver,
+    (rows, tokens) for the encoder; padding changes nothing."""
     flow = engine._require()[0].audio.flow
     graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
                           rows=(1, 4), frame_step=64, max_frames=256, later_frames=64,
@@ -381,9 +382,22 @@ def test_bucketed_streamed_flow_gives_each_row_its_own_result(engine: CosyVoiceE
         return result
 
     graphs.solve = counted  # type: ignore[method-assign]
-    flow.solver_graphs = graphs
+    encoder = EncoderGraphs(flow.encode_tokens, flow.cfg.pre_lookahead_len,
+                            flow.encoder.cfg.upsample_stride, torch.device("cpu"), rows=(1, 4),
+                            width_step=32, max_width=128)
+    encoded = []
+    run = encoder.run
+
+    def counted_run(*args: Any) -> Any:
+        result = run(*args)
+        encoded.append(result is not None)
+        return result
+
+    encoder.run = counted_run  # type: ignore[method-assign]
+    flow.solver_graphs, flow.encoder_graphs = graphs, encoder
     try:
         assert _stream_alongside(flow, _utterances(9)) < 1e-4
     finally:
-        flow.solver_graphs = None
+        flow.solver_graphs, flow.encoder_graphs = None, None
     assert any(used)
+    assert any(encoded)

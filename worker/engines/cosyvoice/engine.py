@@ -35,6 +35,7 @@ from worker.engines.cosyvoice.config import (
     ModelDirError,
     check_model_dir,
 )
+from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend, VoicePrompt
@@ -132,6 +133,9 @@ class CosyVoiceEngine:
         if self.cuda_graph and self.device.type == "cuda":
             flow.solver_graphs = SolverGraphs(flow.solver, self.dtype, self.device,
                                               steps=self.flow_steps)
+            flow.encoder_graphs = EncoderGraphs(
+                flow.encode_tokens, config.flow.pre_lookahead_len,
+                config.flow.encoder.upsample_stride, self.device)
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
         decoder = BatchDecoder(llm, sampling, slots=self.max_streams,
@@ -191,6 +195,13 @@ class CosyVoiceEngine:
                 logger.warning("Capturing the flow's graphs failed; it runs eagerly",
                                exc_info=True)
                 flow.solver_graphs = None
+        if flow.encoder_graphs is not None:
+            try:
+                flow.encoder_graphs.capture()
+            except RuntimeError:
+                logger.warning("Capturing the encoder's graphs failed; it runs eagerly",
+                               exc_info=True)
+                flow.encoder_graphs = None
         scheduler.start()
         request = EngineRequest(text=self.warm_up_text, voice=self.default_voice, speed=1.0, seed=0)
 

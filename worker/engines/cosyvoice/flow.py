@@ -15,6 +15,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from worker.engines.cosyvoice.config import FlowConfig
+from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.flow_decoder import Estimator, EulerSolver
 from worker.engines.cosyvoice.flow_encoder import UpsampleEncoder, attention_mask
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
@@ -47,6 +48,8 @@ class FlowModel(nn.Module):
         self.solver = EulerSolver(self.decoder.estimator, cfg.inference_cfg_rate, cfg.t_scheduler)
         self.noise: torch.Tensor
         self.register_buffer("noise", fixed_noise(cfg.output_size), persistent=False)
+        self.encoder_graphs: EncoderGraphs | None = None
+        """Set (and captured) by the engine on a GPU: the token encoder as graphs."""
         self.solver_graphs: SolverGraphs | None = None
         """Set (and captured) by the engine on a GPU: the streamed Euler loop as graphs, for
         small batches."""
@@ -71,6 +74,13 @@ class FlowModel(nn.Module):
                       streaming)
         return self.mel_batch([row], steps)[0].unsqueeze(0)
 
+    def encode_tokens(self, token_ids: torch.Tensor, present: torch.Tensor, valid: torch.Tensor,
+                      streaming: torch.Tensor) -> torch.Tensor:
+        """Encoder features [B, 2W, C] for token ids [B, W + look] (see `UpsampleEncoder`)."""
+        h, _ = self.encoder(self.input_embedding(token_ids), present, valid, streaming)
+        projected: torch.Tensor = self.encoder_proj(h)
+        return projected
+
     def _encode(self, rows: list[FlowRow], streaming: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
         """Encoder output [B, C, T] over each row's prompt and tokens, its [B, T] validity, the
@@ -88,9 +98,13 @@ class FlowModel(nn.Module):
             token_ids[i, :n] = torch.cat([r.prompt_tokens.long(), r.tokens.long()]).clamp(min=0)
             present[i, :n] = True
         valid = torch.arange(width).unsqueeze(0) < torch.tensor(frames_in).unsqueeze(1)
-        xs = self.input_embedding(token_ids.to(device))
-        h, h_valid = self.encoder(xs, present.to(device), valid.to(device), streaming)
-        h = self.encoder_proj(h)
+        inputs = (token_ids.to(device), present.to(device), valid.to(device), streaming)
+        h = None
+        if self.encoder_graphs is not None:
+            h = self.encoder_graphs.run(*inputs)
+        if h is None:
+            h = self.encode_tokens(*inputs)
+        h_valid = inputs[2].repeat_interleave(self.encoder.cfg.upsample_stride, dim=1)
         embeddings = torch.stack([r.embedding for r in rows]).to(device, dtype)
         spks = self.spk_embed_affine_layer(F.normalize(embeddings, dim=1))
         ratio = self.cfg.token_mel_ratio
