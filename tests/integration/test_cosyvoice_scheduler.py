@@ -24,6 +24,7 @@ from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.flow import FlowRow
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.hift import samples_per_frame
+from worker.engines.cosyvoice.hift_graphs import VocoderGraphs
 from worker.engines.cosyvoice.pipeline import MEL_CACHE_FRAMES, TOKEN_HOP, Utterance
 from worker.engines.cosyvoice.scheduler import DONE, Scheduler
 from worker.logging_setup import RequestIdFilter, request_id_var
@@ -299,6 +300,28 @@ def test_batched_vocoder_rows_match_each_row_alone(engine: CosyVoiceEngine) -> N
         alone, _ = hift(mel[i : i + 1], None, torch.Generator().manual_seed(seed))
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-4, rtol=1e-4)
 
+
+
+@pytest.mark.parametrize("carried", [0, 960])
+def test_bucketed_vocoder_gives_each_row_its_own_result(engine: CosyVoiceEngine,
+                                                        carried: int) -> None:
+    """The graph path pads rows into a batch-size bucket of a streamed chunk shape, with or
+    without the excitation carried over; padding changes nothing, other shapes stay eager."""
+    hift = engine._require()[0].audio.hift
+    graphs = VocoderGraphs(hift, torch.device("cpu"), shapes=((30, carried),), rows=(1, 4))
+    gen = torch.Generator().manual_seed(7)
+    mel = torch.randn(3, 80, 30, generator=gen)
+    cache = torch.randn(3, 1, carried, generator=gen) if carried else None
+    initial, noise = hift.draws(mel, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    got = graphs.vocode(mel, cache, initial, noise)
+    assert got is not None
+    want = hift.vocode(mel, cache, initial, noise)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    assert graphs.vocode(mel[:, :, :20], None, initial, noise[:, : 20 * hift.upsample_scale]) \
+        is None
+    assert graphs.bucket_for(5, 30, carried) is None
 
 def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
                       first_chunk: int = TOKEN_HOP) -> float:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend, VoicePrompt
 from worker.engines.cosyvoice.hift import HiFTGenerator
+from worker.engines.cosyvoice.hift_graphs import VocoderGraphs
 from worker.engines.cosyvoice.llm import SpeechLM
 from worker.engines.cosyvoice.pipeline import TOKEN_HOP, AudioStage, Utterance
 from worker.engines.cosyvoice.sampling import SamplingParams
@@ -141,6 +143,8 @@ class CosyVoiceEngine:
         decoder = BatchDecoder(llm, sampling, slots=self.max_streams,
                                positions=self.max_positions, use_graphs=self.cuda_graph)
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
+        if self.cuda_graph and self.device.type == "cuda":
+            audio.vocoder_graphs = VocoderGraphs(hift, self.device, audio.streamed_shapes())
         self._llm = llm
         self._scheduler = Scheduler(
             decoder, audio, self._embed, DecodeLimits(fixed_tokens=self.fixed_speech_tokens),
@@ -183,25 +187,24 @@ class CosyVoiceEngine:
         return content_version(self.model_dir, REQUIRED_FILES)
 
     def warm_up(self) -> None:
-        """Capture the decode graphs, then one short synthesis through every stage, so readiness
-        proves the model runs."""
+        """Capture the graphs (decode step, flow, encoder, vocoder), then one short synthesis
+        through every stage, so readiness proves the model runs."""
         scheduler, _ = self._require()
         scheduler.decoder.capture()
         flow = scheduler.audio.flow
-        if flow.solver_graphs is not None:
+        graphs: tuple[tuple[Any, str, str], ...] = (
+            (flow, "solver_graphs", "flow"), (flow, "encoder_graphs", "encoder"),
+            (scheduler.audio, "vocoder_graphs", "vocoder"))
+        for owner, attribute, stage in graphs:
+            captured = getattr(owner, attribute)
+            if captured is None:
+                continue
             try:
-                flow.solver_graphs.capture()
+                captured.capture()
             except RuntimeError:
-                logger.warning("Capturing the flow's graphs failed; it runs eagerly",
+                logger.warning("Capturing the %s's graphs failed; it runs eagerly", stage,
                                exc_info=True)
-                flow.solver_graphs = None
-        if flow.encoder_graphs is not None:
-            try:
-                flow.encoder_graphs.capture()
-            except RuntimeError:
-                logger.warning("Capturing the encoder's graphs failed; it runs eagerly",
-                               exc_info=True)
-                flow.encoder_graphs = None
+                setattr(owner, attribute, None)
         scheduler.start()
         request = EngineRequest(text=self.warm_up_text, voice=self.default_voice, speed=1.0, seed=0)
 

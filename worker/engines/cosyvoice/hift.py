@@ -80,17 +80,32 @@ class SourceModule(nn.Module):
         self.upsample_scale = upsample_scale
         self.l_linear = nn.Linear(cfg.nb_harmonics + 1, 1)
 
-    def forward(self, f0: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-        """`generators` holds one random stream per row, so a row's excitation is its own."""
+    def draws(self, samples: int, generators: list[torch.Generator | None],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The excitation's random inputs, one stream per row (so a row's excitation is its
+        own): initial harmonic phases [B, H] and noise [B, samples, H], in the released recipe's
+        draw order and memory layout."""
+        harmonics = self.cfg.nb_harmonics + 1
+        initial = torch.cat([
+            torch.rand(1, harmonics, device=_device(g), generator=g) for g in generators
+        ]).to(device)
+        initial[:, 0] = 0
+        # The layout of the excitation's sines, [samples, harmonics] with samples contiguous:
+        # the recipe's `randn_like` filled that layout.
+        noise = torch.cat([
+            torch.empty_strided((1, samples, harmonics), (samples * harmonics, 1, samples),
+                                device=_device(g)).normal_(generator=g)
+            for g in generators
+        ]).to(device)
+        return initial, noise
+
+    def forward(self, f0: torch.Tensor, initial: torch.Tensor, noise: torch.Tensor
+                ) -> torch.Tensor:
         cfg = self.cfg
         harmonics = torch.arange(1, cfg.nb_harmonics + 2, device=f0.device, dtype=f0.dtype)
         fn = f0 * harmonics.view(1, 1, -1)
         rad = (fn / cfg.sampling_rate) % 1
-        initial = torch.cat([
-            torch.rand(1, fn.size(2), device=_device(g), generator=g) for g in generators
-        ]).to(fn.device, fn.dtype)
-        initial[:, 0] = 0
-        rad[:, 0, :] = rad[:, 0, :] + initial
+        rad[:, 0, :] = rad[:, 0, :] + initial.to(fn.dtype)
         rad = F.interpolate(
             rad.transpose(1, 2), scale_factor=1 / self.upsample_scale, mode="linear"
         ).transpose(1, 2)
@@ -102,11 +117,6 @@ class SourceModule(nn.Module):
         sines = torch.sin(phase) * cfg.nsf_alpha
         uv = (f0 > cfg.nsf_voiced_threshold).to(f0.dtype)
         noise_amp = uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3
-        # Same memory layout as `sines`: the released recipe's `randn_like` filled that layout.
-        noise = torch.cat([
-            torch.empty_like(sines[i : i + 1], device=_device(g)).normal_(generator=g)
-            for i, g in enumerate(generators)
-        ]).to(sines.device)
         sines = sines * uv + noise_amp * noise
         return torch.tanh(self.l_linear(sines))
 
@@ -163,13 +173,12 @@ class HiFTGenerator(nn.Module):
             "window", torch.hann_window(cfg.n_fft, periodic=True), persistent=False
         )
 
-    def source(
-        self, mel: torch.Tensor, generators: list[torch.Generator | None]
-    ) -> torch.Tensor:
-        """Excitation [B, 1, samples] for a mel [B, 80, T], one random stream per row."""
+    def source(self, mel: torch.Tensor, initial: torch.Tensor, noise: torch.Tensor
+               ) -> torch.Tensor:
+        """Excitation [B, 1, samples] for a mel [B, 80, T] from its random inputs (`draws`)."""
         f0 = self.f0_predictor(mel)
         f0_up = F.interpolate(f0[:, None], scale_factor=float(self.upsample_scale))
-        return self.m_source(f0_up.transpose(1, 2), generators).transpose(1, 2)
+        return self.m_source(f0_up.transpose(1, 2), initial, noise).transpose(1, 2)
 
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Waveform [B, samples] from a mel and its excitation."""
@@ -213,10 +222,21 @@ class HiFTGenerator(nn.Module):
         """
         mel = mel.float()
         generators = generator if isinstance(generator, list) else [generator] * mel.size(0)
-        source = self.source(mel, generators)
+        initial, noise = self.draws(mel, generators)
+        return self.vocode(mel, cache_source, initial, noise)
+
+    def draws(self, mel: torch.Tensor, generators: list[torch.Generator | None]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.m_source.draws(mel.size(2) * self.upsample_scale, generators, mel.device)
+
+    @torch.inference_mode()
+    def vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None,
+               initial: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` from drawn random inputs: no host work, so it can replay as a graph."""
+        source = self.source(mel.float(), initial, noise)
         if cache_source is not None and cache_source.size(2) > 0:
             source[:, :, : cache_source.size(2)] = cache_source
-        return self.decode(mel, source), source
+        return self.decode(mel.float(), source), source
 
 
 def samples_per_frame(cfg: HiFTConfig) -> int:

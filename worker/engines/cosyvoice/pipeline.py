@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: N812
 from worker.engines.cosyvoice.flow import FlowModel, FlowRow
 from worker.engines.cosyvoice.flow_state import FlowState
 from worker.engines.cosyvoice.hift import HiFTGenerator, samples_per_frame
+from worker.engines.cosyvoice.hift_graphs import VocoderGraphs
 
 TOKEN_HOP = 25
 MEL_CACHE_FRAMES = 8
@@ -86,7 +87,16 @@ class AudioStage:
         self.lookahead = flow.cfg.pre_lookahead_len
         self.ratio = flow.cfg.token_mel_ratio
         self.source_cache_len = MEL_CACHE_FRAMES * samples_per_frame(hift.cfg)
+        self.vocoder_graphs: VocoderGraphs | None = None
+        """Set (and captured) by the engine on a GPU: the vocoder as graphs for the chunk
+        shapes streaming repeats (`streamed_shapes`)."""
         self.window = torch.from_numpy(np.hamming(2 * self.source_cache_len).astype(np.float32))
+
+    def streamed_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(mel frames, excitation samples carried over) of a first chunk of 25 tokens and of
+        every later full chunk."""
+        frames = TOKEN_HOP * self.ratio
+        return ((frames, 0), (frames + MEL_CACHE_FRAMES, self.source_cache_len))
 
     def next_chunk(self, utt: Utterance) -> Chunk | None:
         """The utterance's next chunk if its tokens allow one now, else None."""
@@ -171,7 +181,12 @@ class AudioStage:
         cache = None
         if caches[0] is not None:
             cache = torch.cat([c for c in caches if c is not None])
-        speech, source = self.hift(mel, cache, generators)
+        mel = mel.float()
+        initial, noise = self.hift.draws(mel, generators)
+        result = None
+        if self.vocoder_graphs is not None:
+            result = self.vocoder_graphs.vocode(mel, cache, initial, noise)
+        speech, source = result or self.hift.vocode(mel, cache, initial, noise)
         speech = speech.float().cpu()
         out: list[np.ndarray | Exception] = []
         n = self.source_cache_len
