@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engines.cosyvoice.graphs import capture_all, replay
+
 Encode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(token ids [B, W + look], present [B, W + look], valid [B, W], streaming [B]) -> features
 [B, stride * W, C]."""
@@ -67,19 +69,8 @@ class EncoderGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Record every bucket's graph (CUDA only)."""
-        pool = torch.cuda.graph_pool_handle()
         device = next(iter(self._buckets.values())).valid.device
-        side = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
-        for bucket in self._buckets.values():
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self._run(bucket)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                bucket.output = self._run(bucket)
-            bucket.graph = graph
-        torch.cuda.synchronize(device)
+        capture_all(self._buckets.values(), self._run, device)
 
     def bucket_for(self, rows: int, width: int) -> _Bucket | None:
         r = next((r for r in self.rows if r >= rows), None)
@@ -97,10 +88,5 @@ class EncoderGraphs:
         if bucket is None or (bucket.graph is None and valid.is_cuda):
             return None
         bucket.load(token_ids, present, valid, streaming)
-        if bucket.graph is not None:
-            bucket.graph.replay()
-            assert bucket.output is not None
-            output = bucket.output
-        else:
-            output = self._run(bucket)
+        output: torch.Tensor = replay(bucket, self._run)
         return output[:b, : self.stride * width].clone()

@@ -18,13 +18,13 @@ copied into the requests' states before the next.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from worker.engines.cosyvoice.flow_decoder import EulerSolver
 from worker.engines.cosyvoice.flow_state import FlowState, SolverHistory
+from worker.engines.cosyvoice.graphs import capture_all, replay
 
 
 @dataclass
@@ -127,23 +127,10 @@ class SolverGraphs:
                                  bucket.bias, self.steps, bucket.history)
 
     @torch.inference_mode()
-    def capture(self, progress: Callable[[int, int], None] | None = None) -> None:
+    def capture(self) -> None:
         """Record every bucket's graph (CUDA only)."""
-        pool = torch.cuda.graph_pool_handle()
         device = next(iter(self._buckets.values())).noise.device
-        side = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
-        for i, bucket in enumerate(self._buckets.values()):
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self._run(bucket)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                bucket.output = self._run(bucket)
-            bucket.graph = graph
-            if progress is not None:
-                progress(i + 1, len(self._buckets))
-        torch.cuda.synchronize(device)
+        capture_all(self._buckets.values(), self._run, device)
 
     def bucket_for(self, rows: int, frames: int, past: int, steps: int) -> _Bucket | None:
         if steps != self.steps:
@@ -172,12 +159,7 @@ class SolverGraphs:
         if bucket.graph is None and noise.is_cuda:
             return None
         bucket.load(noise, mask, mu, spks, cond, bias, states, kept_frames)
-        if bucket.graph is not None:
-            bucket.graph.replay()
-            assert bucket.output is not None
-            output = bucket.output
-        else:
-            output = self._run(bucket)
+        output: torch.Tensor = replay(bucket, self._run)
         history = bucket.history
         records = (history.attention_out[:, :, :, :b, :t], history.tails_out[:, :, :, :b])
         return output[:b, :, :t].clone(), records

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engines.cosyvoice.graphs import capture_all, replay
 from worker.engines.cosyvoice.hift import HiFTGenerator
 
 
@@ -56,19 +57,8 @@ class VocoderGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Record every bucket's graph (CUDA only)."""
-        pool = torch.cuda.graph_pool_handle()
         device = next(iter(self._buckets.values())).mel.device
-        side = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
-        for bucket in self._buckets.values():
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self._run(bucket)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                bucket.output = self._run(bucket)
-            bucket.graph = graph
-        torch.cuda.synchronize(device)
+        capture_all(self._buckets.values(), self._run, device)
 
     def bucket_for(self, rows: int, frames: int, carried: int) -> _Bucket | None:
         r = next((r for r in self.rows if r >= rows), None)
@@ -89,10 +79,5 @@ class VocoderGraphs:
             if static is not None and value is not None:
                 static.zero_()
                 static[:b].copy_(value)
-        if bucket.graph is not None:
-            bucket.graph.replay()
-            assert bucket.output is not None
-            speech, source = bucket.output
-        else:
-            speech, source = self._run(bucket)
+        speech, source = replay(bucket, self._run)
         return speech[:b].clone(), source[:b].clone()

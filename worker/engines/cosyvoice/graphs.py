@@ -1,0 +1,46 @@
+"""Capture and replay of the static-shape buckets that the flow, encoder and vocoder keep.
+
+A bucket owns static input buffers, and after capture the graph and the output tensors it wrote;
+`run(bucket)` computes from the buffers. Capture happens once, at warm-up: each bucket is run
+once on a side stream (so lazy initialisation and library plans happen outside the graph), then
+recorded, all buckets of one stage sharing a memory pool (they never replay at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+
+class Bucket(Protocol):
+    graph: torch.cuda.CUDAGraph | None
+    output: Any
+
+
+B = TypeVar("B", bound=Bucket)
+
+
+def capture_all(buckets: Iterable[B], run: Callable[[B], Any], device: torch.device) -> None:
+    pool = torch.cuda.graph_pool_handle()
+    side = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+    for bucket in buckets:
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run(bucket)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            bucket.output = run(bucket)
+        bucket.graph = graph
+    torch.cuda.synchronize(device)
+
+
+def replay(bucket: B, run: Callable[[B], Any]) -> Any:
+    """The bucket's output for what its buffers hold now: its graph replayed, or (never
+    captured: on the CPU) computed eagerly."""
+    if bucket.graph is None:
+        return run(bucket)
+    bucket.graph.replay()
+    return bucket.output
