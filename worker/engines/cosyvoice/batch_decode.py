@@ -11,16 +11,33 @@ warm-up for each batch-size bucket (1, 2, 4, ... rows) and never while serving.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
+from transformers import Qwen2Model
 
 from worker.engines.cosyvoice.decode import PoolDecoder, SlotPool
-from worker.engines.cosyvoice.llm import SpeechLM
 from worker.engines.cosyvoice.sampling import SamplingParams, sample
 
 # Columns of the per-step input tensor; the last `win_size` columns are the recent tokens.
 _TOKEN, _POSITION, _SEED, _COUNTER, _ALLOW_EOS, _HISTORY = range(6)
+
+
+class SpeechModel(Protocol):
+    """What decoding needs of a speech-token LLM (CosyVoice2's `SpeechLM`, CosyVoice3's)."""
+
+    backbone: Qwen2Model
+    speech_embedding: nn.Embedding
+    llm_decoder: nn.Linear
+
+    @property
+    def eos(self) -> int: ...
+
+    def logp(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [B, V] of the next token, end of speech at column `eos`."""
+        ...
 
 
 @dataclass
@@ -51,7 +68,7 @@ def buckets(capacity: int) -> list[int]:
 
 class BatchDecoder:
     def __init__(
-        self, lm: SpeechLM, sampling: SamplingParams, slots: int, positions: int,
+        self, lm: SpeechModel, sampling: SamplingParams, slots: int, positions: int,
         use_graphs: bool,
     ) -> None:
         self.lm = lm
@@ -63,7 +80,10 @@ class BatchDecoder:
         self.width = _HISTORY + sampling.win_size
         self._inputs = torch.zeros(slots, self.width, dtype=torch.long, device=self.device)
         self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self._logp = torch.zeros(slots, lm.llm_decoder.out_features, device=self.device)
+        with torch.inference_mode():
+            probe = lm.logp(torch.zeros(1, 1, lm.llm_decoder.in_features, device=self.device,
+                                        dtype=lm.llm_decoder.weight.dtype))
+        self._logp = torch.zeros(slots, probe.size(1), device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     @property

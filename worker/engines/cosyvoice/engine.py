@@ -102,6 +102,7 @@ class CosyVoiceEngine:
         self.max_audio_rows = max_audio_rows
         self.first_chunk_tokens = first_chunk_tokens
         self._scheduler: Scheduler | None = None
+        self._audio: AudioStage | None = None
         self._llm: SpeechLM | None = None
         self._frontend: Frontend | None = None
         self._speakers: dict[str, torch.Tensor] = {}
@@ -146,6 +147,7 @@ class CosyVoiceEngine:
         if self.cuda_graph and self.device.type == "cuda":
             audio.vocoder_graphs = VocoderGraphs(hift, self.device, audio.streamed_shapes())
         self._llm = llm
+        self._audio = audio
         self._scheduler = Scheduler(
             decoder, audio, self._embed, DecodeLimits(fixed_tokens=self.fixed_speech_tokens),
             max_audio_rows=self.max_audio_rows,
@@ -191,10 +193,12 @@ class CosyVoiceEngine:
         through every stage, so readiness proves the model runs."""
         scheduler, _ = self._require()
         scheduler.decoder.capture()
-        flow = scheduler.audio.flow
+        audio = self._audio
+        assert audio is not None
+        flow = audio.flow
         graphs: tuple[tuple[Any, str, str], ...] = (
             (flow, "solver_graphs", "flow"), (flow, "encoder_graphs", "encoder"),
-            (scheduler.audio, "vocoder_graphs", "vocoder"))
+            (audio, "vocoder_graphs", "vocoder"))
         for owner, attribute, stage in graphs:
             captured = getattr(owner, attribute)
             if captured is None:
@@ -236,7 +240,7 @@ class CosyVoiceEngine:
             engine="cosyvoice",
             model=self.model_dir.name,
             model_version=self._version,
-            sample_rate=self._require()[0].audio.hift.cfg.sampling_rate,
+            sample_rate=self._require()[0].audio.sample_rate,
             modes=("sft", "zero_shot", "cross_lingual", "instruct2"),
             languages=("zh", "en"),
             voices=voices,
@@ -294,7 +298,7 @@ class CosyVoiceEngine:
 
     def plan(self, request: EngineRequest) -> list[Utterance]:
         """Validate and turn a request into utterances; raises `ServiceError` (4xx) on bad input."""
-        scheduler, frontend = self._require()
+        _, frontend = self._require()
         prompt: VoicePrompt | None = None
         speaker: torch.Tensor | None = None
         if request.prompt_audio is not None:
@@ -316,7 +320,8 @@ class CosyVoiceEngine:
                 "An instruction cannot be combined with a prompt transcript (zero-shot mode).",
             )
         empty_tokens = torch.zeros(1, 0, dtype=torch.int32)
-        mel_bins = scheduler.audio.flow.cfg.output_size
+        assert self._audio is not None
+        mel_bins = self._audio.flow.cfg.output_size
         if prompt is not None:
             embedding = prompt.embedding
             flow_tokens, prompt_mel = prompt.speech_tokens, prompt.mel

@@ -86,6 +86,7 @@ class AudioStage:
         self.flow_steps = flow_steps
         self.lookahead = flow.cfg.pre_lookahead_len
         self.ratio = flow.cfg.token_mel_ratio
+        self.sample_rate = hift.cfg.sampling_rate
         self.source_cache_len = MEL_CACHE_FRAMES * samples_per_frame(hift.cfg)
         self.vocoder_graphs: VocoderGraphs | None = None
         """Set (and captured) by the engine on a GPU: the vocoder as graphs for the chunk
@@ -97,6 +98,10 @@ class AudioStage:
         every later full chunk."""
         frames = TOKEN_HOP * self.ratio
         return ((frames, 0), (frames + MEL_CACHE_FRAMES, self.source_cache_len))
+
+    def finished(self, utt: Utterance) -> bool:
+        """Every token decoded and spoken (or none produced)."""
+        return utt.decoded and len(utt.tokens) <= utt.offset
 
     def next_chunk(self, utt: Utterance) -> Chunk | None:
         """The utterance's next chunk if its tokens allow one now, else None."""

@@ -25,13 +25,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
+import numpy as np
 import torch
 
 from contract.errors import ErrorCode, ServiceError
 from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
-from worker.engines.cosyvoice.pipeline import AudioStage, Chunk, Utterance
+from worker.engines.cosyvoice.pipeline import Chunk, Utterance
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,20 @@ class DecodeLimits:
         if self.fixed_tokens is not None:
             return self.fixed_tokens, self.fixed_tokens
         return int(utt.tts_token_count * self.min_ratio), int(utt.tts_token_count * self.max_ratio)
+
+
+class AudioStages(Protocol):
+    """What the scheduler needs of a model's audio side (CosyVoice2's `AudioStage`,
+    CosyVoice3's `V3AudioStage`): whether an utterance has a chunk ready, the audio of many
+    chunks at once (or the exception each alone raised), and when an utterance is all spoken."""
+
+    sample_rate: int
+
+    def next_chunk(self, utt: Utterance) -> Chunk | None: ...
+
+    def run(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]: ...
+
+    def finished(self, utt: Utterance) -> bool: ...
 
 
 @dataclass(eq=False)
@@ -100,7 +115,7 @@ class Scheduler:
     def __init__(
         self,
         decoder: BatchDecoder,
-        audio: AudioStage,
+        audio: AudioStages,
         embed: Callable[[Utterance], torch.Tensor],
         limits: DecodeLimits,
         max_audio_rows: int = 64,
@@ -353,7 +368,7 @@ class Scheduler:
             chunk = self.audio.next_chunk(utt)
             if chunk is not None:
                 return chunk
-            if not (utt.decoded and len(utt.tokens) <= utt.offset):
+            if not self.audio.finished(utt):
                 return None
             job.speaking += 1  # this utterance is all spoken (or produced nothing)
         if not job.finished:  # every utterance is decoded and spoken
@@ -374,7 +389,7 @@ class Scheduler:
                 continue
             if job.first_audio_at is None:
                 job.first_audio_at = now
-            job.audio_s += audio.size / self.audio.hift.cfg.sampling_rate
+            job.audio_s += audio.size / self.audio.sample_rate
             if audio.size:
                 job.send(audio)
         with self._lock:

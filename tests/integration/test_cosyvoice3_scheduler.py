@@ -1,0 +1,124 @@
+"""CosyVoice3 on the shared scheduler, on a tiny random-weight model: its LLM decodes in the same
+batched decoder and its incremental flow and vocoder run as the scheduler's audio stage; requests
+batched together get the tokens and audio they get alone, and a failing one fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from testbed.cosyvoice3_models import build_model_dir
+from worker.engines.cosyvoice.batch_decode import BatchDecoder
+from worker.engines.cosyvoice.sampling import SamplingParams
+from worker.engines.cosyvoice.scheduler import DONE, DecodeLimits, Scheduler
+from worker.engines.cosyvoice.v3_config import check_v3_model_dir
+from worker.engines.cosyvoice.v3_flow import load_v3_flow
+from worker.engines.cosyvoice.v3_hift import HiFTNoise, load_v3_hift
+from worker.engines.cosyvoice.v3_llm import CosyVoice3LM, load_v3_llm
+from worker.engines.cosyvoice.v3_pipeline import V3AudioStage, V3Utterance
+
+END_OF_PROMPT = 7  # the tiny vocabulary has no <|endofprompt|>; any id stands in for it
+TOKENS = 70
+AUDIO_TOLERANCE = 1e-3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scheduler]:
+    model_dir = build_model_dir(tmp_path_factory.mktemp("cv3s") / "tiny", seed=2)
+    cfg = check_v3_model_dir(model_dir)
+    lm = load_v3_llm(model_dir, cfg.llm, end_of_prompt=END_OF_PROMPT)
+    sampling = SamplingParams(cfg.llm.top_p, cfg.llm.top_k, cfg.llm.win_size, cfg.llm.tau_r)
+    decoder = BatchDecoder(lm, sampling, slots=4, positions=256, use_graphs=False)
+    audio = V3AudioStage(load_v3_flow(model_dir, cfg.flow),
+                         load_v3_hift(model_dir, cfg.hift, cfg.conv_pre_look_right),
+                         HiFTNoise.draw(11, 24000 * 8), torch.device("cpu"))
+
+    def embed(utt: Any) -> torch.Tensor:
+        assert isinstance(lm, CosyVoice3LM)
+        return lm.build_input(torch.tensor([utt.text_ids]), utt.llm_prompt_tokens)
+
+    running = Scheduler(decoder, audio, embed, DecodeLimits(fixed_tokens=TOKENS))
+    running.start()
+    yield running
+    running.stop()
+
+
+def _utterance(seed: int) -> V3Utterance:
+    gen = torch.Generator().manual_seed(seed)
+    prompt = (0, 9, 30)[seed % 3]
+    return V3Utterance(
+        text_ids=[*torch.randint(10, 300, (6,), generator=gen).tolist(), END_OF_PROMPT,
+                  *torch.randint(10, 300, (12,), generator=gen).tolist()],
+        tts_token_count=12,
+        llm_prompt_tokens=torch.randint(0, 6561, (1, prompt), generator=gen),
+        flow_prompt_tokens=torch.randint(0, 6561, (1, prompt), generator=gen),
+        prompt_mel=torch.randn(1, 2 * prompt, 80, generator=gen),
+        embedding=torch.randn(1, 192, generator=gen),
+        seed=seed,
+    )
+
+
+async def _speak(scheduler: Scheduler, utt: V3Utterance) -> tuple[list[int], np.ndarray]:
+    job = scheduler.submit([utt], None)
+    chunks = []
+    try:
+        while (item := await job.queue.get()) is not DONE:
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, np.ndarray)
+            chunks.append(item)
+    finally:
+        scheduler.cancel(job)
+    return list(utt.tokens), np.concatenate(chunks)
+
+
+async def test_requests_batched_together_get_their_solo_tokens_and_audio(
+    scheduler: Scheduler,
+) -> None:
+    alone = [await _speak(scheduler, _utterance(seed)) for seed in range(3)]
+    together = await asyncio.gather(*(_speak(scheduler, _utterance(s)) for s in range(3)))
+    for (tokens, audio), (solo_tokens, solo_audio) in zip(together, alone, strict=True):
+        assert len(tokens) == TOKENS
+        assert tokens == solo_tokens
+        # every (unfiltered) token's two mel frames, at 480 samples each
+        assert audio.size == solo_audio.size > 0
+        assert audio.size % 960 == 0
+        assert float(np.abs(audio).max()) > 1e-4
+        assert float(np.abs(audio - solo_audio).max()) <= AUDIO_TOLERANCE
+
+
+async def test_a_failing_request_fails_alone(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audio = scheduler.audio
+    assert isinstance(audio, V3AudioStage)
+    original = audio.flow.advance
+    bad = _utterance(7)
+
+    def advance(streams: list[Any], *args: Any) -> Any:
+        if any(s is bad.flow_stream for s in streams):
+            raise RuntimeError("poisoned chunk")
+        return original(streams, *args)
+
+    monkeypatch.setattr(audio.flow, "advance", advance)
+    results = await asyncio.gather(
+        *(_speak(scheduler, _utterance(s)) for s in range(2)), _speak(scheduler, bad),
+        return_exceptions=True,
+    )
+    assert isinstance(results[-1], RuntimeError)
+    for result in results[:-1]:
+        assert not isinstance(result, BaseException)
+        assert result[1].size > 0

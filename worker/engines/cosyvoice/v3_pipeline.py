@@ -1,0 +1,122 @@
+"""CosyVoice3's audio stage for the shared scheduler: tokens -> DiT flow -> causal vocoder.
+
+The scheduler treats it as it treats CosyVoice2's `AudioStage`: `next_chunk` says whether an
+utterance has a chunk ready, `run` turns the chunks of many utterances into audio at once, and
+`finished` says when an utterance is all spoken. Both stages here are incremental from the start:
+each utterance keeps its flow state (per-step keys and values, convolution tails) and its
+vocoder state, so a chunk costs its own frames. Silent tokens beyond five in a row are dropped
+on their way to the flow, as upstream does; the LLM itself saw them all. Both noises are fixed
+(the flow's drawn with seed 0, the vocoder's a buffer indexed by each request's own sample
+positions), so a request's audio depends on its tokens alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from worker.engines.cosyvoice import v3_hift_stream
+from worker.engines.cosyvoice.pipeline import Chunk, Utterance
+from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream
+from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise
+from worker.engines.cosyvoice.v3_hift_stream import HiFTStream
+from worker.engines.cosyvoice.v3_llm import filter_silent
+
+
+@dataclass
+class V3Utterance(Utterance):
+    """An `Utterance` with what CosyVoice3's stages keep: the tokens that go to the flow (after
+    the silent-token filter) and both stages' states."""
+
+    flow_tokens: list[int] = field(default_factory=list)
+    filtered: int = 0
+    silent_run: int = 0
+    flow_stream: FlowStream | None = None
+    hift_stream: HiFTStream | None = None
+
+
+class V3AudioStage:
+    def __init__(self, flow: CosyVoice3Flow, hift: CausalHiFT, noise: HiFTNoise,
+                 device: torch.device) -> None:
+        self.flow = flow
+        self.hift = hift
+        self.noise = noise
+        self.device = device
+        self.lookahead = flow.cfg.pre_lookahead_len
+        self.sample_rate = hift.cfg.sampling_rate
+
+    def _filter(self, utt: V3Utterance) -> None:
+        new = utt.tokens[utt.filtered : len(utt.tokens)]
+        kept, utt.silent_run = filter_silent(new, utt.silent_run)
+        utt.filtered += len(new)
+        utt.flow_tokens.extend(kept)
+
+    def next_chunk(self, utt: Utterance) -> Chunk | None:
+        assert isinstance(utt, V3Utterance)
+        decoded = utt.decoded  # read before the tokens: once set, no token is added
+        self._filter(utt)
+        available = len(utt.flow_tokens)
+        upto = utt.offset + utt.hop() + self.lookahead
+        if available >= upto:
+            return Chunk(utt, utt.flow_tokens[:upto], False, utt.offset + utt.hop())
+        if decoded and available > utt.offset:
+            return Chunk(utt, utt.flow_tokens[:available], True, available)
+        return None
+
+    def finished(self, utt: Utterance) -> bool:
+        assert isinstance(utt, V3Utterance)
+        return utt.decoded and utt.filtered == len(utt.tokens) and \
+            len(utt.flow_tokens) <= utt.offset
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]:
+        """Audio for every chunk (float32, in order), or the exception that chunk alone raised.
+
+        A failure of the batched call is retried chunk by chunk (a refused call changes no
+        request's state), so one bad chunk fails alone.
+        """
+        try:
+            return list(self._speak(chunks))
+        except Exception:
+            if len(chunks) == 1:
+                raise
+        results: list[np.ndarray | Exception] = []
+        for chunk in chunks:
+            try:
+                results.extend(self._speak([chunk]))
+            except Exception as e:
+                results.append(e)
+        return results
+
+    def _speak(self, chunks: list[Chunk]) -> list[np.ndarray]:
+        utts = []
+        for chunk in chunks:
+            utt = chunk.utterance
+            assert isinstance(utt, V3Utterance)
+            if utt.speed != 1.0:
+                raise ValueError("CosyVoice3 streams at speed 1.0 only")
+            if utt.flow_stream is None:
+                utt.flow_stream = self.flow.start(
+                    utt.flow_prompt_tokens[0], utt.prompt_mel[0], utt.embedding[0])
+                harmonics = self.hift.cfg.nb_harmonics + 1
+                utt.hift_stream = HiFTStream.new(self.hift.cfg.in_channels, harmonics,
+                                                 self.device)
+            utts.append(utt)
+        streams = [u.flow_stream for u in utts]
+        given = [s.tokens.numel() - u.flow_prompt_tokens.size(1) for s, u in
+                 zip(streams, utts, strict=True) if s is not None]
+        new_tokens = [torch.tensor(c.tokens[g:], dtype=torch.long)
+                      for c, g in zip(chunks, given, strict=True)]
+        finals = [c.finalize for c in chunks]
+        mels = self.flow.advance([s for s in streams if s is not None], new_tokens, finals)
+        vocoders = [u.hift_stream for u in utts if u.hift_stream is not None]
+        audio = v3_hift_stream.advance(self.hift, vocoders, mels, finals, self.noise)
+        out = []
+        for chunk, utt, samples in zip(chunks, utts, audio, strict=True):
+            utt.offset = chunk.end
+            if chunk.finalize:
+                utt.flow_stream = utt.hift_stream = None
+            out.append(samples.float().cpu().numpy())
+        return out
