@@ -177,8 +177,7 @@ def build_model_dir(root: Path, seed: int = 0) -> Path:
     state["f0_predictor.classifier.bias"] = state["f0_predictor.classifier.bias"] + F0_BIAS
     torch.save({f"generator.{k}": v for k, v in _weight_normed(state).items()}, root / "hift.pt")
 
-    _onnx_models(root, rng)
-    (root / "speech_tokenizer_v2.onnx").rename(root / "speech_tokenizer_v3.onnx")
+    _onnx_models(root, rng, tokenizer_name="speech_tokenizer_v3.onnx")
     (root / "GENERATED.json").write_text(json.dumps({"model": "cosyvoice3-tiny", "seed": seed}))
     return root
 

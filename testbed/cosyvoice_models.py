@@ -191,7 +191,8 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     return model
 
 
-def _onnx_models(root: Path, rng: np.random.Generator) -> None:
+def _onnx_models(root: Path, rng: np.random.Generator,
+                 tokenizer_name: str = "speech_tokenizer_v2.onnx") -> None:
     w = numpy_helper.from_array(rng.standard_normal((80, 192)).astype(np.float32) * 0.1, "w")
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["input"], ["pooled"], axes=[1], keepdims=0),
@@ -216,8 +217,7 @@ def _onnx_models(root: Path, rng: np.random.Generator) -> None:
         [helper.make_tensor_value_info("indices", TensorProto.INT64, [1, "N"])],
         [kernel, scale],
     )
-    onnx.save(_model(graph),
-              str(root / "speech_tokenizer_v2.onnx"))
+    onnx.save(_model(graph), str(root / tokenizer_name))
 
 
 def _weight_normed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

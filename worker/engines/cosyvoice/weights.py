@@ -67,7 +67,7 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> 
             )
         )
     if problems:
-        raise ModelDirError(f"{path} does not match the model in cosyvoice2.yaml: "
+        raise ModelDirError(f"{path} does not match the model its directory's yaml describes: "
                             + "; ".join(problems))
     module.load_state_dict(state, strict=True)
 
