@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STREAM_BUDGET_S = 20.0
+STREAM_BUDGET_S = 15.0
 """Seconds of audio, prompt included, each stream's flow state is budgeted for. Longer pieces
 still run; the budget is what the stated capacity is planned on."""
 
