@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import operator
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,8 +217,77 @@ def _section(tree: dict[str, Any], key: str, suffix: str) -> _Node:
     return node
 
 
-def _ints(value: Any) -> tuple[int, ...]:
+def int_tuple(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
+
+
+def required(node: dict[str, Any], key: str, where: str) -> Any:
+    """`node[key]`; a missing key raises KeyError naming its path in the yaml (`where.key`)."""
+    if key not in node:
+        raise KeyError(f"{where}.{key}" if where else key)
+    return node[key]
+
+
+def llm_config(llm: dict[str, Any], sampling: dict[str, Any]) -> LLMConfig:
+    """The LLM's codebook size and its repetition-aware sampler's settings."""
+    return LLMConfig(
+        speech_token_size=int(required(llm, "speech_token_size", "llm")),
+        top_p=float(sampling.get("top_p", 0.8)),
+        top_k=int(sampling.get("top_k", 25)),
+        win_size=int(sampling.get("win_size", 10)),
+        tau_r=float(sampling.get("tau_r", 0.1)),
+    )
+
+
+def hift_config(hift: dict[str, Any], f0: dict[str, Any]) -> HiFTConfig:
+    """The vocoder's dimensions (CosyVoice2's HiFT and CosyVoice3's causal one share them)."""
+    istft = required(hift, "istft_params", "hift")
+    return HiFTConfig(
+        in_channels=int(hift.get("in_channels", 80)),
+        base_channels=int(hift.get("base_channels", 512)),
+        nb_harmonics=int(hift.get("nb_harmonics", 8)),
+        sampling_rate=int(required(hift, "sampling_rate", "hift")),
+        nsf_alpha=float(hift.get("nsf_alpha", 0.1)),
+        nsf_sigma=float(hift.get("nsf_sigma", 0.003)),
+        nsf_voiced_threshold=float(hift.get("nsf_voiced_threshold", 10)),
+        upsample_rates=int_tuple(required(hift, "upsample_rates", "hift")),
+        upsample_kernel_sizes=int_tuple(required(hift, "upsample_kernel_sizes", "hift")),
+        n_fft=int(required(istft, "n_fft", "hift.istft_params")),
+        hop_len=int(required(istft, "hop_len", "hift.istft_params")),
+        resblock_kernel_sizes=int_tuple(required(hift, "resblock_kernel_sizes", "hift")),
+        resblock_dilation_sizes=tuple(
+            int_tuple(d) for d in required(hift, "resblock_dilation_sizes", "hift")),
+        source_resblock_kernel_sizes=int_tuple(
+            required(hift, "source_resblock_kernel_sizes", "hift")),
+        source_resblock_dilation_sizes=tuple(
+            int_tuple(d) for d in required(hift, "source_resblock_dilation_sizes", "hift")),
+        lrelu_slope=float(hift.get("lrelu_slope", 0.1)),
+        audio_limit=float(hift.get("audio_limit", 0.99)),
+        f0_cond_channels=int(f0.get("cond_channels", 512)),
+    )
+
+
+def mel_config(feat: dict[str, Any]) -> MelConfig:
+    """The prompt mel's settings (`feat_extractor`)."""
+    where = "feat_extractor"
+    return MelConfig(
+        n_fft=int(required(feat, "n_fft", where)),
+        num_mels=int(required(feat, "num_mels", where)),
+        sampling_rate=int(required(feat, "sampling_rate", where)),
+        hop_size=int(required(feat, "hop_size", where)),
+        win_size=int(required(feat, "win_size", where)),
+        fmin=float(feat.get("fmin", 0)),
+        fmax=None if feat.get("fmax") is None else float(feat["fmax"]),
+    )
+
+
+def check_files(model_dir: Path, names: Iterable[str]) -> None:
+    """Raise `ModelDirError` naming the directory, or the first released file it lacks."""
+    if not model_dir.is_dir():
+        raise ModelDirError(f"Model directory {model_dir} does not exist.")
+    for name in names:
+        if not (model_dir / name).exists():
+            raise ModelDirError(f"Model directory {model_dir} lacks {name}.")
 
 
 def parse_config(tree: dict[str, Any]) -> ModelConfig:
@@ -232,20 +302,14 @@ def parse_config(tree: dict[str, Any]) -> ModelConfig:
     cfm = cfm.get("content", cfm)
     hift = _section(tree, "hift", "HiFTGenerator")
     feat = tree["feat_extractor"]
-    channels = _ints(est.get("channels", (256, 256)))
+    channels = int_tuple(est.get("channels", (256, 256)))
     if len(channels) != 1:
         raise ValueError("only a single-level flow estimator (channels: [C]) is supported")
     if int(enc["output_size"]) != 512 or int(flow["input_size"]) != 512:
         raise ValueError("the flow encoder width must be 512 (it is fixed in the released model)")
     return ModelConfig(
         sample_rate=int(tree.get("sample_rate", hift.get("sampling_rate", 24000))),
-        llm=LLMConfig(
-            speech_token_size=int(llm["speech_token_size"]),
-            top_p=float(sampling.get("top_p", 0.8)),
-            top_k=int(sampling.get("top_k", 25)),
-            win_size=int(sampling.get("win_size", 10)),
-            tau_r=float(sampling.get("tau_r", 0.1)),
-        ),
+        llm=llm_config(llm, sampling),
         flow=FlowConfig(
             input_size=int(flow["input_size"]),
             output_size=int(flow["output_size"]),
@@ -276,47 +340,14 @@ def parse_config(tree: dict[str, Any]) -> ModelConfig:
                 static_chunk_size=int(est.get("static_chunk_size", 50)),
             ),
         ),
-        hift=HiFTConfig(
-            in_channels=int(hift.get("in_channels", 80)),
-            base_channels=int(hift.get("base_channels", 512)),
-            nb_harmonics=int(hift.get("nb_harmonics", 8)),
-            sampling_rate=int(hift["sampling_rate"]),
-            nsf_alpha=float(hift.get("nsf_alpha", 0.1)),
-            nsf_sigma=float(hift.get("nsf_sigma", 0.003)),
-            nsf_voiced_threshold=float(hift.get("nsf_voiced_threshold", 10)),
-            upsample_rates=_ints(hift["upsample_rates"]),
-            upsample_kernel_sizes=_ints(hift["upsample_kernel_sizes"]),
-            n_fft=int(hift["istft_params"]["n_fft"]),
-            hop_len=int(hift["istft_params"]["hop_len"]),
-            resblock_kernel_sizes=_ints(hift["resblock_kernel_sizes"]),
-            resblock_dilation_sizes=tuple(_ints(d) for d in hift["resblock_dilation_sizes"]),
-            source_resblock_kernel_sizes=_ints(hift["source_resblock_kernel_sizes"]),
-            source_resblock_dilation_sizes=tuple(
-                _ints(d) for d in hift["source_resblock_dilation_sizes"]
-            ),
-            lrelu_slope=float(hift.get("lrelu_slope", 0.1)),
-            audio_limit=float(hift.get("audio_limit", 0.99)),
-            f0_cond_channels=int(hift["f0_predictor"].get("cond_channels", 512)),
-        ),
-        mel=MelConfig(
-            n_fft=int(feat["n_fft"]),
-            num_mels=int(feat["num_mels"]),
-            sampling_rate=int(feat["sampling_rate"]),
-            hop_size=int(feat["hop_size"]),
-            win_size=int(feat["win_size"]),
-            fmin=float(feat.get("fmin", 0)),
-            fmax=None if feat.get("fmax") is None else float(feat["fmax"]),
-        ),
+        hift=hift_config(hift, hift["f0_predictor"]),
+        mel=mel_config(feat),
     )
 
 
 def check_model_dir(model_dir: Path) -> ModelConfig:
     """Check that every released file is present and the yaml parses; errors name the file."""
-    if not model_dir.is_dir():
-        raise ModelDirError(f"Model directory {model_dir} does not exist.")
-    for name in REQUIRED_FILES:
-        if not (model_dir / name).exists():
-            raise ModelDirError(f"Model directory {model_dir} lacks {name}.")
+    check_files(model_dir, REQUIRED_FILES)
     yaml_path = model_dir / "cosyvoice2.yaml"
     try:
         return parse_config(read_yaml(yaml_path))

@@ -19,7 +19,12 @@ from worker.engines.cosyvoice.config import (
     LLMConfig,
     MelConfig,
     ModelDirError,
+    check_files,
+    hift_config,
+    llm_config,
+    mel_config,
     read_yaml,
+    required,
 )
 
 YAML_NAME = "cosyvoice3.yaml"
@@ -83,26 +88,9 @@ def _section(tree: dict[str, Any], key: str, target: str) -> dict[str, Any]:
     return node
 
 
-def _get(node: dict[str, Any], key: str, where: str) -> Any:
-    if key not in node:
-        raise KeyError(f"{where}.{key}")
-    return node[key]
-
-
-def _ints(value: Any) -> tuple[int, ...]:
-    return tuple(int(v) for v in value)
-
-
 def _llm(tree: dict[str, Any]) -> LLMConfig:
     llm = _section(tree, "llm", "CosyVoice3LM")
-    sampling = llm.get("sampling", {})
-    return LLMConfig(
-        speech_token_size=int(_get(llm, "speech_token_size", "llm")),
-        top_p=float(sampling.get("top_p", 0.8)),
-        top_k=int(sampling.get("top_k", 25)),
-        win_size=int(sampling.get("win_size", 10)),
-        tau_r=float(sampling.get("tau_r", 0.1)),
-    )
+    return llm_config(llm, llm.get("sampling", {}))
 
 
 def _flow(tree: dict[str, Any]) -> V3FlowConfig:
@@ -112,13 +100,13 @@ def _flow(tree: dict[str, Any]) -> V3FlowConfig:
     est = _section(dec, "estimator", "DiT")
     cfm = dec.get("cfm_params", {})
     cfm = cfm.get("content", cfm)
-    output_size = int(_get(flow, "output_size", "flow"))
-    if int(_get(flow, "input_size", "flow")) != output_size:
+    output_size = int(required(flow, "output_size", "flow"))
+    if int(required(flow, "input_size", "flow")) != output_size:
         raise ValueError("flow.input_size must equal flow.output_size (tokens embed to mels)")
-    if int(_get(est, "mel_dim", "flow.decoder.estimator")) != output_size:
+    if int(required(est, "mel_dim", "flow.decoder.estimator")) != output_size:
         raise ValueError("flow.decoder.estimator.mel_dim must equal flow.output_size")
     dit = DiTConfig(
-        dim=int(_get(est, "dim", "flow.decoder.estimator")),
+        dim=int(required(est, "dim", "flow.decoder.estimator")),
         depth=int(est.get("depth", 8)),
         heads=int(est.get("heads", 8)),
         dim_head=int(est.get("dim_head", 64)),
@@ -138,11 +126,11 @@ def _flow(tree: dict[str, Any]) -> V3FlowConfig:
     return V3FlowConfig(
         input_size=output_size,
         output_size=output_size,
-        spk_embed_dim=int(_get(flow, "spk_embed_dim", "flow")),
-        vocab_size=int(_get(flow, "vocab_size", "flow")),
+        spk_embed_dim=int(required(flow, "spk_embed_dim", "flow")),
+        vocab_size=int(required(flow, "vocab_size", "flow")),
         token_mel_ratio=int(flow.get("token_mel_ratio", 2)),
         pre_lookahead_len=pre_len,
-        lookahead_channels=int(_get(look, "channels", "flow.pre_lookahead_layer")),
+        lookahead_channels=int(required(look, "channels", "flow.pre_lookahead_layer")),
         inference_cfg_rate=float(cfm.get("inference_cfg_rate", 0.7)),
         t_scheduler=str(cfm.get("t_scheduler", "cosine")),
         dit=dit,
@@ -152,29 +140,7 @@ def _flow(tree: dict[str, Any]) -> V3FlowConfig:
 def _hift(tree: dict[str, Any]) -> tuple[HiFTConfig, int]:
     hift = _section(tree, "hift", "CausalHiFTGenerator")
     f0 = _section(hift, "f0_predictor", "CausalConvRNNF0Predictor")
-    istft = _get(hift, "istft_params", "hift")
-    cfg = HiFTConfig(
-        in_channels=int(hift.get("in_channels", 80)),
-        base_channels=int(hift.get("base_channels", 512)),
-        nb_harmonics=int(hift.get("nb_harmonics", 8)),
-        sampling_rate=int(_get(hift, "sampling_rate", "hift")),
-        nsf_alpha=float(hift.get("nsf_alpha", 0.1)),
-        nsf_sigma=float(hift.get("nsf_sigma", 0.003)),
-        nsf_voiced_threshold=float(hift.get("nsf_voiced_threshold", 10)),
-        upsample_rates=_ints(_get(hift, "upsample_rates", "hift")),
-        upsample_kernel_sizes=_ints(_get(hift, "upsample_kernel_sizes", "hift")),
-        n_fft=int(_get(istft, "n_fft", "hift.istft_params")),
-        hop_len=int(_get(istft, "hop_len", "hift.istft_params")),
-        resblock_kernel_sizes=_ints(_get(hift, "resblock_kernel_sizes", "hift")),
-        resblock_dilation_sizes=tuple(
-            _ints(d) for d in _get(hift, "resblock_dilation_sizes", "hift")),
-        source_resblock_kernel_sizes=_ints(_get(hift, "source_resblock_kernel_sizes", "hift")),
-        source_resblock_dilation_sizes=tuple(
-            _ints(d) for d in _get(hift, "source_resblock_dilation_sizes", "hift")),
-        lrelu_slope=float(hift.get("lrelu_slope", 0.1)),
-        audio_limit=float(hift.get("audio_limit", 0.99)),
-        f0_cond_channels=int(f0.get("cond_channels", 512)),
-    )
+    cfg = hift_config(hift, f0)
     if cfg.sampling_rate == 22050:
         raise ValueError("hift.sampling_rate 22050 selects a different source generator")
     return cfg, int(hift.get("conv_pre_look_right", 4))
@@ -183,7 +149,7 @@ def _hift(tree: dict[str, Any]) -> tuple[HiFTConfig, int]:
 def parse_v3_config(tree: dict[str, Any]) -> V3ModelConfig:
     """The inference numbers of a resolved `cosyvoice3.yaml` tree; KeyError names a missing
     key by its path, ValueError a value this implementation cannot serve."""
-    feat = _get(tree, "feat_extractor", "")
+    feat = required(tree, "feat_extractor", "")
     hift, look_right = _hift(tree)
     return V3ModelConfig(
         sample_rate=int(tree.get("sample_rate", hift.sampling_rate)),
@@ -191,25 +157,13 @@ def parse_v3_config(tree: dict[str, Any]) -> V3ModelConfig:
         flow=_flow(tree),
         hift=hift,
         conv_pre_look_right=look_right,
-        mel=MelConfig(
-            n_fft=int(_get(feat, "n_fft", "feat_extractor")),
-            num_mels=int(_get(feat, "num_mels", "feat_extractor")),
-            sampling_rate=int(_get(feat, "sampling_rate", "feat_extractor")),
-            hop_size=int(_get(feat, "hop_size", "feat_extractor")),
-            win_size=int(_get(feat, "win_size", "feat_extractor")),
-            fmin=float(feat.get("fmin", 0)),
-            fmax=None if feat.get("fmax") is None else float(feat["fmax"]),
-        ),
+        mel=mel_config(feat),
     )
 
 
 def check_v3_model_dir(model_dir: Path) -> V3ModelConfig:
     """Check that every released file is present and the yaml fits; errors name the file."""
-    if not model_dir.is_dir():
-        raise ModelDirError(f"Model directory {model_dir} does not exist.")
-    for name in REQUIRED_FILES:
-        if not (model_dir / name).exists():
-            raise ModelDirError(f"Model directory {model_dir} lacks {name}.")
+    check_files(model_dir, REQUIRED_FILES)
     path = model_dir / YAML_NAME
     try:
         return parse_v3_config(read_yaml(path))
