@@ -12,7 +12,6 @@ from worker.engines.cosyvoice.capacity import (
     WORKING_SHARE,
     StreamCost,
     flow_frame_bytes,
-    kv_row_bytes,
     streams_that_fit,
 )
 from worker.engines.cosyvoice.config import read_yaml
@@ -143,7 +142,8 @@ def test_voice_prompt_round_trips() -> None:
 def test_stated_capacity_fits_the_memory_left() -> None:
     frame = flow_frame_bytes(steps=10, attention_blocks=56, channels=256, element_size=2)
     assert frame == 573_440  # 0.57 MB per mel frame on the released model in bf16
-    cost = StreamCost(kv_row_bytes=kv_row_bytes(24, 2, 3072, 64, 2), flow_frame_bytes=frame,
+    # keys and values x 24 layers x 2 KV heads x 3072 positions x head size 64, bf16
+    cost = StreamCost(kv_row_bytes=2 * 24 * 2 * 3072 * 64 * 2, flow_frame_bytes=frame,
                       frames_per_second=50)
     total = 140 * 2**30
     assert streams_that_fit(104 * 2**30, total, cost, limit=128) == 128

@@ -35,11 +35,6 @@ def streams_that_fit(free_bytes: int, total_bytes: int, cost: StreamCost, limit:
     return max(1, min(limit, int(usable // cost.bytes())))
 
 
-def kv_row_bytes(layers: int, kv_heads: int, positions: int, head_dim: int,
-                 element_size: int) -> int:
-    return 2 * layers * kv_heads * positions * head_dim * element_size
-
-
 def flow_frame_bytes(steps: int, attention_blocks: int, channels: int, element_size: int) -> int:
     """Bytes a flow state keeps per mel frame: every step's attention-block inputs, for the
     guided and the unguided row."""

@@ -27,18 +27,30 @@ class SlotPool:
     """Key/value buffers [slots, kv_heads, positions, head_dim] per layer."""
 
     def __init__(self, model: Qwen2Model, slots: int, positions: int) -> None:
-        cfg = model.config
-        heads = cfg.num_attention_heads
-        kv_heads = cfg.num_key_value_heads or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         weight = model.embed_tokens.weight
-        shape = (slots, kv_heads, positions, int(head_dim))
+        shape = (slots, *self.row_shape(model, positions))
         # Zeroed, not empty: masked slots still enter attention's product with the values, and
         # stale NaNs there would poison it.
         self.keys = [torch.zeros(shape, device=weight.device, dtype=weight.dtype)
                      for _ in model.layers]
         self.values = [torch.zeros(shape, device=weight.device, dtype=weight.dtype)
                        for _ in model.layers]
+
+    @staticmethod
+    def row_shape(model: Qwen2Model, positions: int) -> tuple[int, int, int]:
+        """One slot's key (or value) buffer per layer: [kv_heads, positions, head_dim]."""
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        kv_heads = cfg.num_key_value_heads or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return kv_heads, positions, int(head_dim)
+
+    @staticmethod
+    def row_bytes(model: Qwen2Model, positions: int) -> int:
+        """What one slot holds over every layer, keys and values."""
+        kv_heads, positions, head_dim = SlotPool.row_shape(model, positions)
+        element = model.embed_tokens.weight.element_size()
+        return 2 * len(model.layers) * kv_heads * positions * head_dim * element
 
     @property
     def slots(self) -> int:

@@ -27,7 +27,6 @@ from worker.engines.cosyvoice.capacity import (
     STREAM_BUDGET_S,
     StreamCost,
     flow_frame_bytes,
-    kv_row_bytes,
     streams_that_fit,
 )
 from worker.engines.cosyvoice.config import (
@@ -36,6 +35,7 @@ from worker.engines.cosyvoice.config import (
     ModelDirError,
     check_model_dir,
 )
+from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
@@ -156,16 +156,12 @@ class CosyVoiceEngine:
 
     def _streams_that_fit(self, llm: SpeechLM, flow: FlowModel, config: ModelConfig) -> int:
         """`DEFAULT_STREAMS` on this device, or fewer when their memory would not fit."""
-        qwen = llm.backbone.config
-        heads = qwen.num_attention_heads
-        head_dim = getattr(qwen, "head_dim", None) or qwen.hidden_size // heads
-        element = torch.finfo(self.dtype).bits // 8
         estimator = flow.decoder.estimator
         cost = StreamCost(
-            kv_row_bytes=kv_row_bytes(qwen.num_hidden_layers, qwen.num_key_value_heads or heads,
-                                      self.max_positions, int(head_dim), element),
+            kv_row_bytes=SlotPool.row_bytes(llm.backbone, self.max_positions),
             flow_frame_bytes=flow_frame_bytes(self.flow_steps, estimator.attention_blocks,
-                                              estimator.cfg.channels[0], element),
+                                              estimator.cfg.channels[0],
+                                              torch.finfo(self.dtype).bits // 8),
             frames_per_second=config.mel.sampling_rate // config.mel.hop_size,
         )
         free, total = torch.cuda.mem_get_info(self.device)
