@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engines.cosyvoice.graphs import capture_all, replay
+from worker.engines.cosyvoice.graphs import capture_all, replay, usable
 
 Encode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(token ids [B, W + look], present [B, W + look], valid [B, W], streaming [B]) -> features
@@ -84,8 +84,8 @@ class EncoderGraphs:
         fits (or graphs were never captured, except on the CPU, where the bucket runs eagerly).
         """
         b, width = valid.shape
-        bucket = self.bucket_for(b, width)
-        if bucket is None or (bucket.graph is None and valid.is_cuda):
+        bucket = usable(self.bucket_for(b, width), valid.is_cuda)
+        if bucket is None:
             return None
         bucket.load(token_ids, present, valid, streaming)
         output: torch.Tensor = replay(bucket, self._run)

@@ -24,7 +24,7 @@ import torch
 
 from worker.engines.cosyvoice.flow_decoder import EulerSolver
 from worker.engines.cosyvoice.flow_state import FlowState, SolverHistory
-from worker.engines.cosyvoice.graphs import capture_all, replay
+from worker.engines.cosyvoice.graphs import capture_all, replay, usable
 
 
 @dataclass
@@ -80,9 +80,7 @@ class SolverGraphs:
         self.steps = steps
         self.rows = tuple(sorted(set(rows) | set(wide_rows)))
         self.frame_step = frame_step
-        self.max_frames = max_frames
         self.later_frames = later_frames
-        self.max_past = max_past
         self._buckets: dict[tuple[int, int, int], _Bucket] = {}
         estimator = solver.estimator
         mel = estimator.cfg.out_channels
@@ -153,10 +151,8 @@ class SolverGraphs:
         The records are views of the shared buffers: valid until the next call.
         """
         b, _, t = noise.shape
-        bucket = self.bucket_for(b, t, bias.size(2) - t, steps)
+        bucket = usable(self.bucket_for(b, t, bias.size(2) - t, steps), noise.is_cuda)
         if bucket is None:
-            return None
-        if bucket.graph is None and noise.is_cuda:
             return None
         bucket.load(noise, mask, mu, spks, cond, bias, states, kept_frames)
         output: torch.Tensor = replay(bucket, self._run)

@@ -32,10 +32,6 @@ class FlowState:
     attention: torch.Tensor
     tails: torch.Tensor
 
-    def nbytes(self) -> int:
-        return (self.attention.numel() * self.attention.element_size()
-                + self.tails.numel() * self.tails.element_size())
-
     def extended(self, attention: torch.Tensor, tails: torch.Tensor) -> FlowState:
         """This state followed by `attention` [steps, blocks, 2, n, C] more frames, ending with
         convolution `tails`."""

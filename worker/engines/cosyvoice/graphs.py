@@ -37,6 +37,14 @@ def capture_all(buckets: Iterable[B], run: Callable[[B], Any], device: torch.dev
     torch.cuda.synchronize(device)
 
 
+def usable(bucket: B | None, on_cuda: bool) -> B | None:
+    """The bucket if it can serve a call: captured, or never captured on the CPU (where it runs
+    eagerly, which is how the CPU tests exercise the padding)."""
+    if bucket is None or (bucket.graph is None and on_cuda):
+        return None
+    return bucket
+
+
 def replay(bucket: B, run: Callable[[B], Any]) -> Any:
     """The bucket's output for what its buffers hold now: its graph replayed, or (never
     captured: on the CPU) computed eagerly."""

@@ -233,10 +233,11 @@ class HiFTGenerator(nn.Module):
     def vocode(self, mel: torch.Tensor, cache_source: torch.Tensor | None,
                initial: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` from drawn random inputs: no host work, so it can replay as a graph."""
-        source = self.source(mel.float(), initial, noise)
+        mel = mel.float()
+        source = self.source(mel, initial, noise)
         if cache_source is not None and cache_source.size(2) > 0:
             source[:, :, : cache_source.size(2)] = cache_source
-        return self.decode(mel.float(), source), source
+        return self.decode(mel, source), source
 
 
 def samples_per_frame(cfg: HiFTConfig) -> int:

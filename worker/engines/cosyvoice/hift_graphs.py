@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engines.cosyvoice.graphs import capture_all, replay
+from worker.engines.cosyvoice.graphs import capture_all, replay, usable
 from worker.engines.cosyvoice.hift import HiFTGenerator
 
 
@@ -71,8 +71,8 @@ class VocoderGraphs:
         were never captured, except on the CPU, where the bucket runs eagerly)."""
         b, _, frames = mel.shape
         carried = 0 if cache is None else cache.size(2)
-        bucket = self.bucket_for(b, frames, carried)
-        if bucket is None or (bucket.graph is None and mel.is_cuda):
+        bucket = usable(self.bucket_for(b, frames, carried), mel.is_cuda)
+        if bucket is None:
             return None
         for static, value in ((bucket.mel, mel), (bucket.initial, initial),
                               (bucket.noise, noise), (bucket.cache, cache)):

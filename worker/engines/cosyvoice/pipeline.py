@@ -77,6 +77,19 @@ class Chunk:
     end: int
 
 
+def next_chunk(utt: Utterance, decoded: bool, tokens: list[int], lookahead: int
+               ) -> Chunk | None:
+    """The next chunk of `utt` over `tokens` (what its flow reads) if they allow one now:
+    a hop plus its look-ahead, or, once `decoded` (read before `tokens`), the rest."""
+    available = len(tokens)
+    upto = utt.offset + utt.hop() + lookahead
+    if available >= upto:
+        return Chunk(utt, tokens[:upto], False, utt.offset + utt.hop())
+    if decoded and available > utt.offset:
+        return Chunk(utt, tokens[:available], True, available)
+    return None
+
+
 class AudioStage:
     def __init__(self, flow: FlowModel, hift: HiFTGenerator, device: torch.device,
                  flow_steps: int = 10) -> None:
@@ -106,13 +119,7 @@ class AudioStage:
     def next_chunk(self, utt: Utterance) -> Chunk | None:
         """The utterance's next chunk if its tokens allow one now, else None."""
         decoded = utt.decoded  # read before the tokens: once set, no token is added
-        available = len(utt.tokens)
-        upto = utt.offset + utt.hop() + self.lookahead
-        if available >= upto:
-            return Chunk(utt, utt.tokens[:upto], False, utt.offset + utt.hop())
-        if decoded and available > utt.offset:
-            return Chunk(utt, utt.tokens[:available], True, available)
-        return None
+        return next_chunk(utt, decoded, utt.tokens, self.lookahead)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]:

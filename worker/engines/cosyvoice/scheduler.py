@@ -247,9 +247,6 @@ class Scheduler:
             self._free_slots.sort()
             job.row = None
 
-    def _start_utterance(self, job: Job) -> None:
-        self._start_utterances([job])
-
     def _start_utterances(self, jobs: list[Job]) -> None:
         """Prefill each job's current utterance into its row, all in one pass, and take their
         first tokens. A job whose prompt cannot be prefilled fails alone: a failed pass is
@@ -334,7 +331,7 @@ class Scheduler:
                 with self._lock:
                     self._release(job)
             else:
-                self._start_utterance(job)
+                self._start_utterances([job])
 
     # -- audio ------------------------------------------------------------------------------
 

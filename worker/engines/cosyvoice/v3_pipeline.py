@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from worker.engines.cosyvoice import v3_hift_stream
-from worker.engines.cosyvoice.pipeline import Chunk, Utterance
+from worker.engines.cosyvoice.pipeline import Chunk, Utterance, next_chunk
 from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream
 from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise
 from worker.engines.cosyvoice.v3_hift_stream import HiFTStream
@@ -57,13 +57,7 @@ class V3AudioStage:
         assert isinstance(utt, V3Utterance)
         decoded = utt.decoded  # read before the tokens: once set, no token is added
         self._filter(utt)
-        available = len(utt.flow_tokens)
-        upto = utt.offset + utt.hop() + self.lookahead
-        if available >= upto:
-            return Chunk(utt, utt.flow_tokens[:upto], False, utt.offset + utt.hop())
-        if decoded and available > utt.offset:
-            return Chunk(utt, utt.flow_tokens[:available], True, available)
-        return None
+        return next_chunk(utt, decoded, utt.flow_tokens, self.lookahead)
 
     def finished(self, utt: Utterance) -> bool:
         assert isinstance(utt, V3Utterance)
