@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from worker.engines.cosyvoice.batching import each_fails_alone
 from worker.engines.cosyvoice.flow import FlowModel, FlowRow
 from worker.engines.cosyvoice.flow_state import FlowState
 from worker.engines.cosyvoice.hift import HiFTGenerator, samples_per_frame
@@ -127,17 +128,7 @@ class AudioStage:
 
         A failure of the batched call is retried row by row, so one bad row fails alone.
         """
-        try:
-            mels: list[torch.Tensor | Exception] = list(self._mels(chunks))
-        except Exception:
-            if len(chunks) == 1:
-                raise
-            mels = []
-            for chunk in chunks:
-                try:
-                    mels.extend(self._mels([chunk]))
-                except Exception as e:
-                    mels.append(e)
+        mels = each_fails_alone(self._mels, chunks)
         audio: list[np.ndarray | Exception] = list(mels)  # type: ignore[arg-type]
         groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
         prepared: dict[int, torch.Tensor] = {}

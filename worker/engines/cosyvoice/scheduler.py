@@ -32,6 +32,7 @@ import torch
 
 from contract.errors import ErrorCode, ServiceError
 from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
+from worker.engines.cosyvoice.batching import each_fails_alone
 from worker.engines.cosyvoice.pipeline import Chunk, Utterance
 
 logger = logging.getLogger(__name__)
@@ -249,18 +250,16 @@ class Scheduler:
 
     def _start_utterances(self, jobs: list[Job]) -> None:
         """Prefill each job's current utterance into its row, all in one pass, and take their
-        first tokens. A job whose prompt cannot be prefilled fails alone: a failed pass is
-        retried job by job."""
+        first tokens. A job whose prompt cannot be prefilled fails alone (`each_fails_alone`)."""
         ready = [(job, embeds) for job in jobs if (embeds := self._prepare(job)) is not None]
         if not ready:
             return
-        rows = [job.row for job, _ in ready]
-        assert all(row is not None for row in rows)
-        try:
-            tokens: list[int | Exception] = list(self.decoder.prefill_rows(
-                cast(list[Row], rows), [e for _, e in ready]))
-        except Exception:
-            tokens = [self._prefill_alone(job, embeds) for job, embeds in ready]
+        def prefill(pairs: list[tuple[Job, torch.Tensor]]) -> list[int]:
+            rows = [job.row for job, _ in pairs]
+            assert all(row is not None for row in rows)
+            return self.decoder.prefill_rows(cast(list[Row], rows), [e for _, e in pairs])
+
+        tokens = each_fails_alone(prefill, ready)
         for (job, _), token in zip(ready, tokens, strict=True):
             if isinstance(token, Exception):
                 job.log(logging.WARNING, "Prefill failed", error=token)
@@ -269,13 +268,6 @@ class Scheduler:
                 job.fail(token)
             else:
                 self._accept(job, token)
-
-    def _prefill_alone(self, job: Job, embeds: torch.Tensor) -> int | Exception:
-        assert job.row is not None
-        try:
-            return self.decoder.prefill(job.row, embeds)
-        except Exception as e:
-            return e
 
     def _prepare(self, job: Job) -> torch.Tensor | None:
         """The job's next utterance's row and prompt embeddings; None (job failed) if its text

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from worker.engines.cosyvoice import v3_hift_stream
+from worker.engines.cosyvoice.batching import each_fails_alone
 from worker.engines.cosyvoice.pipeline import Chunk, Utterance, next_chunk
 from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream
 from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise
@@ -71,18 +72,7 @@ class V3AudioStage:
         A failure of the batched call is retried chunk by chunk (a refused call changes no
         request's state), so one bad chunk fails alone.
         """
-        try:
-            return list(self._speak(chunks))
-        except Exception:
-            if len(chunks) == 1:
-                raise
-        results: list[np.ndarray | Exception] = []
-        for chunk in chunks:
-            try:
-                results.extend(self._speak([chunk]))
-            except Exception as e:
-                results.append(e)
-        return results
+        return each_fails_alone(self._speak, chunks)
 
     def _speak(self, chunks: list[Chunk]) -> list[np.ndarray]:
         utts = []
