@@ -3,7 +3,8 @@
 `build_model_dir(path, seed=...)` writes a tiny model for CPU tests (a 2-layer 64-wide Qwen2, a
 2-layer 64-wide DiT, a thin causal HiFT) with the files a release holds: cosyvoice3.yaml, llm.pt,
 flow.pt, hift.pt (keys under `generator.`, weight-normalised convolutions as g/v pairs),
-campplus.onnx, speech_tokenizer_v3.onnx and CosyVoice-BlankEN/ (Qwen2 config, weights and a
+campplus.onnx, speech_tokenizer_v3.onnx (stand-ins with the released signatures), spk2info.pt
+(built-in speakers, optional in a release) and CosyVoice-BlankEN/ (Qwen2 config, weights and a
 byte-level BPE tokenizer trained on the spot). Parameter names are the released ones, so the
 loaders that read these files read a release. Nothing is downloaded; the same seed writes the
 same weights.
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from testbed.cosyvoice_models import _onnx_models, _tokenizer, _weight_normed
+from testbed.cosyvoice_models import SPEAKERS, _onnx_models, _tokenizer, _weight_normed
 
 F0_BIAS = 120.0
 """Added to the F0 head so that the random vocoder predicts voiced frames (F0 > 10 Hz) and the
@@ -136,8 +137,12 @@ QWEN_HIDDEN = 64
 DIT_DIM = 64
 
 
-def build_model_dir(root: Path, seed: int = 0) -> Path:
-    """Write a complete tiny random-weight CosyVoice3 directory into `root` and return it."""
+def build_model_dir(root: Path, seed: int = 0, speakers: bool = True) -> Path:
+    """Write a complete tiny random-weight CosyVoice3 directory into `root` and return it;
+    `speakers=False` leaves out spk2info.pt (as the Fun-CosyVoice3-0.5B release does).
+
+    The stop ids are among the LLM head's 200 rows past the codebook, so random weights end an
+    utterance soon after its minimum length (no bias is needed, unlike CosyVoice2's)."""
     from worker.engines.cosyvoice.v3_config import EXTRA_SPEECH_IDS, check_v3_model_dir
     from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow
     from worker.engines.cosyvoice.v3_hift import CausalHiFT
@@ -178,6 +183,9 @@ def build_model_dir(root: Path, seed: int = 0) -> Path:
     torch.save({f"generator.{k}": v for k, v in _weight_normed(state).items()}, root / "hift.pt")
 
     _onnx_models(root, rng, tokenizer_name="speech_tokenizer_v3.onnx")
+    if speakers:  # drawn last: the checkpoints are the same with or without it
+        spk2info = {name: {"embedding": torch.randn(1, 192)} for name in SPEAKERS}
+        torch.save(spk2info, root / "spk2info.pt")
     (root / "GENERATED.json").write_text(json.dumps({"model": "cosyvoice3-tiny", "seed": seed}))
     return root
 

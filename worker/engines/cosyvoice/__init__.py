@@ -1,10 +1,19 @@
-"""CosyVoice2 served by this project's own PyTorch modules, loading the official checkpoints."""
+"""CosyVoice2 and CosyVoice3 served by this project's own PyTorch modules, loading the official
+checkpoints. One engine name, `cosyvoice`: the model is chosen by what the directory holds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from worker.engines.cosyvoice.engine import CosyVoiceEngine
+from worker.engines.cosyvoice.engine import CosyVoiceEngine, SpeechEngine
+from worker.engines.cosyvoice.v3_config import YAML_NAME as V3_YAML
+from worker.engines.cosyvoice.v3_engine import CosyVoice3Engine
+
+
+def engine_class(model_dir: Path) -> type[SpeechEngine]:
+    """CosyVoice3 for a directory holding `cosyvoice3.yaml`, else CosyVoice2 (whose start-up
+    names what a directory holding neither model's yaml lacks)."""
+    return CosyVoice3Engine if (model_dir / V3_YAML).is_file() else CosyVoiceEngine
 
 
 def create_engine(
@@ -22,19 +31,21 @@ def create_engine(
     flow_steps: int = 10,
     max_audio_rows: int = 64,
     first_chunk_tokens: int = 25,
-) -> CosyVoiceEngine:
-    """The engine, from keyword options only; an option not named here fails start-up (the
-    registry names it). `model_dir` (required), `device` ("cpu", "cuda", "cuda:1"...), `dtype`
-    ("float32", "bfloat16", "float16"; the vocoder always runs in float32), `threads` (ONNX
-    Runtime threads for prompt features; WORKER_THREADS), and for benchmarks only
-    `fixed_speech_tokens` (decode exactly that many tokens per piece, ignoring end-of-speech).
-    The others are `CosyVoiceEngine`'s.
+) -> SpeechEngine:
+    """The engine for the model in `model_dir` (`engine_class`), from keyword options only; an
+    option not named here fails start-up (the registry names it). `model_dir` (required),
+    `device` ("cpu", "cuda", "cuda:1"...), `dtype` ("float32", "bfloat16", "float16"; the
+    vocoder always runs in float32), `threads` (ONNX Runtime threads for prompt features;
+    WORKER_THREADS), and for benchmarks only `fixed_speech_tokens` (decode exactly that many
+    tokens per piece, ignoring end-of-speech). The others are `SpeechEngine`'s; CosyVoice3
+    takes `flow_steps` 10 only.
     """
     if not model_dir:
-        raise ValueError("the cosyvoice engine needs model_dir (an official CosyVoice2 directory)")
+        raise ValueError("the cosyvoice engine needs model_dir (an official CosyVoice2 or "
+                         "CosyVoice3 directory)")
     if voices_dir is not None:
         raise ValueError("the cosyvoice engine takes no voices_dir (register voices instead)")
-    return CosyVoiceEngine(
+    return engine_class(Path(model_dir))(
         model_dir=model_dir,
         device=device,
         dtype=dtype,
@@ -50,4 +61,5 @@ def create_engine(
     )
 
 
-__all__ = ["CosyVoiceEngine", "create_engine"]
+__all__ = ["CosyVoice3Engine", "CosyVoiceEngine", "SpeechEngine", "create_engine",
+           "engine_class"]

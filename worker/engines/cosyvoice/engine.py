@@ -1,9 +1,15 @@
-"""The `cosyvoice` engine: CosyVoice2 from an official model directory, streamed token by token.
+"""The `cosyvoice` engine: CosyVoice2 or CosyVoice3 from an official model directory, streamed
+token by token.
 
 `stream()` validates a request into utterances and hands them to the engine's one `Scheduler`,
 which batches every live request's LLM steps, flow chunks and vocoder chunks on the device; the
 request's coroutine only reads its own queue of audio. Errors of a request are raised to its
 caller; cancelling the stream removes the request from the batch at the next step.
+
+`SpeechEngine` is what both models share: options, registered voices, turning a request into
+utterances (`plan`), streaming, warm-up, capacity and capabilities. A model's engine says what
+it loads and which LLM, audio stage and frontend it gives the scheduler: `CosyVoiceEngine` here,
+`CosyVoice3Engine` in `v3_engine`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from contract.errors import ErrorCode, ServiceError
 from contract.requests import piece_seed
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
-from worker.engines.cosyvoice.batch_decode import BatchDecoder
+from worker.engines.cosyvoice.batch_decode import BatchDecoder, SpeechModel
 from worker.engines.cosyvoice.capacity import (
     STREAM_BUDGET_S,
     StreamCost,
@@ -39,14 +45,15 @@ from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
-from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend, VoicePrompt
+from worker.engines.cosyvoice.frontend import Frontend, VoicePrompt
 from worker.engines.cosyvoice.hift import HiFTGenerator
 from worker.engines.cosyvoice.hift_graphs import VocoderGraphs
 from worker.engines.cosyvoice.llm import SpeechLM
 from worker.engines.cosyvoice.pipeline import TOKEN_HOP, AudioStage, Utterance
 from worker.engines.cosyvoice.sampling import SamplingParams
-from worker.engines.cosyvoice.scheduler import DONE, DecodeLimits, Scheduler
+from worker.engines.cosyvoice.scheduler import DONE, AudioStages, DecodeLimits, Scheduler
 from worker.engines.cosyvoice.text import normalize, split_sentences
+from worker.engines.cosyvoice.v3_config import YAML_NAME as V3_YAML
 from worker.engines.cosyvoice.weights import (
     flow_state,
     hift_state,
@@ -63,10 +70,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_STREAMS = {"cpu": 8, "cuda": 128}
 MIN_FIRST_CHUNK = 5
 """Tokens: below this, the vocoder's 8-frame overlap would hold back most of a first chunk."""
+SPEAKERS_FILE = "spk2info.pt"
+WARM_UP_PROMPT_S = 2.0
+"""A model without built-in speakers warms up cloning a synthetic recording this long."""
 
 
-class CosyVoiceEngine:
-    """CosyVoice2 on this package's modules. See `create_engine` for the options."""
+class SpeechEngine:
+    """The model-independent part of the engine. A subclass's `load` reads its directory and
+    calls `_serve` with what it built; see `create_engine` for the options."""
+
+    utterance_type: type[Utterance] = Utterance
+    speed_range: tuple[float, float] = (0.5, 2.0)
 
     def __init__(
         self,
@@ -102,8 +116,8 @@ class CosyVoiceEngine:
         self.max_audio_rows = max_audio_rows
         self.first_chunk_tokens = first_chunk_tokens
         self._scheduler: Scheduler | None = None
-        self._audio: AudioStage | None = None
-        self._llm: SpeechLM | None = None
+        self._audio: Any = None
+        self._llm: Any = None
         self._frontend: Frontend | None = None
         self._speakers: dict[str, torch.Tensor] = {}
         self._voices: dict[str, VoicePrompt] = {}
@@ -113,56 +127,31 @@ class CosyVoiceEngine:
 
     def load(self) -> None:
         """Read and check every file; a missing or mismatched one raises `ModelDirError`."""
-        config = check_model_dir(self.model_dir)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        llm = SpeechLM(config.llm, qwen_config(self.model_dir))
-        load_into(llm, llm_state(read_state(self.model_dir / "llm.pt")), self.model_dir / "llm.pt")
-        flow = FlowModel(config.flow)
-        load_into(flow, flow_state(read_state(self.model_dir / "flow.pt")),
-                  self.model_dir / "flow.pt")
-        hift = HiFTGenerator(config.hift)
-        load_into(hift, hift_state(read_state(self.model_dir / "hift.pt")),
-                  self.model_dir / "hift.pt")
-        llm.to(self.device, self.dtype).eval()
-        flow.to(self.device, self.dtype).eval()
-        flow.noise = flow.noise.float()
-        hift.to(self.device).eval()
-        self._speakers = self._read_speakers(self.model_dir / "spk2info.pt")
-        self._frontend = Frontend(self.model_dir, config, onnx_threads=self.threads)
-        sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
-                                  config.llm.tau_r)
-        if self.cuda_graph and self.device.type == "cuda":
-            flow.solver_graphs = SolverGraphs(flow.solver, self.dtype, self.device,
-                                              steps=self.flow_steps)
-            flow.encoder_graphs = EncoderGraphs(
-                flow.encode_tokens, config.flow.pre_lookahead_len,
-                config.flow.encoder.upsample_stride, self.device)
-        if self._size_streams_to_memory:
-            self.max_streams = self._streams_that_fit(llm, flow, config)
+        raise NotImplementedError
+
+    def _serve(self, llm: SpeechModel, sampling: SamplingParams, audio: AudioStages,
+               frontend: Frontend, files: tuple[str, ...]) -> None:
+        """Put the loaded parts to work: the batched decoder over `llm` (its KV pool sized to
+        `max_streams`), the scheduler, and the model version (a digest of `files`)."""
         decoder = BatchDecoder(llm, sampling, slots=self.max_streams,
                                positions=self.max_positions, use_graphs=self.cuda_graph)
-        audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
-        if self.cuda_graph and self.device.type == "cuda":
-            audio.vocoder_graphs = VocoderGraphs(hift, self.device, audio.streamed_shapes())
         self._llm = llm
         self._audio = audio
+        self._frontend = frontend
         self._scheduler = Scheduler(
             decoder, audio, self._embed, DecodeLimits(fixed_tokens=self.fixed_speech_tokens),
             max_audio_rows=self.max_audio_rows,
         )
-        self._version = self._fingerprint()
+        self._version = content_version(self.model_dir, files)
 
-    def _streams_that_fit(self, llm: SpeechLM, flow: FlowModel, config: ModelConfig) -> int:
-        """`DEFAULT_STREAMS` on this device, or fewer when their memory would not fit."""
-        estimator = flow.decoder.estimator
+    def _streams_that_fit(self, llm: SpeechModel, frame_bytes: int, frames_per_second: int
+                          ) -> int:
+        """`DEFAULT_STREAMS` on this device, or fewer when their memory would not fit: each
+        stream's KV row and `STREAM_BUDGET_S` of flow state at `frame_bytes` per mel frame."""
         cost = StreamCost(
             kv_row_bytes=SlotPool.row_bytes(llm.backbone, self.max_positions),
-            flow_frame_bytes=flow_frame_bytes(self.flow_steps, estimator.attention_blocks,
-                                              estimator.cfg.channels[0],
-                                              torch.finfo(self.dtype).bits // 8),
-            frames_per_second=config.mel.sampling_rate // config.mel.hop_size,
+            flow_frame_bytes=frame_bytes,
+            frames_per_second=frames_per_second,
         )
         free, total = torch.cuda.mem_get_info(self.device)
         streams = streams_that_fit(free, total, cost, self.max_streams)
@@ -179,34 +168,19 @@ class CosyVoiceEngine:
         except Exception as e:
             raise ModelDirError(f"{path} is not a speaker table with embeddings: {e!r}") from e
 
-    def _fingerprint(self) -> str:
-        """The model version: a digest of every file the engine reads (their bytes, not their
-        times or paths), so copies of one directory on two hosts agree."""
-        return content_version(self.model_dir, REQUIRED_FILES)
+    def _capture_graphs(self) -> None:
+        """Capture the audio stages' CUDA graphs, if the model has any (warm-up)."""
 
     def warm_up(self) -> None:
-        """Capture the graphs (decode step, flow, encoder, vocoder), then one short synthesis
+        """Capture the graphs (decode step, then the model's own), then one short synthesis
         through every stage, so readiness proves the model runs."""
         scheduler, _ = self._require()
         scheduler.decoder.capture()
-        audio = self._audio
-        assert audio is not None
-        flow = audio.flow
-        graphs: tuple[tuple[Any, str, str], ...] = (
-            (flow, "solver_graphs", "flow"), (flow, "encoder_graphs", "encoder"),
-            (audio, "vocoder_graphs", "vocoder"))
-        for owner, attribute, stage in graphs:
-            captured = getattr(owner, attribute)
-            if captured is None:
-                continue
-            try:
-                captured.capture()
-            except RuntimeError:
-                logger.warning("Capturing the %s's graphs failed; it runs eagerly", stage,
-                               exc_info=True)
-                setattr(owner, attribute, None)
+        self._capture_graphs()
         scheduler.start()
         request = EngineRequest(text=self.warm_up_text, voice=self.default_voice, speed=1.0, seed=0)
+        if not self.default_voice:
+            request = replace(request, prompt_audio=_warm_up_prompt(), prompt_sample_rate=16000)
 
         async def run() -> int:
             n = 0
@@ -226,6 +200,9 @@ class CosyVoiceEngine:
     def default_voice(self) -> str:
         return next(iter(self._speakers), "")
 
+    def modes(self) -> tuple[str, ...]:
+        return ("sft", "zero_shot", "cross_lingual", "instruct2")
+
     def capabilities(self) -> Capabilities:
         voices = tuple(
             VoiceInfo(id=name, name=name, language="zh" if not name.isascii() else "en",
@@ -237,13 +214,13 @@ class CosyVoiceEngine:
             model=self.model_dir.name,
             model_version=self._version,
             sample_rate=self._require()[0].audio.sample_rate,
-            modes=("sft", "zero_shot", "cross_lingual", "instruct2"),
+            modes=self.modes(),
             languages=("zh", "en"),
             voices=voices,
             default_voice=self.default_voice,
             supports_cloning=True,
             supports_instructions=True,
-            speed_range=(0.5, 2.0),
+            speed_range=self.speed_range,
             max_streams=self.max_streams,
         )
 
@@ -255,7 +232,8 @@ class CosyVoiceEngine:
     def _embed(self, utt: Utterance) -> torch.Tensor:
         assert self._llm is not None
         text = torch.tensor([utt.text_ids], dtype=torch.long, device=self.device)
-        return self._llm.build_input(text, utt.llm_prompt_tokens.to(self.device))
+        embeds: torch.Tensor = self._llm.build_input(text, utt.llm_prompt_tokens.to(self.device))
+        return embeds
 
     # -- registered voices ----------------------------------------------------------------------
 
@@ -295,6 +273,10 @@ class CosyVoiceEngine:
     def plan(self, request: EngineRequest) -> list[Utterance]:
         """Validate and turn a request into utterances; raises `ServiceError` (4xx) on bad input."""
         _, frontend = self._require()
+        low, high = self.speed_range
+        if not low <= request.speed <= high:
+            raise ServiceError(ErrorCode.SPEED_OUT_OF_RANGE,
+                               f"This model speaks at speed {low:g} to {high:g}.")
         prompt: VoicePrompt | None = None
         speaker: torch.Tensor | None = None
         if request.prompt_audio is not None:
@@ -325,15 +307,15 @@ class CosyVoiceEngine:
             assert speaker is not None
             embedding = speaker
             flow_tokens, prompt_mel = empty_tokens, torch.zeros(1, 0, mel_bins)
+        llm_tokens = empty_tokens
         if instruction:
-            prefix = frontend.encode(normalize(instruction) + END_OF_PROMPT)
-            llm_tokens = empty_tokens
+            head = frontend.prompt.instruct(instruction)
         elif prompt is not None and prompt.text:
-            prefix = frontend.encode(normalize(prompt.text))
+            head = frontend.prompt.zero_shot(prompt.text)
             llm_tokens = prompt.speech_tokens
         else:
-            prefix = []
-            llm_tokens = empty_tokens
+            head = frontend.prompt.plain()
+        prefix = frontend.encode(head) if head else []
         pieces = split_sentences(normalize(request.text), frontend.count_tokens)
         if not pieces:
             raise ServiceError(ErrorCode.TEXT_EMPTY, "Text is empty after normalisation.")
@@ -341,7 +323,7 @@ class CosyVoiceEngine:
         for i, piece in enumerate(pieces):
             ids = frontend.encode(piece)
             utterances.append(
-                Utterance(
+                self.utterance_type(
                     text_ids=prefix + ids,
                     tts_token_count=len(ids),
                     llm_prompt_tokens=llm_tokens,
@@ -374,3 +356,84 @@ class CosyVoiceEngine:
                 yield item
         finally:
             scheduler.cancel(job)
+
+
+def _warm_up_prompt() -> np.ndarray:
+    """A voiced 16 kHz recording (a 170 Hz tone with harmonics and a slow tremolo)."""
+    t = np.arange(int(WARM_UP_PROMPT_S * 16000)) / 16000
+    tone = sum(np.sin(2 * np.pi * 170 * k * t) / k for k in (1, 2, 3))
+    return (0.2 * tone * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+class CosyVoiceEngine(SpeechEngine):
+    """CosyVoice2 on this package's modules. See `create_engine` for the options."""
+
+    def load(self) -> None:
+        """Read and check every file; a missing or mismatched one raises `ModelDirError`."""
+        yamls = (REQUIRED_FILES[0], V3_YAML)
+        if self.model_dir.is_dir() and not any((self.model_dir / n).is_file() for n in yamls):
+            raise ModelDirError(f"Model directory {self.model_dir} lacks {yamls[0]} "
+                                f"(CosyVoice2) and {yamls[1]} (CosyVoice3).")
+        config = check_model_dir(self.model_dir)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        llm = SpeechLM(config.llm, qwen_config(self.model_dir))
+        load_into(llm, llm_state(read_state(self.model_dir / "llm.pt")), self.model_dir / "llm.pt")
+        flow = FlowModel(config.flow)
+        load_into(flow, flow_state(read_state(self.model_dir / "flow.pt")),
+                  self.model_dir / "flow.pt")
+        hift = HiFTGenerator(config.hift)
+        load_into(hift, hift_state(read_state(self.model_dir / "hift.pt")),
+                  self.model_dir / "hift.pt")
+        llm.to(self.device, self.dtype).eval()
+        flow.to(self.device, self.dtype).eval()
+        flow.noise = flow.noise.float()
+        hift.to(self.device).eval()
+        self._speakers = self._read_speakers(self.model_dir / SPEAKERS_FILE)
+        frontend = Frontend(self.model_dir, config.mel, config.flow.token_mel_ratio,
+                            onnx_threads=self.threads)
+        sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
+                                  config.llm.tau_r)
+        if self.cuda_graph and self.device.type == "cuda":
+            flow.solver_graphs = SolverGraphs(flow.solver, self.dtype, self.device,
+                                              steps=self.flow_steps)
+            flow.encoder_graphs = EncoderGraphs(
+                flow.encode_tokens, config.flow.pre_lookahead_len,
+                config.flow.encoder.upsample_stride, self.device)
+        if self._size_streams_to_memory:
+            self.max_streams = self._streams_that_fit(llm, self._flow_frame_bytes(flow),
+                                                      self._frames_per_second(config))
+        audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
+        if self.cuda_graph and self.device.type == "cuda":
+            audio.vocoder_graphs = VocoderGraphs(hift, self.device, audio.streamed_shapes())
+        self._serve(llm, sampling, audio, frontend, REQUIRED_FILES)
+
+    def _flow_frame_bytes(self, flow: FlowModel) -> int:
+        estimator = flow.decoder.estimator
+        return flow_frame_bytes(self.flow_steps, estimator.attention_blocks,
+                                estimator.cfg.channels[0], torch.finfo(self.dtype).bits // 8)
+
+    @staticmethod
+    def _frames_per_second(config: ModelConfig) -> int:
+        return config.mel.sampling_rate // config.mel.hop_size
+
+    def _capture_graphs(self) -> None:
+        """The flow's solver and encoder graphs and the vocoder's; a capture that fails leaves
+        that stage eager, with a warning."""
+        audio = self._audio
+        assert isinstance(audio, AudioStage)
+        flow = audio.flow
+        graphs: tuple[tuple[Any, str, str], ...] = (
+            (flow, "solver_graphs", "flow"), (flow, "encoder_graphs", "encoder"),
+            (audio, "vocoder_graphs", "vocoder"))
+        for owner, attribute, stage in graphs:
+            captured = getattr(owner, attribute)
+            if captured is None:
+                continue
+            try:
+                captured.capture()
+            except RuntimeError:
+                logger.warning("Capturing the %s's graphs failed; it runs eagerly", stage,
+                               exc_info=True)
+                setattr(owner, attribute, None)

@@ -1,9 +1,14 @@
-"""Turning text and prompt recordings into model inputs.
+"""Turning text and prompt recordings into model inputs, for CosyVoice2 and CosyVoice3.
 
 A prompt recording becomes a `VoicePrompt` once: speech tokens (ONNX speech tokenizer), a speaker
 embedding (ONNX CAM++), and the prompt mel, trimmed so that mel frames are exactly
 `token_mel_ratio` times the tokens. `VoicePrompt.to_bytes`/`from_bytes` let a registered voice be
 stored and reused without recomputing anything.
+
+The two models differ only in data, given as a `FrontendSpec`: the speech tokenizer's file, the
+special tokens added to the text tokenizer, and the `PromptFormat` (what text goes before the
+request's text in each mode). The prompt mel's settings (CosyVoice3 has no `fmax`) come from
+the model's yaml.
 """
 
 from __future__ import annotations
@@ -21,14 +26,15 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from contract.errors import ErrorCode, ServiceError
-from worker.engines.cosyvoice.config import ModelConfig, ModelDirError
+from worker.engines.cosyvoice.config import MelConfig, ModelDirError
 from worker.engines.cosyvoice.features import kaldi_fbank, prompt_mel, whisper_log_mel
+from worker.engines.cosyvoice.text import normalize
 
-SPECIAL_TOKENS = [
+SPECIAL_TOKENS = (
     "<|im_start|>", "<|im_end|>", "<|endofprompt|>", "[breath]", "<strong>", "</strong>",
     "[noise]", "[laughter]", "[cough]", "[clucking]", "[accent]", "[quick_breath]",
     "<laughter>", "</laughter>", "[hissing]", "[sigh]", "[vocalized-noise]", "[lipsmack]", "[mn]",
-]
+)
 END_OF_PROMPT = "<|endofprompt|>"
 PROMPT_MIN_SECONDS = 0.5
 PROMPT_MAX_SECONDS = 30.0
@@ -81,6 +87,47 @@ class VoicePrompt:
             raise ServiceError(ErrorCode.INVALID_REQUEST, "Stored voice data is unreadable.") from e
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """The text put before a request's text, per mode (normalised, then tokenised on its own).
+
+    `system` is empty for CosyVoice2. CosyVoice3 was trained with a system text and
+    `<|endofprompt|>` in every input: "{system}<|endofprompt|>" before a transcript or, with no
+    transcript (sft, cross-lingual), alone; "{system} {instruction}<|endofprompt|>" for an
+    instruction. CosyVoice2 marks only an instruction's end.
+    """
+
+    system: str = ""
+
+    def instruct(self, instruction: str) -> str:
+        head = f"{self.system} " if self.system else ""
+        return head + normalize(instruction) + END_OF_PROMPT
+
+    def zero_shot(self, transcript: str) -> str:
+        return self._head() + normalize(transcript)
+
+    def plain(self) -> str:
+        """Sft and cross-lingual: no transcript, no instruction."""
+        return self._head()
+
+    def _head(self) -> str:
+        return self.system + END_OF_PROMPT if self.system else ""
+
+
+@dataclass(frozen=True)
+class FrontendSpec:
+    """What a model's frontend reads and adds: its speech tokenizer's file, the special tokens
+    its text tokenizer gets on top of `CosyVoice-BlankEN` (in this order: their ids follow the
+    tokenizer's own), and its prompt format."""
+
+    speech_tokenizer: str
+    special_tokens: tuple[str, ...]
+    prompt: PromptFormat
+
+
+COSYVOICE2 = FrontendSpec("speech_tokenizer_v2.onnx", SPECIAL_TOKENS, PromptFormat())
+
+
 def _session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -92,8 +139,14 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 class Frontend:
-    def __init__(self, model_dir: Path, config: ModelConfig, onnx_threads: int = 1) -> None:
-        self.config = config
+    """Text to token ids and prompt recordings to `VoicePrompt`s for one model directory;
+    `mel` and `token_mel_ratio` come from its yaml, `spec` says which model it is."""
+
+    def __init__(self, model_dir: Path, mel: MelConfig, token_mel_ratio: int,
+                 onnx_threads: int = 1, spec: FrontendSpec = COSYVOICE2) -> None:
+        self.mel = mel
+        self.token_mel_ratio = token_mel_ratio
+        self.spec = spec
         blank = model_dir / "CosyVoice-BlankEN"
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(blank))
@@ -101,11 +154,22 @@ class Frontend:
             raise ModelDirError(f"{blank} holds no loadable tokenizer: {e!r}") from e
         tokenizer.add_special_tokens(
             {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-             "additional_special_tokens": SPECIAL_TOKENS}
+             "additional_special_tokens": list(spec.special_tokens)}
         )
         self.tokenizer: PreTrainedTokenizerBase = tokenizer
         self.campplus = _session(model_dir / "campplus.onnx", onnx_threads)
-        self.speech_tokenizer = _session(model_dir / "speech_tokenizer_v2.onnx", onnx_threads)
+        self.speech_tokenizer = _session(model_dir / spec.speech_tokenizer, onnx_threads)
+
+    @property
+    def prompt(self) -> PromptFormat:
+        return self.spec.prompt
+
+    def token_id(self, token: str) -> int:
+        """The id of one special token (e.g. `<|endofprompt|>`, 151646 in a release)."""
+        found = self.tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(found, int) or found == self.tokenizer.unk_token_id:
+            raise ModelDirError(f"the text tokenizer has no {token}")
+        return found
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self.tokenizer([text], return_tensors=None)["input_ids"][0]
@@ -157,11 +221,11 @@ class Frontend:
         """Features of a prompt recording at any sample rate (it is resampled, never rejected)."""
         wav = self.check_prompt(audio, sample_rate)
         wav16k = soxr.resample(wav, sample_rate, 16000).astype(np.float32)
-        target = self.config.mel.sampling_rate
+        target = self.mel.sampling_rate
         wav_mel = soxr.resample(wav, sample_rate, target).astype(np.float32)
-        mel = prompt_mel(torch.from_numpy(wav_mel), self.config.mel).unsqueeze(0)
+        mel = prompt_mel(torch.from_numpy(wav_mel), self.mel).unsqueeze(0)
         tokens = self.speech_tokens(wav16k)
-        ratio = self.config.flow.token_mel_ratio
+        ratio = self.token_mel_ratio
         n = min(mel.size(1) // ratio, tokens.size(1))
         if n == 0:
             raise ServiceError(ErrorCode.PROMPT_TOO_SHORT, "Prompt audio yields no speech tokens.")

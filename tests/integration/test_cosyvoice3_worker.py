@@ -1,0 +1,202 @@
+"""A real `python -m worker` process serving a tiny random-weight CosyVoice3 directory under the
+`cosyvoice` engine name: every mode streams decodable audio over HTTP, registered voices work,
+bad input gets its 4xx code before any audio, and the worker keeps serving afterwards. In
+process: the directory's yaml picks the model, and a directory without speakers serves the
+cloning modes only."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from contract.errors import ErrorCode, ServiceError
+from testbed.cosyvoice3_models import build_model_dir
+from tests.support.audio import decode
+from tests.support.processes import RunningProcess, free_port, python_service
+from worker.engines import create_engine
+from worker.engines.base import EngineRequest
+from worker.engines.cosyvoice.config import ModelDirError
+from worker.engines.cosyvoice.frontend import VoicePrompt
+from worker.engines.cosyvoice.v3_engine import CosyVoice3Engine
+
+TEXT = "Hello there, this is a streaming test of the speech engine today."
+SPEAKERS = {"中文女", "english_male"}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _wav(seconds: float = 2.0, rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 170 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(
+        np.float32)
+
+
+def _wav_b64(seconds: float = 2.0, rate: int = 16000) -> str:
+    buffer = io.BytesIO()
+    sf.write(buffer, _wav(seconds, rate), rate, format="WAV", subtype="PCM_16")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("cv3w") / "tiny", seed=4)
+
+
+@pytest.fixture(scope="module")
+def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[RunningProcess]:
+    port = free_port()
+    env = {"WORKER_PORT": str(port), "WORKER_ENGINE": "cosyvoice",
+           "WORKER_MODEL_DIR": str(model_dir), "WORKER_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    with python_service("worker", env, port=port, log_dir=tmp_path_factory.mktemp("cv3log"),
+                        timeout=180.0) as running:
+        yield running
+
+
+def _speak(worker: RunningProcess, **fields: Any) -> np.ndarray:
+    """The audio of a streamed synthesis (WAV, decoded), after checking it is speech-like."""
+    body: dict[str, Any] = {"text": TEXT, "seed": 3, "format": "wav"} | fields
+    with httpx.stream("POST", f"{worker.url}/v1/synthesize", json=body, timeout=120.0) as r:
+        assert r.status_code == 200, r.read()
+        data = b"".join(r.iter_bytes())
+    audio = decode(data, "wav")
+    assert audio.sample_rate == 24000
+    assert 0.5 < audio.duration < 60.0
+    assert np.all(np.isfinite(audio.samples))
+    assert audio.rms > 1e-3
+    return audio.samples
+
+
+def _refused(worker: RunningProcess, body: dict[str, Any]) -> tuple[int, str]:
+    response = httpx.post(f"{worker.url}/v1/synthesize", json=body, timeout=60.0)
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    return response.status_code, response.json()["error"]["code"]
+
+
+def test_info_describes_cosyvoice3(worker: RunningProcess) -> None:
+    info = httpx.get(f"{worker.url}/v1/info", timeout=10.0).json()
+    assert info["engine"] == "cosyvoice"
+    assert info["model"] == "tiny"
+    assert info["model_version"]  # the engine's digest, plus the worker's loudness level
+    assert info["sample_rate"] == 24000
+    assert set(info["modes"]) == {"sft", "zero_shot", "cross_lingual", "instruct2"}
+    assert {v["id"] for v in info["voices"]} == SPEAKERS
+    assert info["default_voice"] in SPEAKERS
+    assert info["supports_cloning"]
+    assert info["supports_instructions"]
+    assert info["speed_range"] == [1.0, 1.0]
+    assert info["max_streams"] == 8
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"voice": "english_male"},
+        {"prompt_audio": _wav_b64(), "prompt_text": "A short prompt transcript."},
+        {"prompt_audio": _wav_b64(2.0, 44100)},
+        {"prompt_audio": _wav_b64(2.0, 22050), "instruction": "Speak happily."},
+        {"voice": "english_male", "instruction": "Speak slowly."},
+    ],
+    ids=["sft", "zero_shot", "cross_lingual", "instruct2", "instruct2_speaker"],
+)
+def test_each_mode_streams_over_http(worker: RunningProcess, fields: dict[str, Any]) -> None:
+    _speak(worker, **fields)
+
+
+def test_the_same_request_gives_the_same_audio(worker: RunningProcess) -> None:
+    fields = {"prompt_audio": _wav_b64(), "prompt_text": "A short prompt transcript.", "seed": 9}
+    assert np.array_equal(_speak(worker, **fields), _speak(worker, **fields))
+
+
+def test_registered_voice_features_are_served_and_versioned(worker: RunningProcess) -> None:
+    computed = httpx.post(
+        f"{worker.url}/v1/voices/features",
+        json={"prompt_audio": _wav_b64(3.0), "prompt_text": "A short prompt transcript."},
+        timeout=120.0,
+    )
+    assert computed.status_code == 200, computed.text
+    assert computed.headers["X-Engine"] == "cosyvoice"
+    features = computed.content
+    prompt = VoicePrompt.from_bytes(features)
+    assert prompt.speech_tokens.size(1) == 75  # 25 tokens a second
+    assert prompt.mel.shape == (1, 150, 80)
+    voice = {"voice": "my_voice", "voice_features": base64.b64encode(features).decode()}
+    _speak(worker, **voice)
+    older = replace(prompt, model_version="0123456789ab").to_bytes()
+    stale = {"text": TEXT, "voice": "my_voice",
+             "voice_features": base64.b64encode(older).decode()}
+    assert _refused(worker, stale) == (422, "voice_outdated")
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "code"),
+    [
+        ({"voice": "nobody"}, 422, "unknown_voice"),
+        ({"prompt_audio": _wav_b64(), "prompt_text": "words", "instruction": "be happy"},
+         422, "instruction_unsupported"),
+        ({"text": "   "}, 422, "text_empty"),
+        ({"text": "~ ~"}, 422, "text_empty"),  # a symbol, but nothing left to say once normalised
+        ({"speed": 1.5}, 422, "speed_out_of_range"),
+        ({"prompt_audio": _wav_b64(0.2)}, 422, "prompt_too_short"),
+    ],
+    ids=["unknown_voice", "instruction_and_transcript", "blank", "nothing_to_say", "speed",
+         "short_prompt"],
+)
+def test_bad_input_is_refused_before_audio_and_the_worker_carries_on(
+    worker: RunningProcess, fields: dict[str, Any], status: int, code: str
+) -> None:
+    body: dict[str, Any] = {"text": TEXT, "seed": 1} | fields
+    assert _refused(worker, body) == (status, code)
+    _speak(worker, voice="english_male", text="Still here.")
+
+
+def test_the_directory_picks_the_model(model_dir: Path, tmp_path: Path) -> None:
+    assert isinstance(create_engine("cosyvoice", model_dir=str(model_dir)), CosyVoice3Engine)
+    neither = tmp_path / "neither"
+    neither.mkdir()
+    (neither / "llm.pt").touch()
+    with pytest.raises(ModelDirError, match=r"cosyvoice2\.yaml.*cosyvoice3\.yaml"):
+        create_engine("cosyvoice", model_dir=str(neither)).load()
+    with pytest.raises(ValueError, match="flow_steps"):
+        create_engine("cosyvoice", model_dir=str(model_dir), flow_steps=4)
+
+
+@pytest.mark.parametrize("missing", ["speech_tokenizer_v3.onnx", "campplus.onnx"])
+def test_a_missing_file_names_itself(model_dir: Path, tmp_path: Path, missing: str) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for entry in model_dir.iterdir():
+        if entry.name != missing:
+            (broken / entry.name).symlink_to(entry)
+    with pytest.raises(ModelDirError, match=missing.replace(".", r"\.")):
+        create_engine("cosyvoice", model_dir=str(broken)).load()
+
+
+async def test_without_spk2info_only_the_cloning_modes_are_served(tmp_path: Path) -> None:
+    bare = build_model_dir(tmp_path / "bare", seed=4, speakers=False)
+    engine = create_engine("cosyvoice", model_dir=str(bare))
+    engine.load()
+    engine.warm_up()  # clones a synthetic recording: there is no speaker to warm up with
+    info = engine.capabilities()
+    assert info.modes == ("zero_shot", "cross_lingual", "instruct2")
+    assert info.voices == ()
+    assert info.default_voice == ""
+    request = EngineRequest(text=TEXT, voice="", speed=1.0, seed=2, prompt_audio=_wav(),
+                            prompt_sample_rate=16000)
+    audio = np.concatenate([chunk async for chunk in engine.stream(request)])
+    assert audio.size > 0
+    assert float(np.sqrt(np.mean(audio**2))) > 1e-3
+    assert isinstance(engine, CosyVoice3Engine)
+    with pytest.raises(ServiceError) as refused:
+        engine.plan(replace(request, voice="english_male", prompt_audio=None))
+    assert refused.value.code == ErrorCode.UNKNOWN_VOICE
+    engine._require()[0].stop()

@@ -1,0 +1,95 @@
+"""The `cosyvoice` engine on a CosyVoice3 directory: the same scheduler, voices and requests as
+CosyVoice2 (`engine.SpeechEngine`), with CosyVoice3's LLM, DiT flow and causal vocoder.
+
+What differs from CosyVoice2: the files it reads (`cosyvoice3.yaml`, `speech_tokenizer_v3.onnx`;
+`spk2info.pt` is optional, and sft is served only when it is there), the frontend's data
+(`v3_frontend`), the scheduler's audio stage (`V3AudioStage`: incremental DiT flow and streamed
+causal vocoder), and speed: the released streaming has no speed control (upstream changes speed
+only in non-streaming mode, by stretching a whole mel), and stretching chunk by chunk would not
+be the same audio as stretching the whole, so the engine states speed 1.0 only and refuses any
+other with 422 `speed_out_of_range` before audio. The flow and vocoder run eagerly (no CUDA
+graphs yet); the LLM's decode step is replayed from graphs as for CosyVoice2.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.engines.cosyvoice.engine import SPEAKERS_FILE, SpeechEngine
+from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend
+from worker.engines.cosyvoice.sampling import SamplingParams
+from worker.engines.cosyvoice.v3_config import REQUIRED_FILES, V3ModelConfig, check_v3_model_dir
+from worker.engines.cosyvoice.v3_flow import NOISE_FRAMES, STEPS, CosyVoice3Flow, load_v3_flow
+from worker.engines.cosyvoice.v3_frontend import COSYVOICE3
+from worker.engines.cosyvoice.v3_hift import HiFTNoise, load_v3_hift, samples_per_frame
+from worker.engines.cosyvoice.v3_llm import load_v3_llm
+from worker.engines.cosyvoice.v3_pipeline import V3AudioStage, V3Utterance
+
+
+class CosyVoice3Engine(SpeechEngine):
+    """CosyVoice3 (Fun-CosyVoice3-0.5B) on this package's modules; options as `create_engine`'s
+    (`flow_steps` must be the released 10)."""
+
+    utterance_type = V3Utterance
+    speed_range = (1.0, 1.0)
+
+    def __init__(self, model_dir: str | Path, **options: Any) -> None:
+        super().__init__(model_dir, **options)
+        if self.flow_steps != STEPS:
+            raise ValueError(f"CosyVoice3's flow runs {STEPS} Euler steps; flow_steps must be "
+                             f"{STEPS}, not {self.flow_steps}")
+
+    def modes(self) -> tuple[str, ...]:
+        cloning = ("zero_shot", "cross_lingual", "instruct2")
+        return ("sft", *cloning) if self._speakers else cloning
+
+    def load(self) -> None:
+        """Read and check every file; a missing or mismatched one raises `ModelDirError`."""
+        config = check_v3_model_dir(self.model_dir)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        speakers = self.model_dir / SPEAKERS_FILE
+        self._speakers = self._read_speakers(speakers) if speakers.exists() else {}
+        frontend = Frontend(self.model_dir, config.mel, config.flow.token_mel_ratio,
+                            onnx_threads=self.threads, spec=COSYVOICE3)
+        llm = load_v3_llm(self.model_dir, config.llm, frontend.token_id(END_OF_PROMPT))
+        flow = load_v3_flow(self.model_dir, config.flow)
+        hift = load_v3_hift(self.model_dir, config.hift, config.conv_pre_look_right)
+        flow_noise = flow.noise  # drawn in float32; kept so, whatever the flow's dtype
+        llm.to(self.device, self.dtype)
+        flow.to(self.device, self.dtype)
+        flow.noise = flow_noise.to(self.device)
+        hift.to(self.device)
+        sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
+                                  config.llm.tau_r)
+        if self._size_streams_to_memory:
+            self.max_streams = self._streams_that_fit(
+                llm, self._flow_frame_bytes(flow),
+                config.mel.sampling_rate // config.mel.hop_size)
+        audio = V3AudioStage(flow, hift, self._vocoder_noise(config), self.device)
+        files = REQUIRED_FILES + ((SPEAKERS_FILE,) if self._speakers else ())
+        self._serve(llm, sampling, audio, frontend, files)
+
+    def _vocoder_noise(self, config: V3ModelConfig) -> HiFTNoise:
+        """The released vocoder's fixed noise, as long as the longest utterance the KV pool
+        allows (every speech token of `max_positions`: 2 mel frames each)."""
+        frames = min(NOISE_FRAMES, config.flow.token_mel_ratio * self.max_positions)
+        noise = HiFTNoise.released(config.flow, config.hift,
+                                   frames * samples_per_frame(config.hift))
+        return HiFTNoise(noise.sines.to(self.device))
+
+    @staticmethod
+    def _flow_frame_bytes(flow: CosyVoice3Flow) -> int:
+        """Bytes of flow state a stream keeps per mel frame: one frame of its per-step keys and
+        values (1.8 MB in bf16 on the released model: 10 steps, 22 layers, guided and unguided
+        rows, 16 heads of 64), read from the state `start` makes."""
+        w = flow.input_embedding.weight
+        stream = flow.start(torch.zeros(0, dtype=torch.long), torch.zeros(0, flow.cfg.output_size),
+                            torch.zeros(flow.cfg.spk_embed_dim, device=w.device))
+        kv = stream.kv
+        return math.prod(kv.shape[:5]) * kv.size(6) * kv.element_size()
