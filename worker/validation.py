@@ -57,14 +57,18 @@ def validate(
     """Check a parsed request against the engine's capabilities.
 
     A voice id the engine does not know is accepted only with `voice_features` (a registered
-    voice: the engine speaks with the features, the id only names them).
+    voice: the engine speaks with the features, the id only names them). A prompt recording
+    with no voice named needs none, even from an engine without built-in voices (a CosyVoice3
+    directory without spk2info.pt: its default voice is "").
     """
     text = check_text(request.text, max_text_chars)
     low, high = capabilities.speed_range
     speed = check_speed(request.speed, low, high)
     voice = request.voice or capabilities.default_voice
     features = request.voice_features or None
-    if features is None and voice not in {known.id for known in capabilities.voices}:
+    cloning_only = bool(request.prompt_audio) and not request.voice
+    if (features is None and not cloning_only
+            and voice not in {known.id for known in capabilities.voices}):
         raise ServiceError(ErrorCode.UNKNOWN_VOICE, f"Unknown voice {voice!r}; see /v1/info.")
     instruction = check_instruction(
         request.instruction,

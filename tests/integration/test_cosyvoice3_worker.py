@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,10 +24,10 @@ from testbed.cosyvoice3_models import build_model_dir
 from tests.support.audio import decode
 from tests.support.processes import RunningProcess, free_port, python_service
 from worker.engines import create_engine
-from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.config import ModelDirError
 from worker.engines.cosyvoice.frontend import VoicePrompt
 from worker.engines.cosyvoice.v3_engine import CosyVoice3Engine
+from worker.validation import parse_body, validate
 
 TEXT = "Hello there, this is a streaming test of the speech engine today."
 SPEAKERS = {"中文女", "english_male"}
@@ -190,8 +191,14 @@ async def test_without_spk2info_only_the_cloning_modes_are_served(tmp_path: Path
     assert info.modes == ("zero_shot", "cross_lingual", "instruct2")
     assert info.voices == ()
     assert info.default_voice == ""
-    request = EngineRequest(text=TEXT, voice="", speed=1.0, seed=2, prompt_audio=_wav(),
-                            prompt_sample_rate=16000)
+    # The worker's checks let a recording through with no voice named, and refuse a speaker.
+    clone = parse_body(json.dumps({"text": TEXT, "prompt_audio": _wav_b64()}).encode())
+    request = validate(clone, info, max_text_chars=4096).engine_request
+    assert request.voice == ""
+    with pytest.raises(ServiceError) as unknown:
+        validate(parse_body(b'{"text": "Hi.", "voice": "english_male"}'), info,
+                 max_text_chars=4096)
+    assert unknown.value.code == ErrorCode.UNKNOWN_VOICE
     audio = np.concatenate([chunk async for chunk in engine.stream(request)])
     assert audio.size > 0
     assert float(np.sqrt(np.mean(audio**2))) > 1e-3
