@@ -324,16 +324,18 @@ def test_bucketed_vocoder_gives_each_row_its_own_result(engine: CosyVoiceEngine,
     assert graphs.bucket_for(5, 30, carried) is None
 
 def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
-                      first_chunk: int = TOKEN_HOP) -> float:
+                      first_chunk: int = TOKEN_HOP, joins: tuple[int, ...] = ()) -> float:
     """Stream every utterance chunk by chunk (the engine's hops), all in one batch while they
-    last; return the largest difference from recomputing each chunk alone over everything so
-    far."""
+    last, utterance i joining at call `joins[i]` (default: all at the first); return the largest
+    difference from recomputing each chunk alone over everything so far."""
     look = flow.cfg.pre_lookahead_len
-    for u in utterances:
-        u.update(offset=0, state=None, done=False)
+    for i, u in enumerate(utterances):
+        u.update(offset=0, state=None, done=False, joins=joins[i] if joins else 0)
     worst = 0.0
+    call = 0
     while not all(u["done"] for u in utterances):
-        live = [u for u in utterances if not u["done"]]
+        live = [u for u in utterances if not u["done"] and u["joins"] <= call]
+        call += 1
         rows, hops = [], []
         for u in live:
             hop = Utterance(
@@ -384,39 +386,58 @@ def test_a_short_first_chunk_streams_the_same_frames(engine: CosyVoiceEngine) ->
     assert _stream_alongside(flow, _utterances(10), first_chunk=7) < 1e-4
 
 
+def _small_solver_graphs(flow: Any) -> SolverGraphs:
+    return SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
+                        rows=(1, 4), frame_step=64, max_frames=256, later_frames=64,
+                        wide_rows=(), max_past=256)
+
+
+def _count_calls(owner: Any, name: str) -> list[bool]:
+    """Replace `owner.name` by a wrapper that records, per call, whether it returned a result
+    (a bucket served it) or None (no bucket fits)."""
+    served: list[bool] = []
+    original = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        served.append(result is not None)
+        return result
+
+    setattr(owner, name, counted)
+    return served
+
+
+def test_requests_joining_streams_under_way_stay_on_the_graphs(engine: CosyVoiceEngine) -> None:
+    """A request that starts while others stream: its first chunk and their later chunks are
+    solved apart, so each fits its own bucket (a mixed call would fit none and run eagerly), and
+    every chunk still equals the chunk recomputed alone."""
+    flow = engine._require()[0].audio.flow
+    graphs = _small_solver_graphs(flow)
+    served = _count_calls(graphs, "solve")
+    flow.solver_graphs = graphs
+    try:
+        assert _stream_alongside(flow, _utterances(11), joins=(0, 1, 2)) < 1e-4
+    finally:
+        flow.solver_graphs = None
+    assert len(served) > 3
+    assert all(served), served
+
+
 def test_bucketed_streamed_flow_gives_each_row_its_own_result(engine: CosyVoiceEngine) -> None:
     """The graph paths pad a call into buckets: (rows, frames, earlier frames) for the solver,
     (rows, tokens) for the encoder; padding changes nothing."""
     flow = engine._require()[0].audio.flow
-    graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
-                          rows=(1, 4), frame_step=64, max_frames=256, later_frames=64,
-                          wide_rows=(), max_past=256)
+    graphs = _small_solver_graphs(flow)
     assert graphs.bucket_for(3, 150, past=0, steps=10) is not None
     assert graphs.bucket_for(3, 50, past=150, steps=10) is not None
     assert graphs.bucket_for(3, 80, past=150, steps=10) is None
     assert graphs.bucket_for(5, 50, past=150, steps=10) is None
     assert graphs.bucket_for(3, 50, past=150, steps=4) is None
-    used = []
-    solve = graphs.solve
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        result = solve(*args, **kwargs)
-        used.append(result is not None)
-        return result
-
-    graphs.solve = counted  # type: ignore[method-assign]
+    used = _count_calls(graphs, "solve")
     encoder = EncoderGraphs(flow.encode_tokens, flow.cfg.pre_lookahead_len,
                             flow.encoder.cfg.upsample_stride, torch.device("cpu"), rows=(1, 4),
                             width_step=32, max_width=128)
-    encoded = []
-    run = encoder.run
-
-    def counted_run(*args: Any) -> Any:
-        result = run(*args)
-        encoded.append(result is not None)
-        return result
-
-    encoder.run = counted_run  # type: ignore[method-assign]
+    encoded = _count_calls(encoder, "run")
     flow.solver_graphs, flow.encoder_graphs = graphs, encoder
     try:
         assert _stream_alongside(flow, _utterances(9)) < 1e-4

@@ -1,4 +1,5 @@
-"""Pure functions of the cosyvoice engine: config, weight folding, text, sampling, voices."""
+"""Pure functions of the cosyvoice engine: config, weight folding, text, sampling, voices,
+spectra."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from worker.engines.cosyvoice.capacity import (
 )
 from worker.engines.cosyvoice.config import read_yaml
 from worker.engines.cosyvoice.frontend import VoicePrompt
+from worker.engines.cosyvoice.hift import inverse_stft
 from worker.engines.cosyvoice.sampling import SamplingParams, sample, uniform
 from worker.engines.cosyvoice.text import (
     chinese_number,
@@ -151,3 +153,14 @@ def test_stated_capacity_fits_the_memory_left() -> None:
     assert 40 < shared < 128
     assert shared * cost.bytes() <= 60 * 2**30 - WORKING_SHARE * total
     assert streams_that_fit(2**30, total, cost, limit=128) == 1
+
+
+@pytest.mark.parametrize(("n_fft", "hop"), [(16, 4), (16, 8), (64, 16)])
+def test_inverse_stft_matches_torch(n_fft: int, hop: int) -> None:
+    window = torch.hann_window(n_fft, periodic=True)
+    spec = torch.randn(3, n_fft // 2 + 1, 120, dtype=torch.cfloat,
+                       generator=torch.Generator().manual_seed(0))
+    expected = torch.istft(spec, n_fft, hop, n_fft, window=window)
+    got = inverse_stft(spec, n_fft, hop, window)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()

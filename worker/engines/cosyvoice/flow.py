@@ -146,16 +146,43 @@ class FlowModel(nn.Module):
         that ends between two (a short first chunk) leaves its last frames to be computed again
         with the next chunk, which they see. Equal, up to rounding, to `mel_batch` with
         `streaming` over the same tokens, sliced to the frames after `emitted`.
+
+        First chunks (no state: the prompt and many new frames) and later ones (few new frames
+        after many earlier ones) are solved apart, one call each: each kind has its own graphs,
+        and a call that mixed them would fit neither.
         """
         device = self.input_embedding.weight.device
         mu_all, _, spks, frames = self._encode(rows, torch.ones(len(rows), dtype=torch.bool,
                                                                 device=device))
+        prompt_frames = [r.prompt_mel.size(0) for r in rows]
+        if emitted is None:
+            emitted = [max(0, (0 if s is None else s.frames) - pf)
+                       for s, pf in zip(states, prompt_frames, strict=True)]
+        results: dict[int, tuple[torch.Tensor, FlowState]] = {}
+        first = [i for i, s in enumerate(states) if s is None]
+        later = [i for i, s in enumerate(states) if s is not None]
+        for group in (first, later):
+            if not group:
+                continue
+            index = torch.tensor(group, device=device)
+            group_mels, group_states = self._stream_group(
+                [rows[i] for i in group], mu_all.index_select(0, index),
+                spks.index_select(0, index), [frames[i] for i in group],
+                [states[i] for i in group], [emitted[i] for i in group], steps)
+            results.update(zip(group, zip(group_mels, group_states, strict=True), strict=True))
+        return ([results[i][0] for i in range(len(rows))],
+                [results[i][1] for i in range(len(rows))])
+
+    def _stream_group(
+        self, rows: list[FlowRow], mu_all: torch.Tensor, spks: torch.Tensor, frames: list[int],
+        states: list[FlowState | None], emitted: list[int], steps: int,
+    ) -> tuple[list[torch.Tensor], list[FlowState]]:
+        """`stream_batch` for rows already encoded (`mu_all` [B, C, T], `frames` each)."""
+        device = mu_all.device
         dtype = mu_all.dtype
         grid = self.cfg.estimator.static_chunk_size
         prompt_frames = [r.prompt_mel.size(0) for r in rows]
         past = [0 if s is None else s.frames for s in states]
-        if emitted is None:
-            emitted = [max(0, p - pf) for p, pf in zip(past, prompt_frames, strict=True)]
         start = [pf + e for pf, e in zip(prompt_frames, emitted, strict=True)]
         new = [f - p for f, p in zip(frames, past, strict=True)]
         if any(s >= f or s < p for s, f, p in zip(start, frames, past, strict=True)):

@@ -203,9 +203,9 @@ class HiFTGenerator(nn.Module):
         bins = cfg.n_fft // 2 + 1
         magnitude = torch.clip(torch.exp(x[:, :bins]), max=1e2)
         phase = torch.sin(x[:, bins:])
-        wav = torch.istft(
+        wav = inverse_stft(
             torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase)),
-            cfg.n_fft, cfg.hop_len, cfg.n_fft, window=self.window,
+            cfg.n_fft, cfg.hop_len, self.window,
         )
         return torch.clamp(wav, -cfg.audio_limit, cfg.audio_limit)
 
@@ -238,6 +238,22 @@ class HiFTGenerator(nn.Module):
         if cache_source is not None and cache_source.size(2) > 0:
             source[:, :, : cache_source.size(2)] = cache_source
         return self.decode(mel, source), source
+
+
+def inverse_stft(spec: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor) -> torch.Tensor:
+    """`torch.istft(spec, n_fft, hop, n_fft, window)` (centred) for spec [B, n_fft/2+1, F],
+    without the host synchronisation torch's version makes to check the window's overlap, so a
+    CUDA graph can hold it."""
+    count = spec.size(2)
+    frames = torch.fft.irfft(spec, n=n_fft, dim=1) * window.view(1, -1, 1)
+    length = n_fft + hop * (count - 1)
+
+    def overlap_add(x: torch.Tensor) -> torch.Tensor:
+        return F.fold(x, (1, length), (1, n_fft), stride=(1, hop)).view(x.size(0), length)
+
+    envelope = overlap_add(window.square().view(1, -1, 1).expand(1, -1, count))
+    half = n_fft // 2
+    return (overlap_add(frames) / envelope)[:, half : length - half]
 
 
 def samples_per_frame(cfg: HiFTConfig) -> int:
