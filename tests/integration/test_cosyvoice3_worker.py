@@ -24,9 +24,14 @@ from testbed.cosyvoice3_models import build_model_dir
 from tests.support.audio import decode
 from tests.support.processes import RunningProcess, free_port, python_service
 from worker.engines import create_engine
+from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.config import ModelDirError
+from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.frontend import VoicePrompt
+from worker.engines.cosyvoice.v3_config import check_v3_model_dir
 from worker.engines.cosyvoice.v3_engine import CosyVoice3Engine
+from worker.engines.cosyvoice.v3_llm import CosyVoice3LM
+from worker.engines.cosyvoice.v3_pipeline import V3AudioStage
 from worker.validation import parse_body, validate
 
 TEXT = "Hello there, this is a streaming test of the speech engine today."
@@ -207,3 +212,57 @@ async def test_without_spk2info_only_the_cloning_modes_are_served(tmp_path: Path
         engine.plan(replace(request, voice="english_male", prompt_audio=None))
     assert refused.value.code == ErrorCode.UNKNOWN_VOICE
     engine._require()[0].stop()
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Iterator[CosyVoice3Engine]:
+    built = create_engine("cosyvoice", model_dir=str(model_dir))
+    assert isinstance(built, CosyVoice3Engine)
+    built.load()
+    yield built
+    built._require()[0].stop()
+
+
+@pytest.mark.parametrize(
+    ("fields", "head", "prompt_tokens"),
+    [
+        ({"voice": "english_male"}, "You are a helpful assistant.<|endofprompt|>", False),
+        ({"prompt_text": "A short prompt transcript."},
+         "You are a helpful assistant.<|endofprompt|>A short prompt transcript.", True),
+        ({}, "You are a helpful assistant.<|endofprompt|>", False),
+        ({"instruction": "Speak happily."},
+         "You are a helpful assistant. Speak happily.<|endofprompt|>", False),
+        ({"voice": "english_male", "instruction": "Speak slowly."},
+         "You are a helpful assistant. Speak slowly.<|endofprompt|>", False),
+    ],
+    ids=["sft", "zero_shot", "cross_lingual", "instruct2", "instruct2_speaker"],
+)
+def test_each_mode_gives_the_llm_the_released_prompt_text(
+    engine: CosyVoice3Engine, fields: dict[str, Any], head: str, prompt_tokens: bool
+) -> None:
+    recording = {} if "voice" in fields else {"prompt_audio": _wav(), "prompt_sample_rate": 16000}
+    given = {"voice": ""} | recording | fields
+    request = EngineRequest(text="Good morning.", speed=1.0, seed=1, **given)
+    (utt,) = engine.plan(request)
+    tokenizer = engine._require()[1].tokenizer
+    assert tokenizer.decode(utt.text_ids) == head + "Good morning."
+    assert utt.tts_token_count == len(tokenizer("Good morning.")["input_ids"])
+    assert (utt.llm_prompt_tokens.size(1) > 0) == prompt_tokens
+    assert (utt.flow_prompt_tokens.size(1) > 0) == ("prompt_audio" in recording)
+
+
+def test_capacity_counts_a_streams_flow_keys_and_values(
+    engine: CosyVoice3Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audio = engine._audio
+    assert isinstance(audio, V3AudioStage)
+    dit = audio.flow.cfg.dit
+    per_frame = engine._flow_frame_bytes(audio.flow)
+    assert per_frame == 10 * dit.depth * 2 * 2 * dit.heads * dit.dim_head * 4  # float32
+    llm = engine._llm
+    assert isinstance(llm, CosyVoice3LM)
+    cost = SlotPool.row_bytes(llm.backbone, engine.max_positions) + 750 * per_frame  # 15 s
+    free, total = 15 * 10**7 + 3 * cost + 1000, 10**9  # 3 streams once 15% is kept back
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda device=None: (free, total))
+    config = check_v3_model_dir(engine.model_dir)
+    assert engine._streams_that_fit(llm, audio.flow, config) == 3

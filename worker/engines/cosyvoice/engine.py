@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -75,6 +75,13 @@ WARM_UP_PROMPT_S = 2.0
 """A model without built-in speakers warms up cloning a synthetic recording this long."""
 
 
+class PromptedModel(SpeechModel, Protocol):
+    """A speech LLM the engine can prompt (`SpeechLM`, `CosyVoice3LM`)."""
+
+    def build_input(self, text_ids: torch.Tensor, prompt_speech_tokens: torch.Tensor
+                    ) -> torch.Tensor: ...
+
+
 class SpeechEngine:
     """The model-independent part of the engine. A subclass's `load` reads its directory and
     calls `_serve` with what it built; see `create_engine` for the options."""
@@ -116,8 +123,9 @@ class SpeechEngine:
         self.max_audio_rows = max_audio_rows
         self.first_chunk_tokens = first_chunk_tokens
         self._scheduler: Scheduler | None = None
-        self._audio: Any = None
-        self._llm: Any = None
+        self._audio: AudioStages | None = None
+        self._llm: PromptedModel | None = None
+        self._mel_bins = 0
         self._frontend: Frontend | None = None
         self._speakers: dict[str, torch.Tensor] = {}
         self._voices: dict[str, VoicePrompt] = {}
@@ -129,14 +137,16 @@ class SpeechEngine:
         """Read and check every file; a missing or mismatched one raises `ModelDirError`."""
         raise NotImplementedError
 
-    def _serve(self, llm: SpeechModel, sampling: SamplingParams, audio: AudioStages,
-               frontend: Frontend, files: tuple[str, ...]) -> None:
+    def _serve(self, llm: PromptedModel, sampling: SamplingParams, audio: AudioStages,
+               mel_bins: int, frontend: Frontend, files: tuple[str, ...]) -> None:
         """Put the loaded parts to work: the batched decoder over `llm` (its KV pool sized to
-        `max_streams`), the scheduler, and the model version (a digest of `files`)."""
+        `max_streams`), the scheduler over it and `audio` (whose flow makes `mel_bins`-wide
+        frames), and the model version (a digest of `files`)."""
         decoder = BatchDecoder(llm, sampling, slots=self.max_streams,
                                positions=self.max_positions, use_graphs=self.cuda_graph)
         self._llm = llm
         self._audio = audio
+        self._mel_bins = mel_bins
         self._frontend = frontend
         self._scheduler = Scheduler(
             decoder, audio, self._embed, DecodeLimits(fixed_tokens=self.fixed_speech_tokens),
@@ -144,8 +154,8 @@ class SpeechEngine:
         )
         self._version = content_version(self.model_dir, files)
 
-    def _streams_that_fit(self, llm: SpeechModel, frame_bytes: int, frames_per_second: int
-                          ) -> int:
+    def _streams_in_memory(self, llm: SpeechModel, frame_bytes: int, frames_per_second: int
+                           ) -> int:
         """`DEFAULT_STREAMS` on this device, or fewer when their memory would not fit: each
         stream's KV row and `STREAM_BUDGET_S` of flow state at `frame_bytes` per mel frame."""
         cost = StreamCost(
@@ -232,8 +242,7 @@ class SpeechEngine:
     def _embed(self, utt: Utterance) -> torch.Tensor:
         assert self._llm is not None
         text = torch.tensor([utt.text_ids], dtype=torch.long, device=self.device)
-        embeds: torch.Tensor = self._llm.build_input(text, utt.llm_prompt_tokens.to(self.device))
-        return embeds
+        return self._llm.build_input(text, utt.llm_prompt_tokens.to(self.device))
 
     # -- registered voices ----------------------------------------------------------------------
 
@@ -298,15 +307,13 @@ class SpeechEngine:
                 "An instruction cannot be combined with a prompt transcript (zero-shot mode).",
             )
         empty_tokens = torch.zeros(1, 0, dtype=torch.int32)
-        assert self._audio is not None
-        mel_bins = self._audio.flow.cfg.output_size
         if prompt is not None:
             embedding = prompt.embedding
             flow_tokens, prompt_mel = prompt.speech_tokens, prompt.mel
         else:
             assert speaker is not None
             embedding = speaker
-            flow_tokens, prompt_mel = empty_tokens, torch.zeros(1, 0, mel_bins)
+            flow_tokens, prompt_mel = empty_tokens, torch.zeros(1, 0, self._mel_bins)
         llm_tokens = empty_tokens
         if instruction:
             head = frontend.prompt.instruct(instruction)
@@ -402,21 +409,20 @@ class CosyVoiceEngine(SpeechEngine):
                 flow.encode_tokens, config.flow.pre_lookahead_len,
                 config.flow.encoder.upsample_stride, self.device)
         if self._size_streams_to_memory:
-            self.max_streams = self._streams_that_fit(llm, self._flow_frame_bytes(flow),
-                                                      self._frames_per_second(config))
+            self.max_streams = self._streams_that_fit(llm, flow, config)
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
         if self.cuda_graph and self.device.type == "cuda":
             audio.vocoder_graphs = VocoderGraphs(hift, self.device, audio.streamed_shapes())
-        self._serve(llm, sampling, audio, frontend, REQUIRED_FILES)
+        self._serve(llm, sampling, audio, config.flow.output_size, frontend, REQUIRED_FILES)
 
-    def _flow_frame_bytes(self, flow: FlowModel) -> int:
+    def _streams_that_fit(self, llm: SpeechLM, flow: FlowModel, config: ModelConfig) -> int:
+        """`DEFAULT_STREAMS` on this device, or fewer when their memory would not fit."""
         estimator = flow.decoder.estimator
-        return flow_frame_bytes(self.flow_steps, estimator.attention_blocks,
-                                estimator.cfg.channels[0], torch.finfo(self.dtype).bits // 8)
-
-    @staticmethod
-    def _frames_per_second(config: ModelConfig) -> int:
-        return config.mel.sampling_rate // config.mel.hop_size
+        frame_bytes = flow_frame_bytes(self.flow_steps, estimator.attention_blocks,
+                                       estimator.cfg.channels[0],
+                                       torch.finfo(self.dtype).bits // 8)
+        return self._streams_in_memory(llm, frame_bytes,
+                                       config.mel.sampling_rate // config.mel.hop_size)
 
     def _capture_graphs(self) -> None:
         """The flow's solver and encoder graphs and the vocoder's; a capture that fails leaves

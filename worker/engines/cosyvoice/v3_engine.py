@@ -26,7 +26,7 @@ from worker.engines.cosyvoice.v3_config import REQUIRED_FILES, V3ModelConfig, ch
 from worker.engines.cosyvoice.v3_flow import NOISE_FRAMES, STEPS, CosyVoice3Flow, load_v3_flow
 from worker.engines.cosyvoice.v3_frontend import COSYVOICE3
 from worker.engines.cosyvoice.v3_hift import HiFTNoise, load_v3_hift, samples_per_frame
-from worker.engines.cosyvoice.v3_llm import load_v3_llm
+from worker.engines.cosyvoice.v3_llm import CosyVoice3LM, load_v3_llm
 from worker.engines.cosyvoice.v3_pipeline import V3AudioStage, V3Utterance
 
 
@@ -68,12 +68,10 @@ class CosyVoice3Engine(SpeechEngine):
         sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
                                   config.llm.tau_r)
         if self._size_streams_to_memory:
-            self.max_streams = self._streams_that_fit(
-                llm, self._flow_frame_bytes(flow),
-                config.mel.sampling_rate // config.mel.hop_size)
+            self.max_streams = self._streams_that_fit(llm, flow, config)
         audio = V3AudioStage(flow, hift, self._vocoder_noise(config), self.device)
         files = REQUIRED_FILES + ((SPEAKERS_FILE,) if self._speakers else ())
-        self._serve(llm, sampling, audio, frontend, files)
+        self._serve(llm, sampling, audio, config.flow.output_size, frontend, files)
 
     def _vocoder_noise(self, config: V3ModelConfig) -> HiFTNoise:
         """The released vocoder's fixed noise, as long as the longest utterance the KV pool
@@ -82,6 +80,13 @@ class CosyVoice3Engine(SpeechEngine):
         noise = HiFTNoise.released(config.flow, config.hift,
                                    frames * samples_per_frame(config.hift))
         return HiFTNoise(noise.sines.to(self.device))
+
+    def _streams_that_fit(self, llm: CosyVoice3LM, flow: CosyVoice3Flow,
+                          config: V3ModelConfig) -> int:
+        """`DEFAULT_STREAMS` on this device, or fewer when their KV rows and flow states
+        (`_flow_frame_bytes` per mel frame) would not fit."""
+        return self._streams_in_memory(llm, self._flow_frame_bytes(flow),
+                                       config.mel.sampling_rate // config.mel.hop_size)
 
     @staticmethod
     def _flow_frame_bytes(flow: CosyVoice3Flow) -> int:
