@@ -248,10 +248,10 @@ class FlowModel(nn.Module):
             return torch.zeros(*shape, device=device, dtype=dtype)
 
         return SolverHistory(
-            past=zeros(steps, blocks, 2, rows, width_past, ch),
+            context=zeros(steps, blocks, 2, rows, width_past + width_new, ch),
+            past_width=width_past,
             tails=zeros(steps, len(convs), 2, rows, max(convs), 2),
             tail_index=torch.zeros(2 * rows, 1, 2, dtype=torch.long, device=device),
-            attention_out=zeros(steps, blocks, 2, rows, width_new, ch),
             tails_out=zeros(steps, len(convs), 2, rows, max(convs), 2),
         )
 

@@ -116,16 +116,14 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor,
-                past: torch.Tensor | None = None) -> torch.Tensor:
-        """Self-attention of x [B, T, C]; with `past` [2, B/2, H, C] (earlier frames' inputs),
-        the keys and values are those frames' followed by x's."""
-        b, t, _ = x.shape
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention of x [B, T, C]; with `context` [2, B/2, K, C] (the earlier frames'
+        inputs, then x's), the keys and values are projected from the context."""
+        b, t, c = x.shape
+        keys = x if context is None else context.reshape(b, -1, c)
         q = self.to_q(x)
-        k = self.to_k(x)
-        v = self.to_v(x)
-        if past is not None and past.size(-2) > 0:
-            k = torch.cat([self.to_k(past).reshape(b, -1, k.size(-1)), k], dim=1)
-            v = torch.cat([self.to_v(past).reshape(b, -1, v.size(-1)), v], dim=1)
+        k = self.to_k(keys)
+        v = self.to_v(keys)
         q, k, v = (y.view(b, -1, self.heads, y.size(-1) // self.heads).transpose(1, 2)
                    for y in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))
@@ -166,11 +164,11 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor,
                 history: StepHistory | None = None) -> torch.Tensor:
         h = self.norm1(x)
-        past = None
+        context = None
         if history is not None:
-            history.attention_out[self.index].copy_(h.view(2, -1, *h.shape[1:]))
-            past = history.past[self.index]
-        x = x + self.attn1(h, bias, past)
+            context = history.context[self.index]
+            context[:, :, history.past_width :].copy_(h.view(2, -1, *h.shape[1:]))
+        x = x + self.attn1(h, bias, context)
         return x + self.ff(self.norm3(x))
 
 

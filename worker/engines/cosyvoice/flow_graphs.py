@@ -10,9 +10,9 @@ to `later_frames` new frames after up to `max_past` earlier ones) up to the larg
 calls run eagerly.
 Nothing is captured while serving.
 
-The history buffers (earlier frames in, new frames' records out) are shared by every bucket, as
-views of one allocation of the largest size: replays never overlap, and each call's records are
-copied into the requests' states before the next.
+The history buffers (earlier frames in, new frames' records out, side by side as the keys'
+inputs) are shared by every bucket, as views of one allocation of the largest size: replays
+never overlap, and each call's records are copied into the requests' states before the next.
 """
 
 from __future__ import annotations
@@ -65,9 +65,8 @@ class SolverGraphs:
     `wide_frames` for the batch sizes in `wide_rows`) and later chunks (up to `later_frames` new
     frames after up to `max_past` earlier ones, every batch size).
 
-    The shared history buffers hold 0.57 MB per frame (released model, bf16): `max_past` x the
-    largest later batch for the earlier frames (about 28 GB at the defaults) and the largest first
-    chunk's frames for the records (about 9.4 GB).
+    The shared history buffer holds 0.57 MB per frame (released model, bf16) for the largest
+    bucket's rows x (earlier + new frames): 64 x (768 + 64), about 30 GB at the defaults.
     """
 
     def __init__(
@@ -94,8 +93,8 @@ class SolverGraphs:
                   for p in range(frame_step, max_past + 1, frame_step)]
         per_frame = steps * blocks * 2 * ch
         per_row = steps * len(convs) * 2 * max(convs) * 2
-        past = torch.zeros(per_frame * max(r * p for r, _, p in sizes), device=device, dtype=dtype)
-        out = torch.zeros(per_frame * max(r * f for r, f, _ in sizes), device=device, dtype=dtype)
+        context = torch.zeros(per_frame * max(r * (p + f) for r, f, p in sizes), device=device,
+                              dtype=dtype)
         most = max(self.rows)
         tails = torch.zeros(per_row * most, device=device, dtype=dtype)
         tails_out = torch.zeros(per_row * most, device=device, dtype=dtype)
@@ -108,10 +107,10 @@ class SolverGraphs:
 
         for r, f, p in sizes:
             history = SolverHistory(
-                past=view(past, steps, blocks, 2, r, p, ch),
+                context=view(context, steps, blocks, 2, r, p + f, ch),
+                past_width=p,
                 tails=view(tails, steps, len(convs), 2, r, max(convs), 2),
                 tail_index=torch.zeros(2 * r, 1, 2, dtype=torch.long, device=device),
-                attention_out=view(out, steps, blocks, 2, r, f, ch),
                 tails_out=view(tails_out, steps, len(convs), 2, r, max(convs), 2),
             )
             self._buckets[(r, f, p)] = _Bucket(

@@ -57,16 +57,17 @@ class StepHistory:
     """One estimator call's view of the earlier frames of a batch, and where it records the new
     ones. Rows are ordered guided-then-unguided, as the solver stacks them: row g*R + r.
 
-    `past` [blocks, 2, R, H, C] and `tails` [convs, 2, R, C_max, 2] are read; `attention_out`
-    [blocks, 2, R, N, C] and `tails_out` [convs, 2, R, C_max, 2] are written. `tail_index`
-    [2R, 1, 2] holds, per row, where the two input frames before its kept ones end sit in
-    [tail, new frames].
+    `context` [blocks, 2, R, H + N, C] holds every attention block's keys' inputs: the earlier
+    frames' (read, padded to H) then the new frames' (written by the block before it attends),
+    so keys and values are projected from one tensor. `tails` [convs, 2, R, C_max, 2] are read
+    and `tails_out` written. `tail_index` [2R, 1, 2] holds, per row, where the two input frames
+    before its kept ones end sit in [tail, new frames].
     """
 
-    past: torch.Tensor
+    context: torch.Tensor
+    past_width: int
     tails: torch.Tensor
     tail_index: torch.Tensor
-    attention_out: torch.Tensor
     tails_out: torch.Tensor
 
 
@@ -74,25 +75,30 @@ class StepHistory:
 class SolverHistory:
     """`StepHistory` for every Euler step: the same tensors with a leading step dimension."""
 
-    past: torch.Tensor
+    context: torch.Tensor
+    past_width: int
     tails: torch.Tensor
     tail_index: torch.Tensor
-    attention_out: torch.Tensor
     tails_out: torch.Tensor
 
+    @property
+    def attention_out(self) -> torch.Tensor:
+        """The new frames' records [steps, blocks, 2, R, N, C]."""
+        return self.context[:, :, :, :, self.past_width :]
+
     def step(self, index: int) -> StepHistory:
-        return StepHistory(self.past[index], self.tails[index], self.tail_index,
-                           self.attention_out[index], self.tails_out[index])
+        return StepHistory(self.context[index], self.past_width, self.tails[index],
+                           self.tail_index, self.tails_out[index])
 
     def load(self, states: list[FlowState | None], kept_frames: torch.Tensor) -> None:
-        """Fill the inputs from each row's state (rows past the states' stay zero), and the
-        tail positions: each row's tails are recorded where its first `kept_frames` new frames
-        end (the frames its next state keeps)."""
-        self.past.zero_()
+        """Fill the earlier frames from each row's state (rows past the states' stay zero), and
+        the tail positions: each row's tails are recorded where its first `kept_frames` new
+        frames end (the frames its next state keeps)."""
+        self.context[:, :, :, :, : self.past_width].zero_()
         self.tails.zero_()
         for i, state in enumerate(states):
             if state is not None:
-                self.past[:, :, :, i, : state.frames] = state.attention[:, :, :, : state.frames]
+                self.context[:, :, :, i, : state.frames] = state.attention[:, :, :, : state.frames]
                 self.tails[:, :, :, i] = state.tails
         rows = self.tail_index.size(0) // 2
         counts = torch.zeros(rows, dtype=torch.long, device=kept_frames.device)
