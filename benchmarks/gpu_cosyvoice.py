@@ -116,11 +116,18 @@ def peak_memory_gib(reset: bool = False) -> float:
 
 # -- in-process ---------------------------------------------------------------------------------
 
+LEVEL_TIMEOUT_S = 120.0
+"""A stream not done this long after its level started counts as failed (and is cancelled)."""
+
+
 async def stream_inproc(engine: CosyVoiceEngine, request: EngineRequest) -> StreamStats:
     stats = StreamStats(time.perf_counter())
     try:
-        async for chunk in engine.stream(request):
-            stats.chunk(chunk.size)
+        async with asyncio.timeout(LEVEL_TIMEOUT_S):
+            async for chunk in engine.stream(request):
+                stats.chunk(chunk.size)
+    except TimeoutError:
+        stats.error = f"not done after {LEVEL_TIMEOUT_S:.0f} s"
     except Exception as e:
         stats.error = repr(e)[:200]
     return stats
@@ -241,7 +248,7 @@ def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
 
         async def level(c: int, name: str = "http") -> dict[str, Any]:
             limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
-            async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            async with httpx.AsyncClient(timeout=LEVEL_TIMEOUT_S, limits=limits) as client:
                 bodies = [{"text": TEXT, "voice": "bench", "seed": i, "format": "pcm_f32le",
                            "voice_features": base64.b64encode(features).decode()}
                           for i in range(c)]
