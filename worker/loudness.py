@@ -83,10 +83,13 @@ class LoudnessStage:
         return db_to_gain(change)
 
     async def calibrate(self, engine: Engine) -> None:
-        """Measure every built-in voice (at most `MAX_CALIBRATED_VOICES`) on a fixed text."""
+        """Measure every built-in voice (at most `MAX_CALIBRATED_VOICES`) on a fixed text.
+
+        An engine with no voice at all (default voice ""; CosyVoice3 without spk2info.pt
+        speaks only cloned voices) calibrates nothing, and its default gain is 1."""
         capabilities = engine.capabilities()
         voices = [voice.id for voice in capabilities.voices][:MAX_CALIBRATED_VOICES]
-        if capabilities.default_voice not in voices:
+        if capabilities.default_voice and capabilities.default_voice not in voices:
             voices.insert(0, capabilities.default_voice)
         for voice in voices:
             audio = await self._calibration_audio(engine, voice)

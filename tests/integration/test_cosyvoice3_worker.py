@@ -1,15 +1,15 @@
 """A real `python -m worker` process serving a tiny random-weight CosyVoice3 directory under the
 `cosyvoice` engine name: every mode streams decodable audio over HTTP, registered voices work,
 bad input gets its 4xx code before any audio, and the worker keeps serving afterwards. In
-process: the directory's yaml picks the model, and a directory without speakers serves the
-cloning modes only."""
+process: the directory's yaml picks the model, each mode's prompt text and the capacity
+arithmetic. A directory without speakers serves the cloning modes only."""
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from contract.errors import ErrorCode, ServiceError
 from testbed.cosyvoice3_models import build_model_dir
 from tests.support.audio import decode
 from tests.support.processes import RunningProcess, free_port, python_service
@@ -32,7 +31,6 @@ from worker.engines.cosyvoice.v3_config import check_v3_model_dir
 from worker.engines.cosyvoice.v3_engine import CosyVoice3Engine
 from worker.engines.cosyvoice.v3_llm import CosyVoice3LM
 from worker.engines.cosyvoice.v3_pipeline import V3AudioStage
-from worker.validation import parse_body, validate
 
 TEXT = "Hello there, this is a streaming test of the speech engine today."
 SPEAKERS = {"中文女", "english_male"}
@@ -57,14 +55,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("cv3w") / "tiny", seed=4)
 
 
-@pytest.fixture(scope="module")
-def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[RunningProcess]:
+@contextmanager
+def _worker_on(model_dir: Path, log_dir: Path) -> Iterator[RunningProcess]:
     port = free_port()
     env = {"WORKER_PORT": str(port), "WORKER_ENGINE": "cosyvoice",
            "WORKER_MODEL_DIR": str(model_dir), "WORKER_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
-    with python_service("worker", env, port=port, log_dir=tmp_path_factory.mktemp("cv3log"),
-                        timeout=180.0) as running:
+    with python_service("worker", env, port=port, log_dir=log_dir, timeout=180.0) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[RunningProcess]:
+    with _worker_on(model_dir, tmp_path_factory.mktemp("cv3log")) as running:
         yield running
 
 
@@ -187,31 +190,19 @@ def test_a_missing_file_names_itself(model_dir: Path, tmp_path: Path, missing: s
         create_engine("cosyvoice", model_dir=str(broken)).load()
 
 
-async def test_without_spk2info_only_the_cloning_modes_are_served(tmp_path: Path) -> None:
+def test_without_spk2info_only_the_cloning_modes_are_served(tmp_path: Path) -> None:
     bare = build_model_dir(tmp_path / "bare", seed=4, speakers=False)
-    engine = create_engine("cosyvoice", model_dir=str(bare))
-    engine.load()
-    engine.warm_up()  # clones a synthetic recording: there is no speaker to warm up with
-    info = engine.capabilities()
-    assert info.modes == ("zero_shot", "cross_lingual", "instruct2")
-    assert info.voices == ()
-    assert info.default_voice == ""
-    # The worker's checks let a recording through with no voice named, and refuse a speaker.
-    clone = parse_body(json.dumps({"text": TEXT, "prompt_audio": _wav_b64()}).encode())
-    request = validate(clone, info, max_text_chars=4096).engine_request
-    assert request.voice == ""
-    with pytest.raises(ServiceError) as unknown:
-        validate(parse_body(b'{"text": "Hi.", "voice": "english_male"}'), info,
-                 max_text_chars=4096)
-    assert unknown.value.code == ErrorCode.UNKNOWN_VOICE
-    audio = np.concatenate([chunk async for chunk in engine.stream(request)])
-    assert audio.size > 0
-    assert float(np.sqrt(np.mean(audio**2))) > 1e-3
-    assert isinstance(engine, CosyVoice3Engine)
-    with pytest.raises(ServiceError) as refused:
-        engine.plan(replace(request, voice="english_male", prompt_audio=None))
-    assert refused.value.code == ErrorCode.UNKNOWN_VOICE
-    engine._require()[0].stop()
+    # Readiness means warm-up spoke: it clones a synthetic recording, having no speaker.
+    with _worker_on(bare, tmp_path) as worker:
+        info = httpx.get(f"{worker.url}/v1/info", timeout=10.0).json()
+        assert info["modes"] == ["zero_shot", "cross_lingual", "instruct2"]
+        assert info["voices"] == []
+        assert info["default_voice"] == ""
+        _speak(worker, prompt_audio=_wav_b64())  # no voice named, none needed
+        _speak(worker, prompt_audio=_wav_b64(), prompt_text="A short prompt transcript.")
+        refused = _refused(worker, {"text": TEXT, "voice": "english_male"})
+        assert refused == (422, "unknown_voice")
+        assert _refused(worker, {"text": TEXT}) == (422, "unknown_voice")
 
 
 @pytest.fixture(scope="module")
