@@ -359,14 +359,16 @@ def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
     return worst
 
 
-def _utterances(seed: int) -> list[dict[str, Any]]:
+def _utterances(seed: int, shapes: tuple[tuple[int, int], ...] = ((9, 90), (0, 70), (30, 60))
+                ) -> list[dict[str, Any]]:
+    """Utterances of (prompt tokens, tokens) each, with random prompts and speakers."""
     gen = torch.Generator().manual_seed(seed)
     return [
         {"tokens": torch.randint(0, 6561, (n,), generator=gen),
          "prompt_tokens": torch.randint(0, 6561, (p,), generator=gen),
          "prompt_mel": torch.randn(2 * p, 80, generator=gen),
          "embedding": torch.randn(192, generator=gen)}
-        for p, n in ((9, 90), (0, 70), (30, 60))
+        for p, n in shapes
     ]
 
 
@@ -421,6 +423,32 @@ def test_requests_joining_streams_under_way_stay_on_the_graphs(engine: CosyVoice
         flow.solver_graphs = None
     assert len(served) > 3
     assert all(served), served
+
+
+def test_rows_beyond_the_graphs_are_split_into_calls_that_fit(engine: CosyVoiceEngine) -> None:
+    """More rows than the largest bucket are cut into calls that fit one; a row that fits none
+    (its prompt is longer than the buckets' frames) is solved eagerly on its own, and every
+    chunk still equals the chunk recomputed alone."""
+    flow = engine._require()[0].audio.flow
+    graphs = _small_solver_graphs(flow)
+    sizes: list[int] = []
+    solve = graphs.solve
+
+    def sized(noise: torch.Tensor, *args: Any) -> Any:
+        sizes.append(noise.size(0))
+        return solve(noise, *args)
+
+    graphs.solve = sized  # type: ignore[method-assign]
+    served = _count_calls(graphs, "solve")
+    shapes = ((9, 60), (0, 50), (30, 40), (5, 45), (12, 55), (110, 40))
+    flow.solver_graphs = graphs
+    try:
+        assert _stream_alongside(flow, _utterances(12, shapes)) < 1e-4
+    finally:
+        flow.solver_graphs = None
+    assert max(size for size, ok in zip(sizes, served, strict=True) if ok) <= max(graphs.rows)
+    assert any(served)
+    assert not all(served)
 
 
 def test_bucketed_streamed_flow_gives_each_row_its_own_result(engine: CosyVoiceEngine) -> None:

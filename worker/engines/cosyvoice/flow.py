@@ -25,6 +25,11 @@ NOISE_FRAMES = 50 * 300
 """The released model starts every utterance from the same noise: N(0, 1) drawn with seed 0."""
 
 
+EAGER_ROWS = 8
+"""Rows per solver call that no graph fits (each such call allocates its own history buffers:
+0.57 MB per row and frame on the released model)."""
+
+
 def fixed_noise(channels: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.randn([1, channels, NOISE_FRAMES], generator=generator)
@@ -147,9 +152,7 @@ class FlowModel(nn.Module):
         with the next chunk, which they see. Equal, up to rounding, to `mel_batch` with
         `streaming` over the same tokens, sliced to the frames after `emitted`.
 
-        First chunks (no state: the prompt and many new frames) and later ones (few new frames
-        after many earlier ones) are solved apart, one call each: each kind has its own graphs,
-        and a call that mixed them would fit neither.
+        The rows are solved in one call or several (`_solver_calls`).
         """
         device = self.input_embedding.weight.device
         mu_all, _, spks, frames = self._encode(rows, torch.ones(len(rows), dtype=torch.bool,
@@ -159,11 +162,7 @@ class FlowModel(nn.Module):
             emitted = [max(0, (0 if s is None else s.frames) - pf)
                        for s, pf in zip(states, prompt_frames, strict=True)]
         results: dict[int, tuple[torch.Tensor, FlowState]] = {}
-        first = [i for i, s in enumerate(states) if s is None]
-        later = [i for i, s in enumerate(states) if s is not None]
-        for group in (first, later):
-            if not group:
-                continue
+        for group in self._solver_calls(states, frames, steps):
             index = torch.tensor(group, device=device)
             group_mels, group_states = self._stream_group(
                 [rows[i] for i in group], mu_all.index_select(0, index),
@@ -172,6 +171,43 @@ class FlowModel(nn.Module):
             results.update(zip(group, zip(group_mels, group_states, strict=True), strict=True))
         return ([results[i][0] for i in range(len(rows))],
                 [results[i][1] for i in range(len(rows))])
+
+    def _solver_calls(self, states: list[FlowState | None], frames: list[int], steps: int
+                      ) -> list[list[int]]:
+        """The rows of a streamed chunk, split into solver calls.
+
+        First chunks (no state: the prompt and many new frames) and later ones (few new frames
+        after many earlier ones) are solved apart: each kind has its own graphs, and a call that
+        mixed them would fit neither. With graphs, each kind is cut, in order of earlier frames
+        (so a call pads little), into calls that fit a captured bucket; rows that fit none (a
+        long prompt, a long utterance) go in eager calls of at most `EAGER_ROWS`, which bounds
+        the history buffers an eager call allocates.
+        """
+        past = [0 if s is None else s.frames for s in states]
+        new = [f - p for f, p in zip(frames, past, strict=True)]
+        calls: list[list[int]] = []
+        for first in (True, False):
+            kind = sorted((i for i, s in enumerate(states) if (s is None) == first),
+                          key=lambda i: (past[i], new[i]))
+            if self.solver_graphs is None:
+                calls.append(kind)
+                continue
+            graphs = self.solver_graphs
+            current: list[int] = []
+            eager: list[int] = []
+            for i in kind:
+                if graphs.bucket_for(1, new[i], past[i], steps) is None:
+                    eager.append(i)
+                    continue
+                widened = [*current, i]
+                if graphs.bucket_for(len(widened), max(new[j] for j in widened),
+                                     max(past[j] for j in widened), steps) is None:
+                    calls.append(current)
+                    widened = [i]
+                current = widened
+            calls.append(current)
+            calls += [eager[k : k + EAGER_ROWS] for k in range(0, len(eager), EAGER_ROWS)]
+        return [call for call in calls if call]
 
     def _stream_group(
         self, rows: list[FlowRow], mu_all: torch.Tensor, spks: torch.Tensor, frames: list[int],
