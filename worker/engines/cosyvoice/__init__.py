@@ -31,6 +31,7 @@ def create_engine(
     flow_steps: int = 10,
     max_audio_rows: int = 64,
     first_chunk_tokens: int = 25,
+    vocoder_graphs: bool = False,
 ) -> SpeechEngine:
     """The engine for the model in `model_dir` (`engine_class`), from keyword options only; an
     option not named here fails start-up (the registry names it). `model_dir` (required),
@@ -58,6 +59,7 @@ def create_engine(
         flow_steps=flow_steps,
         max_audio_rows=max_audio_rows,
         first_chunk_tokens=first_chunk_tokens,
+        vocoder_graphs=vocoder_graphs,
     )
 
 

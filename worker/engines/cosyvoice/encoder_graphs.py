@@ -4,8 +4,9 @@ Every chunk re-encodes its utterance's tokens so far (a few percent of the flow'
 eagerly that is about a thousand small kernels: at one stream, tens of milliseconds of host time
 before the first audio. Captured once per (rows, tokens) bucket at warm-up, a call pads its
 tokens into the bucket's static buffers (padding is absent tokens and invalid frames, masked as
-in a mixed-length batch) and replays the graph; even at 64 rows an eager call is bound by its
-launches (58 ms at 64 rows on an H200). Larger batches and longer utterances run eagerly.
+in a mixed-length batch) and replays the graph. Batches above 16 rows and longer utterances
+run eagerly (58 ms at 64 rows on an H200: buckets of 32 and 64 rows ran in a GPU run that
+failed at 64 streams with an illegal instruction, so they stay out until measured alone).
 Nothing is captured while serving.
 """
 
@@ -45,7 +46,7 @@ class _Bucket:
 class EncoderGraphs:
     def __init__(
         self, encode: Encode, lookahead: int, stride: int, device: torch.device,
-        rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), width_step: int = 64,
+        rows: tuple[int, ...] = (1, 2, 4, 8, 16), width_step: int = 64,
         max_width: int = 512,
     ) -> None:
         self.encode = encode

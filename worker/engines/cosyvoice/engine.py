@@ -103,6 +103,7 @@ class SpeechEngine:
         flow_steps: int = 10,
         max_audio_rows: int = 64,
         first_chunk_tokens: int = TOKEN_HOP,
+        vocoder_graphs: bool = False,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -122,6 +123,7 @@ class SpeechEngine:
         self.flow_steps = flow_steps
         self.max_audio_rows = max_audio_rows
         self.first_chunk_tokens = first_chunk_tokens
+        self.vocoder_graphs = vocoder_graphs
         self._scheduler: Scheduler | None = None
         self._audio: AudioStages | None = None
         self._llm: PromptedModel | None = None
@@ -411,7 +413,7 @@ class CosyVoiceEngine(SpeechEngine):
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
-        if self.cuda_graph and self.device.type == "cuda":
+        if self.vocoder_graphs and self.cuda_graph and self.device.type == "cuda":
             audio.vocoder_graphs = VocoderGraphs(hift, self.device, audio.streamed_shapes())
         self._serve(llm, sampling, audio, config.flow.output_size, frontend, REQUIRED_FILES)
 

@@ -183,11 +183,8 @@ class HiFTGenerator(nn.Module):
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Waveform [B, samples] from a mel and its excitation."""
         cfg = self.cfg
-        spec = torch.stft(
-            source.squeeze(1), cfg.n_fft, cfg.hop_len, cfg.n_fft, window=self.window,
-            return_complex=True,
-        )
-        s = torch.cat([spec.real, spec.imag], dim=1)
+        real, imag = stft(source.squeeze(1), cfg.n_fft, cfg.hop_len, self.window)
+        s = torch.cat([real, imag], dim=1)
         x = self.conv_pre(mel)
         kernels = len(cfg.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
@@ -203,10 +200,8 @@ class HiFTGenerator(nn.Module):
         bins = cfg.n_fft // 2 + 1
         magnitude = torch.clip(torch.exp(x[:, :bins]), max=1e2)
         phase = torch.sin(x[:, bins:])
-        wav = inverse_stft(
-            torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase)),
-            cfg.n_fft, cfg.hop_len, self.window,
-        )
+        wav = inverse_stft(magnitude * torch.cos(phase), magnitude * torch.sin(phase),
+                           cfg.n_fft, cfg.hop_len, self.window)
         return torch.clamp(wav, -cfg.audio_limit, cfg.audio_limit)
 
     @torch.inference_mode()
@@ -240,12 +235,37 @@ class HiFTGenerator(nn.Module):
         return self.decode(mel, source), source
 
 
-def inverse_stft(spec: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor) -> torch.Tensor:
-    """`torch.istft(spec, n_fft, hop, n_fft, window)` (centred) for spec [B, n_fft/2+1, F],
-    without the host synchronisation torch's version makes to check the window's overlap, so a
-    CUDA graph can hold it."""
-    count = spec.size(2)
-    frames = torch.fft.irfft(spec, n=n_fft, dim=1) * window.view(1, -1, 1)
+def _dft_basis(n_fft: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of 2 pi k n / n_fft, [n_fft, n_fft/2 + 1] (n by k), in float32."""
+    n = torch.arange(n_fft, dtype=torch.float64, device=device).unsqueeze(1)
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=device).unsqueeze(0)
+    angle = 2 * math.pi * n * k / n_fft
+    return angle.cos().float(), angle.sin().float()
+
+
+def stft(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and imaginary parts [B, n_fft/2+1, F] of `torch.stft(x, n_fft, hop, n_fft, window)`
+    (centred, reflect padding) for x [B, samples], as matrix products: the vocoder's transforms
+    are 16 points, and a CUDA graph holds matrix products without the FFT library's plans."""
+    half = n_fft // 2
+    padded = F.pad(x.unsqueeze(1), (half, half), mode="reflect").squeeze(1)
+    frames = padded.unfold(-1, n_fft, hop) * window  # [B, F, n_fft]
+    cos, sin = _dft_basis(n_fft, x.device)
+    return (frames @ cos).transpose(1, 2), -(frames @ sin).transpose(1, 2)
+
+
+def inverse_stft(real: torch.Tensor, imag: torch.Tensor, n_fft: int, hop: int,
+                 window: torch.Tensor) -> torch.Tensor:
+    """`torch.istft` (centred) of the spectrum real + i imag [B, n_fft/2+1, F], as matrix
+    products and an overlap-add, with none of the host synchronisation torch's version makes
+    to check the window's overlap (so a CUDA graph can hold it)."""
+    count = real.size(2)
+    cos, sin = _dft_basis(n_fft, real.device)
+    weight = torch.full((n_fft // 2 + 1,), 2.0 / n_fft, device=real.device)
+    weight[0] = weight[-1] = 1.0 / n_fft
+    frames = (cos * weight) @ real - (sin * weight) @ imag  # [B, n_fft, F]
+    frames = frames * window.view(1, -1, 1)
     length = n_fft + hop * (count - 1)
 
     def overlap_add(x: torch.Tensor) -> torch.Tensor:
