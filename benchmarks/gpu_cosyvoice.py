@@ -1,8 +1,12 @@
 """GPU benchmark: the cosyvoice engine under concurrent streams, beside the upstream implementation.
 
-Builds (once) a full-size random-weight model directory (Qwen2-0.5B shape, released flow and HiFT
-dimensions). Every request is zero-shot with a registered 3 s voice and decodes a fixed number of
-speech tokens (random weights never end speech; 240 tokens = 9.6 s of audio). For each
+`--model cosyvoice2` (the default) or `cosyvoice3` names the model `--model-dir` holds; a
+directory without flow.pt gets (once) a full-size random-weight one of that model (Qwen2-0.5B
+shape; CosyVoice2's released flow and HiFT, or Fun-CosyVoice3-0.5B's 22-layer DiT and causal
+HiFT). With `--device cpu` (a dry run) nothing is built: the directory must hold a model, e.g. a
+tiny one from `testbed.cosyvoice_models` or `testbed.cosyvoice3_models`. Every request is
+zero-shot with a registered 3 s voice and decodes a fixed number of speech tokens, end of speech
+ignored (random weights never end CosyVoice2's speech; 240 tokens = 9.6 s of audio). For each
 concurrency level, that many streams start at once, in-process through `engine.stream` and/or
 through a real `python -m worker` over HTTP; it prints time to first audio p50/p99, aggregate
 audio-seconds per second, per-stream real-time factor, the worst wait past what the listener had
@@ -12,9 +16,14 @@ request, so the first level does not pay the first zero-shot request's one-time 
 
     python benchmarks/gpu_cosyvoice.py --model-dir /tmp/cv_full --concurrency 1,4,16,64,128 \
         --modes inproc,http --upstream 1,4 --out results.json
+    python benchmarks/gpu_cosyvoice.py --model cosyvoice3 --model-dir /tmp/cv3_full \
+        --concurrency 1,4,16 --modes inproc,http --out results_cv3.json
+
+`--upstream` is CosyVoice2's only (no package ships upstream's CosyVoice3) and is refused with
+`--model cosyvoice3`.
 
 `--engine-option NAME=JSON` passes an engine option to both modes (`first_chunk_tokens=10`,
-`flow_steps=5`) to measure it beside the defaults.
+`flow_steps=5`; CosyVoice3 takes `flow_steps` 10 only) to measure it beside the defaults.
 
 `--check` also verifies that requests batched together get the same speech as each alone (within
 the engine's stated tolerance) and exits 1 if they do not.
@@ -39,15 +48,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contract.playback import UNDERRUN_THRESHOLD_S, PlaybackClock
-from testbed.cosyvoice_models import build_model_dir
+from testbed import cosyvoice3_models, cosyvoice_models
 from testbed.processes import free_port, python_service
 from worker.engines.base import EngineRequest
-from worker.engines.cosyvoice.engine import CosyVoiceEngine
+from worker.engines.cosyvoice import SpeechEngine, create_engine
 
 SR = 24000
 TEXT = "Hello world, this is a test of streaming speech."
 PROMPT_TEXT = "Hello world, this is a prompt."
 BATCH_AUDIO_TOLERANCE = 1e-2
+MODELS = {"cosyvoice2": ("cosyvoice2.yaml", cosyvoice_models.build_model_dir),
+          "cosyvoice3": ("cosyvoice3.yaml", cosyvoice3_models.build_model_dir)}
+"""For each `--model`: the yaml its directory holds, and the builder of a random-weight one."""
 
 
 def prompt_audio(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
@@ -120,7 +132,7 @@ LEVEL_TIMEOUT_S = 120.0
 """A stream not done this long after its level started counts as failed (and is cancelled)."""
 
 
-async def stream_inproc(engine: CosyVoiceEngine, request: EngineRequest) -> StreamStats:
+async def stream_inproc(engine: SpeechEngine, request: EngineRequest) -> StreamStats:
     stats = StreamStats(time.perf_counter())
     try:
         async with asyncio.timeout(LEVEL_TIMEOUT_S):
@@ -136,7 +148,7 @@ async def stream_inproc(engine: CosyVoiceEngine, request: EngineRequest) -> Stre
 class StageTimer:
     """Wall time and calls of the scheduler's batched stages (decode step, prefill, audio)."""
 
-    def __init__(self, engine: CosyVoiceEngine) -> None:
+    def __init__(self, engine: SpeechEngine) -> None:
         scheduler = engine._require()[0]
         self.totals: dict[str, list[float]] = {}
         self._wrap(scheduler.decoder, "step", lambda a: len(a[0]))
@@ -169,7 +181,7 @@ class StageTimer:
         return out
 
 
-async def sweep_inproc(engine: CosyVoiceEngine, levels: list[int]) -> list[dict[str, Any]]:
+async def sweep_inproc(engine: SpeechEngine, levels: list[int]) -> list[dict[str, Any]]:
     rows = []
     warm = EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=0)
     await stream_inproc(engine, warm)  # unmeasured, as through HTTP
@@ -185,7 +197,7 @@ async def sweep_inproc(engine: CosyVoiceEngine, levels: list[int]) -> list[dict[
     return rows
 
 
-def check_batched(engine: CosyVoiceEngine) -> bool:
+def check_batched(engine: SpeechEngine) -> bool:
     """Requests batched together give each its solo audio within the stated tolerance."""
 
     async def collect(seed: int) -> np.ndarray:
@@ -320,12 +332,35 @@ def levels_arg(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def model_dir_arg(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Build a full-size directory where `--model-dir` holds no model (never on the CPU), and
+    refuse one that holds the other model."""
+    yaml_name, build = MODELS[args.model]
+    others = [n for m, (n, _) in MODELS.items() if m != args.model
+              and (args.model_dir / n).is_file()]
+    if others:
+        parser.error(f"{args.model_dir} holds {others[0]}, not a {args.model} directory")
+    if not (args.model_dir / "flow.pt").exists():
+        if args.device == "cpu":
+            parser.error(f"{args.model_dir} holds no model (no flow.pt); for a dry run on the "
+                         "CPU build a tiny one first (testbed's build_model_dir), full size "
+                         "is built on the GPU only")
+        t = time.perf_counter()
+        build(args.model_dir, size="full")
+        print(f"built full-size model dir in {time.perf_counter() - t:.0f} s", flush=True)
+    if not (args.model_dir / yaml_name).is_file():
+        parser.error(f"{args.model_dir} lacks {yaml_name}: not a {args.model} directory")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="cosyvoice2",
+                        help="the model --model-dir holds (or gets, built at full size)")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--concurrency", type=levels_arg, default=levels_arg("1,4,16,64,128"))
     parser.add_argument("--modes", default="inproc", help="inproc,http")
-    parser.add_argument("--upstream", type=levels_arg, default=[], help="levels, e.g. 1,4")
+    parser.add_argument("--upstream", type=levels_arg, default=[],
+                        help="levels, e.g. 1,4 (cosyvoice2 only)")
     parser.add_argument("--tokens", type=int, default=240)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda", help="cpu for a dry run on a tiny model")
@@ -336,18 +371,18 @@ def main() -> int:
                              "first_chunk_tokens=10 or flow_steps=5")
     args = parser.parse_args()
     args.engine_option = dict(args.engine_option)
-    if not (args.model_dir / "flow.pt").exists():
-        t = time.perf_counter()
-        build_model_dir(args.model_dir, size="full")
-        print(f"built full-size model dir in {time.perf_counter() - t:.0f} s", flush=True)
+    if args.upstream and args.model != "cosyvoice2":
+        parser.error("--upstream compares with upstream's CosyVoice2 (cosyvoice2-eu) only; "
+                     f"no upstream package serves {args.model}")
+    model_dir_arg(parser, args)
     out_dir = args.out.parent if args.out else Path(".")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    report: dict[str, Any] = {"device": device_name, "tokens": args.tokens,
+    report: dict[str, Any] = {"model": args.model, "device": device_name, "tokens": args.tokens,
                               "engine_options": args.engine_option, "results": []}
     t = time.perf_counter()
-    engine = CosyVoiceEngine(args.model_dir, device=args.device, dtype=args.dtype,
-                             fixed_speech_tokens=args.tokens,
-                             max_streams=max(max(args.concurrency), 8), **args.engine_option)
+    engine = create_engine(model_dir=args.model_dir, device=args.device, dtype=args.dtype,
+                           fixed_speech_tokens=args.tokens,
+                           max_streams=max(max(args.concurrency), 8), **args.engine_option)
     engine.load()
     engine.warm_up()
     print(f"engine loaded and warm in {time.perf_counter() - t:.1f} s "

@@ -1,19 +1,21 @@
 """Random-weight CosyVoice3 model directories in the official layout, generated on demand.
 
 `build_model_dir(path, seed=...)` writes a tiny model for CPU tests (a 2-layer 64-wide Qwen2, a
-2-layer 64-wide DiT, a thin causal HiFT) with the files a release holds: cosyvoice3.yaml, llm.pt,
-flow.pt, hift.pt (keys under `generator.`, weight-normalised convolutions as g/v pairs),
-campplus.onnx, speech_tokenizer_v3.onnx (stand-ins with the released signatures), spk2info.pt
-(built-in speakers, optional in a release) and CosyVoice-BlankEN/ (Qwen2 config, weights and a
-byte-level BPE tokenizer trained on the spot). Parameter names are the released ones, so the
-loaders that read these files read a release. Nothing is downloaded; the same seed writes the
-same weights.
+2-layer 64-wide DiT, a thin causal HiFT); `size="full"` writes the released Fun-CosyVoice3-0.5B
+dimensions (Qwen2-0.5B, a 22-layer 1024-wide DiT, a 512-channel HiFT) for GPU benchmarks. Both
+hold the files a release holds: cosyvoice3.yaml, llm.pt, flow.pt, hift.pt (keys under
+`generator.`, weight-normalised convolutions as g/v pairs), campplus.onnx,
+speech_tokenizer_v3.onnx (stand-ins with the released signatures), spk2info.pt (built-in
+speakers, optional in a release) and CosyVoice-BlankEN/ (Qwen2 config, weights and a byte-level
+BPE tokenizer trained on the spot). Parameter names are the released ones, so the loaders that
+read these files read a release. Nothing is downloaded; the same seed writes the same weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,7 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
     pre_lookahead_len: 3
     pre_lookahead_layer: !new:cosyvoice.transformer.upsample_encoder.PreLookaheadLayer
         in_channels: 80
-        channels: {dit_dim}
+        channels: {lookahead_channels}
         pre_lookahead_len: 3
     decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
         in_channels: 240
@@ -86,9 +88,9 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
                 reg_loss_type: 'l1'
         estimator: !new:cosyvoice.flow.DiT.dit.DiT
             dim: {dit_dim}
-            depth: 2
-            heads: 4
-            dim_head: 16
+            depth: {dit_depth}
+            heads: {dit_heads}
+            dim_head: {dit_head_dim}
             ff_mult: 2
             mel_dim: 80
             mu_dim: 80
@@ -99,7 +101,7 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
 
 hift: !new:cosyvoice.hifigan.generator.CausalHiFTGenerator
     in_channels: 80
-    base_channels: 32
+    base_channels: {hift_base}
     nb_harmonics: 8
     sampling_rate: !ref <sample_rate>
     nsf_alpha: 0.1
@@ -120,7 +122,7 @@ hift: !new:cosyvoice.hifigan.generator.CausalHiFTGenerator
     f0_predictor: !new:cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor
         num_class: 1
         in_channels: 80
-        cond_channels: 32
+        cond_channels: {f0_cond}
 
 feat_extractor: !name:matcha.utils.audio.mel_spectrogram
     n_fft: 1920
@@ -133,13 +135,36 @@ feat_extractor: !name:matcha.utils.audio.mel_spectrogram
     center: False
 """
 
-QWEN_HIDDEN = 64
-DIT_DIM = 64
 
 
-def build_model_dir(root: Path, seed: int = 0, speakers: bool = True) -> Path:
-    """Write a complete tiny random-weight CosyVoice3 directory into `root` and return it;
-    `speakers=False` leaves out spk2info.pt (as the Fun-CosyVoice3-0.5B release does).
+@dataclass(frozen=True)
+class Dims:
+    qwen_hidden: int
+    qwen_layers: int
+    qwen_heads: int
+    qwen_kv_heads: int
+    qwen_ffn: int
+    qwen_vocab: int
+    dit_dim: int
+    dit_depth: int
+    dit_heads: int
+    dit_head_dim: int
+    lookahead_channels: int
+    hift_base: int
+    f0_cond: int
+
+
+TINY = Dims(64, 2, 4, 2, 128, 512, 64, 2, 4, 16, 64, 32, 32)
+FULL = Dims(896, 24, 14, 2, 4864, 151936, 1024, 22, 16, 64, 1024, 512, 512)
+"""The released cosyvoice3.yaml's flow and HiFT, and its CosyVoice-BlankEN (Qwen2-0.5B)."""
+
+
+def build_model_dir(
+    root: Path, size: str = "tiny", seed: int = 0, speakers: bool = True
+) -> Path:
+    """Write a complete random-weight CosyVoice3 directory of `size` ("tiny" or "full") into
+    `root` and return it; `speakers=False` leaves out spk2info.pt (as the Fun-CosyVoice3-0.5B
+    release does).
 
     The stop ids are among the LLM head's 200 rows past the codebook, so random weights end an
     utterance soon after its minimum length (no bias is needed, unlike CosyVoice2's)."""
@@ -147,29 +172,31 @@ def build_model_dir(root: Path, seed: int = 0, speakers: bool = True) -> Path:
     from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow
     from worker.engines.cosyvoice.v3_hift import CausalHiFT
 
+    dims = {"tiny": TINY, "full": FULL}[size]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "cosyvoice3.yaml").write_text(
-        _YAML.format(hidden=QWEN_HIDDEN, dit_dim=DIT_DIM), encoding="utf-8")
+        _YAML.format(hidden=dims.qwen_hidden, **dims.__dict__), encoding="utf-8")
 
     blank = root / "CosyVoice-BlankEN"
     blank.mkdir(exist_ok=True)
     vocab = _tokenizer(blank)
-    dims: dict[str, Any] = {
-        "vocab_size": max(512, vocab + 64), "hidden_size": QWEN_HIDDEN,
-        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+    qwen_dims: dict[str, Any] = {
+        "vocab_size": max(dims.qwen_vocab, vocab + 64), "hidden_size": dims.qwen_hidden,
+        "intermediate_size": dims.qwen_ffn, "num_hidden_layers": dims.qwen_layers,
+        "num_attention_heads": dims.qwen_heads, "num_key_value_heads": dims.qwen_kv_heads,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0,
         "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
     }
-    qwen = Qwen2Config(**dims)
+    qwen = Qwen2Config(**qwen_dims)
     backbone = Qwen2ForCausalLM(qwen)
     backbone.save_pretrained(str(blank))
     rows = 6561 + EXTRA_SPEECH_IDS
     llm = {f"llm.model.{k}": v for k, v in backbone.state_dict().items()}
     llm["llm.model.lm_head.weight"] = backbone.state_dict()["model.embed_tokens.weight"]
-    llm["speech_embedding.weight"] = torch.randn(rows, QWEN_HIDDEN) * 0.02
-    llm["llm_decoder.weight"] = torch.randn(rows, QWEN_HIDDEN) * 0.02
+    llm["speech_embedding.weight"] = torch.randn(rows, dims.qwen_hidden) * 0.02
+    llm["llm_decoder.weight"] = torch.randn(rows, dims.qwen_hidden) * 0.02
     torch.save({k: v.contiguous() for k, v in llm.items()}, root / "llm.pt")
 
     for name in ("flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v3.onnx"):
@@ -186,7 +213,7 @@ def build_model_dir(root: Path, seed: int = 0, speakers: bool = True) -> Path:
     if speakers:  # drawn last: the checkpoints are the same with or without it
         spk2info = {name: {"embedding": torch.randn(1, 192)} for name in SPEAKERS}
         torch.save(spk2info, root / "spk2info.pt")
-    (root / "GENERATED.json").write_text(json.dumps({"model": "cosyvoice3-tiny", "seed": seed}))
+    (root / "GENERATED.json").write_text(json.dumps({"model": f"cosyvoice3-{size}", "seed": seed}))
     return root
 
 
