@@ -172,6 +172,11 @@ class HiFTGenerator(nn.Module):
         self.register_buffer(
             "window", torch.hann_window(cfg.n_fft, periodic=True), persistent=False
         )
+        self.dft: torch.Tensor
+        self.idft: torch.Tensor
+        forward, inverse = dft_bases(cfg.n_fft)
+        self.register_buffer("dft", forward, persistent=False)
+        self.register_buffer("idft", inverse, persistent=False)
 
     def source(self, mel: torch.Tensor, initial: torch.Tensor, noise: torch.Tensor
                ) -> torch.Tensor:
@@ -183,8 +188,7 @@ class HiFTGenerator(nn.Module):
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Waveform [B, samples] from a mel and its excitation."""
         cfg = self.cfg
-        real, imag = stft(source.squeeze(1), cfg.n_fft, cfg.hop_len, self.window)
-        s = torch.cat([real, imag], dim=1)
+        s = stft(source.squeeze(1), cfg.n_fft, cfg.hop_len, self.window, self.dft)
         x = self.conv_pre(mel)
         kernels = len(cfg.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
@@ -200,8 +204,8 @@ class HiFTGenerator(nn.Module):
         bins = cfg.n_fft // 2 + 1
         magnitude = torch.clip(torch.exp(x[:, :bins]), max=1e2)
         phase = torch.sin(x[:, bins:])
-        wav = inverse_stft(magnitude * torch.cos(phase), magnitude * torch.sin(phase),
-                           cfg.n_fft, cfg.hop_len, self.window)
+        spectrum = torch.cat([magnitude * torch.cos(phase), magnitude * torch.sin(phase)], dim=1)
+        wav = inverse_stft(spectrum, cfg.n_fft, cfg.hop_len, self.window, self.idft)
         return torch.clamp(wav, -cfg.audio_limit, cfg.audio_limit)
 
     @torch.inference_mode()
@@ -235,37 +239,40 @@ class HiFTGenerator(nn.Module):
         return self.decode(mel, source), source
 
 
-def _dft_basis(n_fft: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of 2 pi k n / n_fft, [n_fft, n_fft/2 + 1] (n by k), in float32."""
-    n = torch.arange(n_fft, dtype=torch.float64, device=device).unsqueeze(1)
-    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=device).unsqueeze(0)
+def dft_bases(n_fft: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real DFT of `n_fft` points as two float32 [n_fft, n_fft + 2] matrices: windowed
+    frames @ forward = [real parts | imaginary parts] of bins 0..n_fft/2, and inverse @ [real
+    parts; imaginary parts] = the frames (`torch.fft.irfft`'s weights folded in)."""
+    bins = n_fft // 2 + 1
+    n = torch.arange(n_fft, dtype=torch.float64).unsqueeze(1)
+    k = torch.arange(bins, dtype=torch.float64).unsqueeze(0)
     angle = 2 * math.pi * n * k / n_fft
-    return angle.cos().float(), angle.sin().float()
+    weight = torch.full((bins,), 2.0 / n_fft, dtype=torch.float64)
+    weight[0] = weight[-1] = 1.0 / n_fft
+    forward = torch.cat([angle.cos(), -angle.sin()], dim=1)
+    inverse = torch.cat([angle.cos() * weight, -angle.sin() * weight], dim=1)
+    return forward.float(), inverse.float()
 
 
-def stft(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and imaginary parts [B, n_fft/2+1, F] of `torch.stft(x, n_fft, hop, n_fft, window)`
-    (centred, reflect padding) for x [B, samples], as matrix products: the vocoder's transforms
-    are 16 points, and a CUDA graph holds matrix products without the FFT library's plans."""
+def stft(x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor, forward: torch.Tensor
+         ) -> torch.Tensor:
+    """`torch.stft(x, n_fft, hop, n_fft, window)` (centred, reflect padding) for x [B, samples]
+    as [B, real parts then imaginary parts, F], by a matrix product with `dft_bases`' forward:
+    the vocoder's transforms are 16 points, and a CUDA graph holds a matrix product without the
+    FFT library's plans."""
     half = n_fft // 2
     padded = F.pad(x.unsqueeze(1), (half, half), mode="reflect").squeeze(1)
     frames = padded.unfold(-1, n_fft, hop) * window  # [B, F, n_fft]
-    cos, sin = _dft_basis(n_fft, x.device)
-    return (frames @ cos).transpose(1, 2), -(frames @ sin).transpose(1, 2)
+    return (frames @ forward).transpose(1, 2)
 
 
-def inverse_stft(real: torch.Tensor, imag: torch.Tensor, n_fft: int, hop: int,
-                 window: torch.Tensor) -> torch.Tensor:
-    """`torch.istft` (centred) of the spectrum real + i imag [B, n_fft/2+1, F], as matrix
-    products and an overlap-add, with none of the host synchronisation torch's version makes
-    to check the window's overlap (so a CUDA graph can hold it)."""
-    count = real.size(2)
-    cos, sin = _dft_basis(n_fft, real.device)
-    weight = torch.full((n_fft // 2 + 1,), 2.0 / n_fft, device=real.device)
-    weight[0] = weight[-1] = 1.0 / n_fft
-    frames = (cos * weight) @ real - (sin * weight) @ imag  # [B, n_fft, F]
-    frames = frames * window.view(1, -1, 1)
+def inverse_stft(spectrum: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor,
+                 inverse: torch.Tensor) -> torch.Tensor:
+    """`torch.istft` (centred) of [B, real parts then imaginary parts, F], by a matrix product
+    with `dft_bases`' inverse and an overlap-add, with none of the host synchronisation torch's
+    version makes to check the window's overlap (so a CUDA graph can hold it)."""
+    count = spectrum.size(2)
+    frames = (inverse @ spectrum) * window.view(1, -1, 1)  # [B, n_fft, F]
     length = n_fft + hop * (count - 1)
 
     def overlap_add(x: torch.Tensor) -> torch.Tensor:
