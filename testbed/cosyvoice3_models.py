@@ -17,13 +17,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from testbed.cosyvoice_models import SPEAKERS, _onnx_models, _tokenizer, _weight_normed
+from testbed.cosyvoice_models import SPEAKERS, QwenDims, _onnx_models, _qwen_llm, _weight_normed
 
 F0_BIAS = 120.0
 """Added to the F0 head so that the random vocoder predicts voiced frames (F0 > 10 Hz) and the
@@ -138,13 +136,7 @@ feat_extractor: !name:matcha.utils.audio.mel_spectrogram
 
 
 @dataclass(frozen=True)
-class Dims:
-    qwen_hidden: int
-    qwen_layers: int
-    qwen_heads: int
-    qwen_kv_heads: int
-    qwen_ffn: int
-    qwen_vocab: int
+class Dims(QwenDims):
     dit_dim: int
     dit_depth: int
     dit_heads: int
@@ -179,22 +171,8 @@ def build_model_dir(
     (root / "cosyvoice3.yaml").write_text(
         _YAML.format(hidden=dims.qwen_hidden, **dims.__dict__), encoding="utf-8")
 
-    blank = root / "CosyVoice-BlankEN"
-    blank.mkdir(exist_ok=True)
-    vocab = _tokenizer(blank)
-    qwen_dims: dict[str, Any] = {
-        "vocab_size": max(dims.qwen_vocab, vocab + 64), "hidden_size": dims.qwen_hidden,
-        "intermediate_size": dims.qwen_ffn, "num_hidden_layers": dims.qwen_layers,
-        "num_attention_heads": dims.qwen_heads, "num_key_value_heads": dims.qwen_kv_heads,
-        "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-        "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
-    }
-    qwen = Qwen2Config(**qwen_dims)
-    backbone = Qwen2ForCausalLM(qwen)
-    backbone.save_pretrained(str(blank))
+    llm = _qwen_llm(root / "CosyVoice-BlankEN", dims)
     rows = 6561 + EXTRA_SPEECH_IDS
-    llm = {f"llm.model.{k}": v for k, v in backbone.state_dict().items()}
-    llm["llm.model.lm_head.weight"] = backbone.state_dict()["model.embed_tokens.weight"]
     llm["speech_embedding.weight"] = torch.randn(rows, dims.qwen_hidden) * 0.02
     llm["llm_decoder.weight"] = torch.randn(rows, dims.qwen_hidden) * 0.02
     torch.save({k: v.contiguous() for k, v in llm.items()}, root / "llm.pt")

@@ -32,13 +32,19 @@ _CORPUS = [
 
 
 @dataclass(frozen=True)
-class Dims:
+class QwenDims:
+    """The shape of the text LLM (Qwen2) in `CosyVoice-BlankEN`, which both models share."""
+
     qwen_hidden: int
     qwen_layers: int
     qwen_heads: int
     qwen_kv_heads: int
     qwen_ffn: int
     qwen_vocab: int
+
+
+@dataclass(frozen=True)
+class Dims(QwenDims):
     encoder_heads: int
     encoder_units: int
     encoder_blocks: int
@@ -185,6 +191,26 @@ def _tokenizer(blank: Path) -> int:
     return int(tok.get_vocab_size())
 
 
+def _qwen_llm(blank: Path, dims: QwenDims) -> dict[str, torch.Tensor]:
+    """Write `CosyVoice-BlankEN` (the tokenizer and random Qwen2 weights of `dims`) into `blank`;
+    return llm.pt's entries for the backbone (`llm.model.`, its LM head tied to the
+    embedding)."""
+    blank.mkdir(exist_ok=True)
+    vocab = _tokenizer(blank)
+    qwen = Qwen2Config(
+        vocab_size=max(dims.qwen_vocab, vocab + 64), hidden_size=dims.qwen_hidden,
+        intermediate_size=dims.qwen_ffn, num_hidden_layers=dims.qwen_layers,
+        num_attention_heads=dims.qwen_heads, num_key_value_heads=dims.qwen_kv_heads,
+        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
+    backbone = Qwen2ForCausalLM(qwen)
+    backbone.save_pretrained(str(blank))
+    llm = {f"llm.model.{k}": v for k, v in backbone.state_dict().items()}
+    llm["llm.model.lm_head.weight"] = backbone.state_dict()["model.embed_tokens.weight"]
+    return llm
+
+
 def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by older ONNX Runtime releases too
@@ -253,22 +279,9 @@ def build_model_dir(
     (root / "cosyvoice2.yaml").write_text(_YAML.format(**dims.__dict__), encoding="utf-8")
     config = parse_config(read_yaml(root / "cosyvoice2.yaml"))
 
-    blank = root / "CosyVoice-BlankEN"
-    blank.mkdir(exist_ok=True)
-    vocab = _tokenizer(blank)
-    qwen = Qwen2Config(
-        vocab_size=max(dims.qwen_vocab, vocab + 64), hidden_size=dims.qwen_hidden,
-        intermediate_size=dims.qwen_ffn, num_hidden_layers=dims.qwen_layers,
-        num_attention_heads=dims.qwen_heads, num_key_value_heads=dims.qwen_kv_heads,
-        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-    )
-    backbone = Qwen2ForCausalLM(qwen)
-    backbone.save_pretrained(str(blank))
+    llm = _qwen_llm(root / "CosyVoice-BlankEN", dims)
     hidden = dims.qwen_hidden
     tokens = config.llm.speech_token_size + 3
-    llm = {f"llm.model.{k}": v for k, v in backbone.state_dict().items()}
-    llm["llm.model.lm_head.weight"] = backbone.state_dict()["model.embed_tokens.weight"]
     llm["llm_embedding.weight"] = torch.randn(2, hidden) * 0.02
     llm["speech_embedding.weight"] = torch.randn(tokens, hidden) * 0.02
     llm["llm_decoder.weight"] = torch.randn(tokens, hidden) * 0.02
