@@ -3,6 +3,7 @@ spectra."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from worker.engines.cosyvoice.capacity import (
     streams_that_fit,
 )
 from worker.engines.cosyvoice.config import read_yaml
+from worker.engines.cosyvoice.engine import GEMM_WORKSPACE_SETTINGS, turn_off_gemm_workspaces
 from worker.engines.cosyvoice.frontend import VoicePrompt
 from worker.engines.cosyvoice.hift import dft_bases, inverse_stft, stft
 from worker.engines.cosyvoice.sampling import SamplingParams, sample, uniform
@@ -170,3 +172,17 @@ def test_spectra_match_torch(n_fft: int, hop: int) -> None:
     expected_wave = torch.istft(spec, n_fft, hop, n_fft, window=window)
     wave = inverse_stft(torch.cat([spec.real, spec.imag], dim=1), n_fft, hop, window, inverse)
     torch.testing.assert_close(wave, expected_wave, atol=1e-6, rtol=1e-5)
+
+
+def test_gemm_workspaces_are_turned_off_for_cuda_only_and_an_operators_value_stays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in GEMM_WORKSPACE_SETTINGS:
+        monkeypatch.setenv(name, "")  # so that the test's own settings are undone after it
+        monkeypatch.delenv(name)
+    turn_off_gemm_workspaces(torch.device("cpu"))
+    assert not any(name in os.environ for name in GEMM_WORKSPACE_SETTINGS)
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "1024")
+    turn_off_gemm_workspaces(torch.device("cuda", 1))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
+    assert os.environ["CUBLASLT_WORKSPACE_SIZE"] == "1024"

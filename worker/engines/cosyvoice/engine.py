@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -82,6 +83,21 @@ class PromptedModel(SpeechModel, Protocol):
                     ) -> torch.Tensor: ...
 
 
+GEMM_WORKSPACE_SETTINGS = {"CUBLAS_WORKSPACE_CONFIG": ":0:0", "CUBLASLT_WORKSPACE_SIZE": "0"}
+"""cuBLAS and cuBLASLt with no workspace. The engine replays the decoder's graphs and the audio
+stages' graphs at once, on two streams; with the libraries' default workspaces, 32 concurrent
+streams on an H200 hung the GPU inside a flow graph (every replayed bucket ran alone), and with
+none, 64 streams ran. Read when cuBLAS first starts in the process, so set before any GEMM."""
+
+
+def turn_off_gemm_workspaces(device: torch.device) -> None:
+    """Apply `GEMM_WORKSPACE_SETTINGS` for a CUDA device, keeping any value the operator set."""
+    if device.type != "cuda":
+        return
+    for name, value in GEMM_WORKSPACE_SETTINGS.items():
+        os.environ.setdefault(name, value)
+
+
 class SpeechEngine:
     """The model-independent part of the engine. A subclass's `load` reads its directory and
     calls `_serve` with what it built; see `create_engine` for the options."""
@@ -112,6 +128,7 @@ class SpeechEngine:
                              f"not {first_chunk_tokens}")
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
+        turn_off_gemm_workspaces(self.device)
         self.dtype = DTYPES[dtype]
         self.fixed_speech_tokens = fixed_speech_tokens
         self.warm_up_text = warm_up_text
