@@ -121,7 +121,8 @@ class GatewaySettings(BaseSettings):
     openai_voices: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     # Model names POST /v1/audio/speech accepts; all are served by the workers' engine.
     model_names: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "cosyvoice2", "piper"]
+        default_factory=lambda: ["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "cosyvoice2",
+                                 "cosyvoice3", "piper"]
     )
     # Log records as JSON lines instead of plain text.
     log_json: bool = False

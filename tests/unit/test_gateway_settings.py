@@ -11,6 +11,7 @@ def test_defaults_match_the_design() -> None:
     assert settings.cache_budget_s == pytest.approx(0.1)
     assert settings.max_text_chars == 4096
     assert settings.api_keys == []
+    assert {"cosyvoice2", "cosyvoice3", "piper"} <= set(settings.model_names)
 
 
 def test_lists_and_voice_mapping_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
