@@ -5,22 +5,64 @@ costs tens of milliseconds per token on a GPU (launch-bound). Here the KV cache 
 layer holding `slots` rows of `positions` each; a request owns a row while it decodes. A prompt
 is written into its row by `prefill`; `step` advances any set of rows by one position each, every
 row at its own position, with fixed shapes, so a step over the first B rows can be captured once
-as a CUDA graph and replayed for any requests that occupy them. Norms, MLPs and rotary tables
-come from the transformers modules themselves, so the numbers are the same.
+as a CUDA graph and replayed for any requests that occupy them. The weights, norms' settings and
+rotary tables are the transformers modules' own; fewer, larger kernels compute the same numbers:
+each layer's query, key and value projections are one matrix product (as are the MLP's gate and
+up projections), over one weight whose slices the original modules keep as views, so nothing is
+stored twice; queries and keys are rotated together; norms are `F.rms_norm`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from torch import nn
 from transformers import Qwen2Model
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.size(-1) // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """Qwen2's RMSNorm (in float32, scaled after the cast back) in one normalising kernel."""
+    h = F.rms_norm(x.float(), (x.size(-1),), eps=norm.variance_epsilon)
+    return cast(torch.Tensor, norm.weight * h.to(x.dtype))
+
+
+def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for projections of the same input, stacked by output; each module
+    is left holding views of its own rows."""
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        biases = [m.bias for m in linears]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else m.weight.new_zeros(m.out_features)
+                              for m, b in zip(linears, biases, strict=True)])
+        start = 0
+        for m in linears:
+            rows = slice(start, start + m.out_features)
+            m.weight = nn.Parameter(weight[rows], requires_grad=False)
+            if m.bias is not None and bias is not None:
+                m.bias = nn.Parameter(bias[rows], requires_grad=False)
+            start += m.out_features
+    return weight, bias
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """A decoder layer's modules with its fused projections."""
+
+    modules: Any
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
 
 
 class SlotPool:
@@ -70,22 +112,32 @@ class PoolDecoder:
         self.pool = pool
         self.heads: int = model.config.num_attention_heads
         _, self.kv_heads, _, self.head_dim = pool.keys[0].shape
+        self.layers: list[_Layer] = []
+        for layer in cast(list[Any], model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv_weight, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up_weight, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
+            self.layers.append(_Layer(layer, qkv_weight, qkv_bias, gate_up_weight, gate_up_bias))
 
     def _qkv(
-        self, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        h = _rms_norm(layer.modules.input_layernorm, x)
+        qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+        qkv = qkv.view(b, t, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+        qk = qkv[:, : self.heads + self.kv_heads]
+        qk = qk * cos + _rotate_half(qk) * sin
+        return (qk[:, : self.heads], qk[:, self.heads :],
+                qkv[:, self.heads + self.kv_heads :])
 
-    def _finish(self, layer: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _finish(self, layer: _Layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        return cast(torch.Tensor, x + layer.mlp(layer.post_attention_layernorm(x)))
+        modules = layer.modules
+        x = x + modules.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        h = _rms_norm(modules.post_attention_layernorm, x)
+        gate, up = F.linear(h, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
+        return cast(torch.Tensor, x + modules.mlp.down_proj(modules.mlp.act_fn(gate) * up))
 
     @torch.inference_mode()
     def prefill(self, x: torch.Tensor, slot: int) -> torch.Tensor:
@@ -106,7 +158,7 @@ class PoolDecoder:
         cos, sin = cast(Any, self.model.rotary_emb)(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         index = torch.tensor(slots, device=x.device)
-        for i, layer in enumerate(cast(list[Any], self.model.layers)):
+        for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
             self.pool.keys[i][index, :, :t] = k
             self.pool.values[i][index, :, :t] = v
@@ -114,7 +166,7 @@ class PoolDecoder:
                 q, k, v, is_causal=t > 1, enable_gqa=self.heads != self.kv_heads
             )
             x = self._finish(layer, x, out)
-        return cast(torch.Tensor, self.model.norm(x))
+        return _rms_norm(self.model.norm, x)
 
     @torch.inference_mode()
     def step(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -131,7 +183,7 @@ class PoolDecoder:
         bias = torch.zeros(visible.shape, device=x.device, dtype=x.dtype)
         bias = bias.masked_fill(~visible, float("-inf"))
         rows = torch.arange(b, device=x.device)
-        for i, layer in enumerate(cast(list[Any], self.model.layers)):
+        for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
             keys, values = self.pool.keys[i][:b], self.pool.values[i][:b]
             keys[rows, :, positions] = k[:, :, 0]
@@ -140,4 +192,4 @@ class PoolDecoder:
                 q, keys, values, attn_mask=bias, enable_gqa=self.heads != self.kv_heads
             )
             x = self._finish(layer, x, out)
-        return cast(torch.Tensor, self.model.norm(x))
+        return _rms_norm(self.model.norm, x)
