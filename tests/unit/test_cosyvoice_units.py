@@ -186,3 +186,11 @@ def test_gemm_workspaces_are_turned_off_for_cuda_only_and_an_operators_value_sta
     turn_off_gemm_workspaces(torch.device("cuda", 1))
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
     assert os.environ["CUBLASLT_WORKSPACE_SIZE"] == "1024"
+
+
+@pytest.mark.parametrize("rows", [0, 65])
+def test_encoder_graph_rows_outside_the_audio_calls_rows_are_refused(rows: int) -> None:
+    from worker.engines.cosyvoice import create_engine
+
+    with pytest.raises(ValueError, match="encoder_graph_rows"):
+        create_engine(model_dir="/nonexistent", encoder_graph_rows=rows)

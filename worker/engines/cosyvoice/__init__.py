@@ -32,6 +32,7 @@ def create_engine(
     max_audio_rows: int = 64,
     first_chunk_tokens: int = 25,
     vocoder_graphs: bool = False,
+    encoder_graph_rows: int = 16,
 ) -> SpeechEngine:
     """The engine for the model in `model_dir` (`engine_class`), from keyword options only; an
     option not named here fails start-up (the registry names it). `model_dir` (required),
@@ -60,6 +61,7 @@ def create_engine(
         max_audio_rows=max_audio_rows,
         first_chunk_tokens=first_chunk_tokens,
         vocoder_graphs=vocoder_graphs,
+        encoder_graph_rows=encoder_graph_rows,
     )
 
 

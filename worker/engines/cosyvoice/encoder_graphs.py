@@ -4,10 +4,9 @@ Every chunk re-encodes its utterance's tokens so far (a few percent of the flow'
 eagerly that is about a thousand small kernels: at one stream, tens of milliseconds of host time
 before the first audio. Captured once per (rows, tokens) bucket at warm-up, a call pads its
 tokens into the bucket's static buffers (padding is absent tokens and invalid frames, masked as
-in a mixed-length batch) and replays the graph. Batches above 16 rows and longer utterances
-run eagerly (58 ms at 64 rows on an H200: buckets of 32 and 64 rows ran in a GPU run that
-failed at 64 streams with an illegal instruction, so they stay out until measured alone).
-Nothing is captured while serving.
+in a mixed-length batch) and replays the graph. Batches above the engine's largest bucket
+(`encoder_graph_rows`, 16 by default) and longer utterances run eagerly (58 ms at 64 rows on an
+H200). Nothing is captured while serving.
 """
 
 from __future__ import annotations

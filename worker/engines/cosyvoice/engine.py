@@ -29,7 +29,7 @@ import torch
 from contract.errors import ErrorCode, ServiceError
 from contract.requests import piece_seed
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
-from worker.engines.cosyvoice.batch_decode import BatchDecoder, SpeechModel
+from worker.engines.cosyvoice.batch_decode import BatchDecoder, SpeechModel, buckets
 from worker.engines.cosyvoice.capacity import (
     STREAM_BUDGET_S,
     StreamCost,
@@ -120,6 +120,7 @@ class SpeechEngine:
         max_audio_rows: int = 64,
         first_chunk_tokens: int = TOKEN_HOP,
         vocoder_graphs: bool = False,
+        encoder_graph_rows: int = 16,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -141,6 +142,10 @@ class SpeechEngine:
         self.max_audio_rows = max_audio_rows
         self.first_chunk_tokens = first_chunk_tokens
         self.vocoder_graphs = vocoder_graphs
+        if not 1 <= encoder_graph_rows <= max_audio_rows:
+            raise ValueError(f"encoder_graph_rows must be 1..max_audio_rows ({max_audio_rows}), "
+                             f"not {encoder_graph_rows}")
+        self.encoder_graph_rows = encoder_graph_rows
         self._scheduler: Scheduler | None = None
         self._audio: AudioStages | None = None
         self._llm: PromptedModel | None = None
@@ -426,7 +431,8 @@ class CosyVoiceEngine(SpeechEngine):
                                               steps=self.flow_steps)
             flow.encoder_graphs = EncoderGraphs(
                 flow.encode_tokens, config.flow.pre_lookahead_len,
-                config.flow.encoder.upsample_stride, self.device)
+                config.flow.encoder.upsample_stride, self.device,
+                rows=tuple(buckets(self.encoder_graph_rows)))
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
