@@ -214,7 +214,9 @@ def check_batched(engine: SpeechEngine) -> bool:
         alone = diff(again, solo[0])
         batched = [diff(t, s) for t, s in zip(together, solo, strict=False)]
         ok = max([alone, *batched]) <= BATCH_AUDIO_TOLERANCE
-        print(f"check: alone twice max abs diff {alone:.2e} (identical: {alone == 0}); batched "
+        peak = max(float(np.abs(a).max()) for a in solo)
+        print(f"check: peak |sample| {peak:.3f}; "
+              f"alone twice max abs diff {alone:.2e} (identical: {alone == 0}); batched "
               f"vs alone {[f'{d:.2e}' for d in batched]} (tolerance {BATCH_AUDIO_TOLERANCE}, "
               f"equal lengths = equal speech tokens) -> {'ok' if ok else 'FAILED'}", flush=True)
         return ok
