@@ -222,6 +222,29 @@ async def test_more_requests_than_rows_wait_for_a_free_row(tmp_path: Path) -> No
     assert len(scheduler._free_slots) == 2
 
 
+async def test_waiting_prompts_are_admitted_within_the_prefill_tokens(
+    engine: CosyVoiceEngine,
+) -> None:
+    plans = [engine.plan(r) for r in _requests(4)]
+    costs = [len(p[0].text_ids) + p[0].llm_prompt_tokens.size(1) + 2 for p in plans]
+    budgeted = CosyVoiceEngine(engine.model_dir, max_streams=8,
+                               prefill_tokens=costs[0] + costs[1])
+    budgeted.load()  # not started: admission is driven by hand below
+    scheduler = budgeted._require()[0]
+    for plan in plans:
+        scheduler.submit(plan, None)
+    with scheduler._lock:
+        waves = [len(scheduler._admit()) for _ in range(3)]
+    assert waves == [2, 2, 0]
+    # A prompt larger than the whole budget is still admitted, alone.
+    lean = Scheduler(scheduler.decoder, scheduler.audio, budgeted._embed,
+                     scheduler.limits, prefill_budget=1)
+    for plan in plans[:2]:
+        lean.submit(plan, None)
+    with lean._lock:
+        assert [len(lean._admit()) for _ in range(3)] == [1, 1, 0]
+
+
 def test_prompts_prefilled_together_match_each_alone(engine: CosyVoiceEngine) -> None:
     """Prompts of different lengths prefilled in one pass, into any slots, give each row the
     log-probabilities and first token it gets alone."""

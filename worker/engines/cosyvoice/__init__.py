@@ -33,6 +33,7 @@ def create_engine(
     first_chunk_tokens: int = 25,
     vocoder_graphs: bool = False,
     encoder_graph_rows: int = 16,
+    prefill_tokens: int = 2048,
 ) -> SpeechEngine:
     """The engine for the model in `model_dir` (`engine_class`), from keyword options only; an
     option not named here fails start-up (the registry names it). `model_dir` (required),
@@ -62,6 +63,7 @@ def create_engine(
         first_chunk_tokens=first_chunk_tokens,
         vocoder_graphs=vocoder_graphs,
         encoder_graph_rows=encoder_graph_rows,
+        prefill_tokens=prefill_tokens,
     )
 
 

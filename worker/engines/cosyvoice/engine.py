@@ -121,6 +121,7 @@ class SpeechEngine:
         first_chunk_tokens: int = TOKEN_HOP,
         vocoder_graphs: bool = False,
         encoder_graph_rows: int = 16,
+        prefill_tokens: int = 2048,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -146,6 +147,9 @@ class SpeechEngine:
             raise ValueError(f"encoder_graph_rows must be 1..max_audio_rows ({max_audio_rows}), "
                              f"not {encoder_graph_rows}")
         self.encoder_graph_rows = encoder_graph_rows
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be positive, not {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
         self._scheduler: Scheduler | None = None
         self._audio: AudioStages | None = None
         self._llm: PromptedModel | None = None
@@ -174,7 +178,7 @@ class SpeechEngine:
         self._frontend = frontend
         self._scheduler = Scheduler(
             decoder, audio, self._embed, DecodeLimits(fixed_tokens=self.fixed_speech_tokens),
-            max_audio_rows=self.max_audio_rows,
+            max_audio_rows=self.max_audio_rows, prefill_budget=self.prefill_tokens,
         )
         self._version = content_version(self.model_dir, files)
 
