@@ -5,6 +5,8 @@ none), captures the decode graphs as warm-up does, fills `--rows` rows of the sl
 prompt of `--prompt` positions each, and times `--steps` steps per batch size: the graph replay
 alone (CUDA events, median), the whole `BatchDecoder.step` as the scheduler calls it (inputs up,
 replay, tokens down: wall time, median), and the kernels one eager step launches (profiler).
+`--compile` puts the step through `torch.compile` (dynamic batch) before the graphs are
+captured, and prints how long that took.
 
     python benchmarks/gpu_cosyvoice_decode.py --model-dir /tmp/cv_full --rows 1,16,64,128
 """
@@ -76,6 +78,7 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=150, help="prompt positions per row")
     parser.add_argument("--device", default="cuda", help="cpu for a dry run on a tiny model")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     if not (args.model_dir / "llm.pt").exists():
         build_model_dir(args.model_dir, size="full")
@@ -85,6 +88,13 @@ def main() -> int:
     engine.load()
     decoder = engine._require()[0].decoder
     started = time.perf_counter()
+    if args.compile:
+        compiled = torch.compile(decoder._compute, dynamic=True)
+        decoder._compute = compiled  # type: ignore[method-assign]
+        for size in (1, 2):
+            decoder._compute(size)
+        print(f"compiled in {time.perf_counter() - started:.1f} s", flush=True)
+        started = time.perf_counter()
     decoder.capture()
     print(f"decode graphs captured in {time.perf_counter() - started:.1f} s "
           f"({len(decoder._graphs)} buckets)", flush=True)
