@@ -3,6 +3,7 @@ spectra."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -194,3 +195,24 @@ def test_encoder_graph_rows_outside_the_audio_calls_rows_are_refused(rows: int) 
 
     with pytest.raises(ValueError, match="encoder_graph_rows"):
         create_engine(model_dir="/nonexistent", encoder_graph_rows=rows)
+
+
+@pytest.mark.parametrize(("decode_priority", "priorities"), [(False, [0, 0]), (True, [-1, 0])])
+def test_the_decoding_loop_gets_the_high_priority_stream_when_asked(
+    monkeypatch: pytest.MonkeyPatch, decode_priority: bool, priorities: list[int],
+) -> None:
+    from types import SimpleNamespace
+
+    from worker.engines.cosyvoice.scheduler import Scheduler
+
+    made: list[int] = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority: made.append(priority))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    decoder = SimpleNamespace(device=torch.device("cuda"), lm=SimpleNamespace(eos=0),
+                              slots=1)
+    scheduler = Scheduler(decoder, None, None, None,  # type: ignore[arg-type]
+                          decode_priority=decode_priority)
+    scheduler._stopping = True  # each loop enters its stream, then returns at once
+    scheduler._decode_loop()
+    scheduler._audio_loop()
+    assert made == priorities

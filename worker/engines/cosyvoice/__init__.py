@@ -34,6 +34,7 @@ def create_engine(
     vocoder_graphs: bool = False,
     encoder_graph_rows: int = 16,
     prefill_tokens: int = 2048,
+    decode_priority: bool = False,
 ) -> SpeechEngine:
     """The engine for the model in `model_dir` (`engine_class`), from keyword options only; an
     option not named here fails start-up (the registry names it). `model_dir` (required),
@@ -64,6 +65,7 @@ def create_engine(
         vocoder_graphs=vocoder_graphs,
         encoder_graph_rows=encoder_graph_rows,
         prefill_tokens=prefill_tokens,
+        decode_priority=decode_priority,
     )
 
 

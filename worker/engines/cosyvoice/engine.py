@@ -122,6 +122,7 @@ class SpeechEngine:
         vocoder_graphs: bool = False,
         encoder_graph_rows: int = 16,
         prefill_tokens: int = 2048,
+        decode_priority: bool = False,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -150,6 +151,7 @@ class SpeechEngine:
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be positive, not {prefill_tokens}")
         self.prefill_tokens = prefill_tokens
+        self.decode_priority = decode_priority
         self._scheduler: Scheduler | None = None
         self._audio: AudioStages | None = None
         self._llm: PromptedModel | None = None
@@ -179,6 +181,7 @@ class SpeechEngine:
         self._scheduler = Scheduler(
             decoder, audio, self._embed, DecodeLimits(fixed_tokens=self.fixed_speech_tokens),
             max_audio_rows=self.max_audio_rows, prefill_budget=self.prefill_tokens,
+            decode_priority=self.decode_priority,
         )
         self._version = content_version(self.model_dir, files)
 

@@ -121,6 +121,7 @@ class Scheduler:
         limits: DecodeLimits,
         max_audio_rows: int = 64,
         prefill_budget: int = 2048,
+        decode_priority: bool = False,
     ) -> None:
         self.decoder = decoder
         self.audio = audio
@@ -128,6 +129,7 @@ class Scheduler:
         self.limits = limits
         self.max_audio_rows = max_audio_rows
         self.prefill_budget = prefill_budget
+        self.decode_priority = decode_priority
         self.eos = decoder.lm.eos
         self._lock = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -197,7 +199,7 @@ class Scheduler:
     # -- decoding ---------------------------------------------------------------------------
 
     def _decode_loop(self) -> None:
-        with self._device_stream():
+        with self._device_stream(high_priority=self.decode_priority):
             while True:
                 with self._lock:
                     while not self._stopping and not self._waiting and not self._decoding:
@@ -385,12 +387,15 @@ class Scheduler:
             self._lock.notify_all()
 
     @contextlib.contextmanager
-    def _device_stream(self) -> Iterator[Any]:
+    def _device_stream(self, high_priority: bool = False) -> Iterator[Any]:
+        """A stream of the loop's own; a high-priority one has its kernels (graph replays
+        included) scheduled ahead of the other loop's whenever both have work queued."""
         device = self.decoder.device
         if device.type != "cuda":
             yield None
             return
-        stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        priority = -1 if high_priority else 0
+        stream = torch.cuda.Stream(device=device, priority=priority)  # type: ignore[no-untyped-call]
         with torch.cuda.stream(stream):
             yield stream
 
