@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from testbed.cosyvoice3_models import build_model_dir
 from worker.engines.cosyvoice import v3_hift_stream
 from worker.engines.cosyvoice.v3_config import check_v3_model_dir
 from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, load_v3_flow
+from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
 from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise, load_v3_hift
 from worker.engines.cosyvoice.v3_hift_stream import HiFTStream
 
@@ -84,6 +86,48 @@ def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(flow: CosyVoice
         assert all(p.size(1) > 0 for p in got)
         assert (torch.cat(got, dim=1) - want).abs().max() <= FLOW_TOL
         assert stream.frames == 2 * (req[0].numel() + req[1].numel())
+
+
+def test_bucketed_steps_give_each_stream_its_own_frames(flow: CosyVoice3Flow) -> None:
+    """Calls that fit a graph bucket (padded rows, frames and earlier frames; run eagerly on
+    the CPU) stream what the unbucketed estimator streams; calls that fit none run as before."""
+    def stream_all() -> list[torch.Tensor]:
+        reqs = _requests()
+        streams = [flow.start(p, m, e) for p, _, m, e in reqs]
+        pieces: list[list[torch.Tensor]] = [[] for _ in reqs]
+        schedules = [_chunks(r) for r in reqs]
+        for k in range(max(len(s) for s in schedules)):
+            rows = [i for i, s in enumerate(schedules) if k < len(s)]
+            out = flow.advance([streams[i] for i in rows], [schedules[i][k] for i in rows],
+                               [k == len(schedules[i]) - 1 for i in rows])
+            for i, mel in zip(rows, out, strict=True):
+                pieces[i].append(mel)
+        return [torch.cat(p, dim=1) for p in pieces]
+
+    want = stream_all()
+    graphs = DiTStepGraphs(flow.estimator, torch.device("cpu"), torch.float32, rows=(1, 2, 4),
+                           frame_step=64, first_frames=128, later_frames=64, max_past=192)
+    replays: list[tuple[int, int, int]] = []
+    run = graphs._run
+
+    def counted(bucket: Any) -> Any:
+        replays.append((bucket.rows, bucket.frames, bucket.past))
+        return run(bucket)
+
+    graphs._run = counted  # type: ignore[method-assign]
+    flow.step_graphs = graphs
+    try:
+        got = stream_all()
+    finally:
+        flow.step_graphs = None
+    pasts = {past for _, _, past in replays}
+    assert 0 in pasts  # first chunks
+    assert max(pasts) > 0  # later ones
+    calls = max(len(_chunks(r)) for r in _requests())
+    assert len(replays) < 10 * calls  # the longest stream's last chunks fit no bucket (eager)
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine.shape == theirs.shape
+        assert (mine - theirs).abs().max() <= FLOW_TOL
 
 
 def test_flow_batch_rows_equal_each_row_alone(flow: CosyVoice3Flow) -> None:

@@ -216,3 +216,10 @@ def test_the_decoding_loop_gets_the_high_priority_stream_when_asked(
     scheduler._decode_loop()
     scheduler._audio_loop()
     assert made == priorities
+
+
+def test_dit_graphs_are_refused_for_cosyvoice2() -> None:
+    from worker.engines.cosyvoice import create_engine
+
+    with pytest.raises(ValueError, match="dit_graphs is CosyVoice3's"):
+        create_engine(model_dir="/nonexistent", dit_graphs=True)

@@ -35,6 +35,7 @@ def create_engine(
     encoder_graph_rows: int = 16,
     prefill_tokens: int = 2048,
     decode_priority: bool = False,
+    dit_graphs: bool = False,
 ) -> SpeechEngine:
     """The engine for the model in `model_dir` (`engine_class`), from keyword options only; an
     option not named here fails start-up (the registry names it). `model_dir` (required),
@@ -66,6 +67,7 @@ def create_engine(
         encoder_graph_rows=encoder_graph_rows,
         prefill_tokens=prefill_tokens,
         decode_priority=decode_priority,
+        dit_graphs=dit_graphs,
     )
 
 

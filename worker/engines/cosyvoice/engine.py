@@ -123,6 +123,7 @@ class SpeechEngine:
         encoder_graph_rows: int = 16,
         prefill_tokens: int = 2048,
         decode_priority: bool = False,
+        dit_graphs: bool = False,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -152,6 +153,7 @@ class SpeechEngine:
             raise ValueError(f"prefill_tokens must be positive, not {prefill_tokens}")
         self.prefill_tokens = prefill_tokens
         self.decode_priority = decode_priority
+        self.dit_graphs = dit_graphs
         self._scheduler: Scheduler | None = None
         self._audio: AudioStages | None = None
         self._llm: PromptedModel | None = None
@@ -211,6 +213,21 @@ class SpeechEngine:
 
     def _capture_graphs(self) -> None:
         """Capture the audio stages' CUDA graphs, if the model has any (warm-up)."""
+
+    @staticmethod
+    def _capture_each(graphs: tuple[tuple[Any, str, str], ...]) -> None:
+        """Capture each `(owner, attribute, stage)`'s graphs (None: none); a capture that fails
+        leaves that stage eager, with a warning."""
+        for owner, attribute, stage in graphs:
+            captured = getattr(owner, attribute)
+            if captured is None:
+                continue
+            try:
+                captured.capture()
+            except RuntimeError:
+                logger.warning("Capturing the %s's graphs failed; it runs eagerly", stage,
+                               exc_info=True)
+                setattr(owner, attribute, None)
 
     def warm_up(self) -> None:
         """Capture the graphs (decode step, then the model's own), then one short synthesis
@@ -406,6 +423,12 @@ def _warm_up_prompt() -> np.ndarray:
 class CosyVoiceEngine(SpeechEngine):
     """CosyVoice2 on this package's modules. See `create_engine` for the options."""
 
+    def __init__(self, model_dir: str | Path, **options: Any) -> None:
+        super().__init__(model_dir, **options)
+        if self.dit_graphs:
+            raise ValueError("dit_graphs is CosyVoice3's option; CosyVoice2's flow replays its "
+                             "graphs with cuda_graph")
+
     def load(self) -> None:
         """Read and check every file; a missing or mismatched one raises `ModelDirError`."""
         yamls = (REQUIRED_FILES[0], V3_YAML)
@@ -462,16 +485,5 @@ class CosyVoiceEngine(SpeechEngine):
         audio = self._audio
         assert isinstance(audio, AudioStage)
         flow = audio.flow
-        graphs: tuple[tuple[Any, str, str], ...] = (
-            (flow, "solver_graphs", "flow"), (flow, "encoder_graphs", "encoder"),
-            (audio, "vocoder_graphs", "vocoder"))
-        for owner, attribute, stage in graphs:
-            captured = getattr(owner, attribute)
-            if captured is None:
-                continue
-            try:
-                captured.capture()
-            except RuntimeError:
-                logger.warning("Capturing the %s's graphs failed; it runs eagerly", stage,
-                               exc_info=True)
-                setattr(owner, attribute, None)
+        self._capture_each(((flow, "solver_graphs", "flow"), (flow, "encoder_graphs", "encoder"),
+                            (audio, "vocoder_graphs", "vocoder")))

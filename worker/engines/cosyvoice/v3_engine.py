@@ -7,8 +7,9 @@ What differs from CosyVoice2: the files it reads (`cosyvoice3.yaml`, `speech_tok
 causal vocoder), and speed: the released streaming has no speed control (upstream changes speed
 only in non-streaming mode, by stretching a whole mel), and stretching chunk by chunk would not
 be the same audio as stretching the whole, so the engine states speed 1.0 only and refuses any
-other with 422 `speed_out_of_range` before audio. The flow and vocoder run eagerly (no CUDA
-graphs yet); the LLM's decode step is replayed from graphs as for CosyVoice2.
+other with 422 `speed_out_of_range` before audio. The LLM's decode step is replayed from graphs
+as for CosyVoice2; the flow's estimator steps are, with `dit_graphs` (`v3_flow_graphs`); the
+vocoder runs eagerly.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend
 from worker.engines.cosyvoice.sampling import SamplingParams
 from worker.engines.cosyvoice.v3_config import REQUIRED_FILES, V3ModelConfig, check_v3_model_dir
 from worker.engines.cosyvoice.v3_flow import NOISE_FRAMES, STEPS, CosyVoice3Flow, load_v3_flow
+from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
 from worker.engines.cosyvoice.v3_frontend import COSYVOICE3
 from worker.engines.cosyvoice.v3_hift import HiFTNoise, load_v3_hift, samples_per_frame
 from worker.engines.cosyvoice.v3_llm import CosyVoice3LM, load_v3_llm
@@ -67,11 +69,20 @@ class CosyVoice3Engine(SpeechEngine):
         hift.to(self.device)
         sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
                                   config.llm.tau_r)
+        if self.dit_graphs and self.cuda_graph and self.device.type == "cuda":
+            flow.step_graphs = DiTStepGraphs(flow.estimator, self.device, self.dtype)
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
         audio = V3AudioStage(flow, hift, self._vocoder_noise(config), self.device)
         files = REQUIRED_FILES + ((SPEAKERS_FILE,) if self._speakers else ())
         self._serve(llm, sampling, audio, config.flow.output_size, frontend, files)
+
+    def _capture_graphs(self) -> None:
+        """The flow's per-step estimator graphs (with `dit_graphs`); a capture that fails
+        leaves the flow eager, with a warning."""
+        audio = self._audio
+        assert isinstance(audio, V3AudioStage)
+        self._capture_each(((audio.flow, "step_graphs", "flow"),))
 
     def _vocoder_noise(self, config: V3ModelConfig) -> HiFTNoise:
         """The released vocoder's fixed noise, as long as the longest utterance the KV pool

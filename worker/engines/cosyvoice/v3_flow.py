@@ -31,6 +31,7 @@ from torch import nn
 
 from worker.engines.cosyvoice.v3_config import V3FlowConfig
 from worker.engines.cosyvoice.v3_dit import POS_KERNEL, DiT, StepCache
+from worker.engines.cosyvoice.v3_flow_graphs import DiTStep, DiTStepGraphs
 from worker.engines.cosyvoice.weights import load_into, read_state
 
 STEPS = 10
@@ -99,6 +100,8 @@ class CosyVoice3Flow(nn.Module):
         self.decoder = _Decoder(cfg)
         self.noise: torch.Tensor
         self.register_buffer("noise", fixed_noise(cfg.output_size), persistent=False)
+        self.step_graphs: DiTStepGraphs | None = None
+        """Per-step graphs of the streamed estimator (set by the engine on a GPU)."""
 
     @property
     def estimator(self) -> DiT:
@@ -143,13 +146,19 @@ class CosyVoice3Flow(nn.Module):
         return StepCache(lens, list(kv[:, 0]), list(kv[:, 1]), [tails[0], tails[1]])
 
     @staticmethod
-    def _keep(streams: list[FlowStream], step: int, cache: StepCache, counts: list[int]) -> None:
-        b = len(streams)
-        keys = torch.stack(cache.new_keys)  # [layers, 2B, heads, N, dim_head]
-        values = torch.stack(cache.new_values)
-        tails = torch.stack(cache.new_tails)  # [2 convs, 2B, D, 30]
+    def _keep(streams: list[FlowStream], step: int, new: StepCache | DiTStep, counts: list[int],
+              unguided: int) -> None:
+        """Copy each stream's new keys, values and tails of `step` into its state; its unguided
+        row sits `unguided` rows after its guided one."""
+        if isinstance(new, StepCache):
+            new_keys, new_values, new_tails = new.new_keys, new.new_values, new.new_tails
+        else:
+            new_keys, new_values, new_tails = new.keys, new.values, new.tails
+        keys = torch.stack(new_keys)  # [layers, 2B, heads, N, dim_head]
+        values = torch.stack(new_values)
+        tails = torch.stack(new_tails)  # [2 convs, 2B, D, 30]
         for i, (s, n) in enumerate(zip(streams, counts, strict=True)):
-            rows = [i, b + i]
+            rows = [i, unguided + i]
             s.kv[step, :, 0, :, :, s.frames: s.frames + n] = keys[:, rows, :, :n]
             s.kv[step, :, 1, :, :, s.frames: s.frames + n] = values[:, rows, :, :n]
             s.tails[step] = tails[:, rows]
@@ -219,17 +228,26 @@ class CosyVoice3Flow(nn.Module):
         t, dt = t_span[0], t_span[1] - t_span[0]
         rate = self.cfg.inference_cfg_rate
         zeros = torch.zeros_like(mu)
+        graphs = self.step_graphs if streaming else None
+        bucket = None if graphs is None else graphs.usable_bucket(b, n, past, mu.is_cuda)
         for step in range(STEPS):
-            cache = self._gather(streams, step, past)
-            cache.commit = commit
-            v = self.estimator(
-                torch.cat([x, x]), torch.cat([mu, zeros]), torch.cat([cond, zeros]),
-                torch.cat([spk, torch.zeros_like(spk)]), t.expand(2 * b), lengths, cache,
-                streaming,
-            )
-            if streaming:
-                self._keep(streams, step, cache, counts)
-            guided, unguided = v.split(b)
+            if graphs is not None and bucket is not None:
+                replayed = graphs.step(bucket, streams, step, x, mu, cond, spk, t, lengths[:b],
+                                       commit[:b])
+                self._keep(streams, step, replayed, counts, bucket.rows)
+                guided = replayed.velocity[:b, :n]
+                unguided = replayed.velocity[bucket.rows : bucket.rows + b, :n]
+            else:
+                cache = self._gather(streams, step, past)
+                cache.commit = commit
+                v = self.estimator(
+                    torch.cat([x, x]), torch.cat([mu, zeros]), torch.cat([cond, zeros]),
+                    torch.cat([spk, torch.zeros_like(spk)]), t.expand(2 * b), lengths, cache,
+                    streaming,
+                )
+                if streaming:
+                    self._keep(streams, step, cache, counts, b)
+                guided, unguided = v.split(b)
             x = x + dt * ((1.0 + rate) * guided - rate * unguided)
             t = t + dt
             if step < STEPS - 1:
