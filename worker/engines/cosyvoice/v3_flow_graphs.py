@@ -10,7 +10,7 @@ the new frames' velocity, keys, values and convolution tails.
 
 The graph is per step, not per chunk: the earlier keys and values of one step are a tenth of a
 request's state (1.8 MB per frame for all ten steps, released model, bf16), so a bucket's buffer
-is 64 rows x 768 frames x 0.18 MB = 8.9 GB at the largest size instead of ten times that. The
+is 16 rows x 768 frames x 0.18 MB = 2.2 GB at the largest size instead of ten times that. The
 buffers of the earlier frames are shared by every bucket, as views of one allocation: replays
 never overlap, and each step's outputs are copied into the requests' states before the next.
 Nothing is captured while serving.
