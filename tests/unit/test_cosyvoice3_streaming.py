@@ -70,8 +70,9 @@ def _chunks(req: Request) -> list[torch.Tensor]:
     return [tokens[a:b] for a, b in zip(cuts, [*cuts[1:], tokens.numel()], strict=True)]
 
 
-def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(flow: CosyVoice3Flow) -> None:
-    reqs = _requests()
+def _stream_together(flow: CosyVoice3Flow, reqs: list[Request]
+                     ) -> tuple[list[list[torch.Tensor]], list[FlowStream]]:
+    """Each request's streamed mel chunks (`_chunks`), all requests advanced in one batch."""
     streams = [flow.start(p, m, e) for p, _, m, e in reqs]
     pieces: list[list[torch.Tensor]] = [[] for _ in reqs]
     schedules = [_chunks(r) for r in reqs]
@@ -81,6 +82,12 @@ def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(flow: CosyVoice
                            [k == len(schedules[i]) - 1 for i in rows])
         for i, mel in zip(rows, out, strict=True):
             pieces[i].append(mel)
+    return pieces, streams
+
+
+def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(flow: CosyVoice3Flow) -> None:
+    reqs = _requests()
+    pieces, streams = _stream_together(flow, reqs)
     for req, got, stream in zip(reqs, pieces, streams, strict=True):
         want = _whole(flow, req)
         assert all(p.size(1) > 0 for p in got)
@@ -92,17 +99,7 @@ def test_bucketed_steps_give_each_stream_its_own_frames(flow: CosyVoice3Flow) ->
     """Calls that fit a graph bucket (padded rows, frames and earlier frames; run eagerly on
     the CPU) stream what the unbucketed estimator streams; calls that fit none run as before."""
     def stream_all() -> list[torch.Tensor]:
-        reqs = _requests()
-        streams = [flow.start(p, m, e) for p, _, m, e in reqs]
-        pieces: list[list[torch.Tensor]] = [[] for _ in reqs]
-        schedules = [_chunks(r) for r in reqs]
-        for k in range(max(len(s) for s in schedules)):
-            rows = [i for i, s in enumerate(schedules) if k < len(s)]
-            out = flow.advance([streams[i] for i in rows], [schedules[i][k] for i in rows],
-                               [k == len(schedules[i]) - 1 for i in rows])
-            for i, mel in zip(rows, out, strict=True):
-                pieces[i].append(mel)
-        return [torch.cat(p, dim=1) for p in pieces]
+        return [torch.cat(p, dim=1) for p in _stream_together(flow, _requests())[0]]
 
     want = stream_all()
     graphs = DiTStepGraphs(flow.estimator, torch.device("cpu"), torch.float32, rows=(1, 2, 4),
