@@ -14,12 +14,14 @@ from cluster.settings import ClusterSettings
 from tests.support.processes import free_port
 
 
-def free_port_block(count: int) -> int:
-    """The first of `count` consecutive free loopback ports (the launcher numbers ports so)."""
+def free_port_block(count: int, taken: frozenset[int] = frozenset()) -> int:
+    """The first of `count` consecutive free loopback ports (the launcher numbers ports so),
+    none of them in `taken`."""
     for _ in range(200):
         first = free_port()
-        if first + count < 65536 and all(
-            port_free("127.0.0.1", first + offset) for offset in range(count)
+        block = range(first, first + count)
+        if first + count < 65536 and not taken.intersection(block) and all(
+            port_free("127.0.0.1", port) for port in block
         ):
             return first
     raise RuntimeError(f"no block of {count} free ports found")
@@ -28,17 +30,26 @@ def free_port_block(count: int) -> int:
 def cluster_on_free_ports(
     run_dir: Path, *, gateways: int, workers: int, **overrides: object
 ) -> ClusterSettings:
-    """Settings for a cluster whose every listener is on a free loopback port."""
+    """Settings for a cluster whose every listener is on its own free loopback port (a port
+    free when drawn is free again for the next draw, so each draw skips those already given,
+    `overrides`' own ports included)."""
+    taken = {v for k, v in overrides.items() if k.endswith("_port") and isinstance(v, int)}
+
+    def block(count: int) -> int:
+        first = free_port_block(count, frozenset(taken))
+        taken.update(range(first, first + count))
+        return first
+
     values: dict[str, object] = {
         "run_dir": run_dir,
         "gateways": gateways,
         "workers": workers,
-        "public_port": free_port(),
-        "h2c_port": free_port(),
-        "internal_port": free_port(),
-        "gateway_base_port": free_port_block(gateways),
-        "worker_base_port": free_port_block(workers),
-        "redis_port": free_port(),
+        "public_port": block(1),
+        "h2c_port": block(1),
+        "internal_port": block(1),
+        "gateway_base_port": block(gateways),
+        "worker_base_port": block(workers),
+        "redis_port": block(1),
         "nginx_worker_processes": "1",
         **overrides,
     }
