@@ -52,7 +52,6 @@ from testbed import cosyvoice3_models, cosyvoice_models
 from testbed.processes import free_port, python_service
 from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice import SpeechEngine, create_engine
-from worker.engines.cosyvoice.scheduler import DONE
 
 SR = 24000
 TEXT = "Hello world, this is a test of streaming speech."
@@ -200,23 +199,13 @@ async def sweep_inproc(engine: SpeechEngine, levels: list[int]) -> list[dict[str
 
 def check_batched(engine: SpeechEngine) -> bool:
     """Requests batched together give each its solo audio within the stated tolerance. Each
-    request goes through the engine's scheduler as `stream` sends it, keeping its utterances, so
-    a difference is told apart: different speech tokens (the LLM), or the same tokens and
-    different audio (the flow and vocoder's arithmetic)."""
-    scheduler = engine._require()[0]
+    request's utterances are kept (`stream_planned`), so a difference is told apart: different
+    speech tokens (the LLM), or the same tokens and different audio (the flow and vocoder's
+    arithmetic)."""
 
     async def collect(seed: int) -> tuple[np.ndarray, list[int]]:
-        request = EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=seed)
-        utterances = engine.plan(request)
-        job = scheduler.submit(utterances, None)
-        chunks = []
-        try:
-            while (item := await job.queue.get()) is not DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                chunks.append(item)
-        finally:
-            scheduler.cancel(job)
+        utterances = engine.plan(EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=seed))
+        chunks = [c async for c in engine.stream_planned(utterances, None)]
         return np.concatenate(chunks), [t for u in utterances for t in u.tokens]
 
     async def run() -> bool:

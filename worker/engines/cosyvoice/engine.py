@@ -395,9 +395,15 @@ class SpeechEngine:
     async def stream(self, request: EngineRequest) -> AsyncIterator[Audio]:
         """Audio chunks (float32, 24 kHz) in order; validation errors come before the first."""
         utterances = await asyncio.to_thread(self.plan, request)
+        async for chunk in self.stream_planned(utterances, request.deadline):
+            yield chunk
+
+    async def stream_planned(self, utterances: list[Utterance], deadline: float | None
+                             ) -> AsyncIterator[Audio]:
+        """`stream` for utterances `plan` made (which then hold the speech tokens drawn)."""
         scheduler, _ = self._require()
         scheduler.start()
-        job = scheduler.submit(utterances, request.deadline)
+        job = scheduler.submit(utterances, deadline)
         try:
             while True:
                 item = await job.queue.get()

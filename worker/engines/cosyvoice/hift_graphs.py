@@ -7,7 +7,8 @@ from the previous chunk's. Those get one graph per batch-size bucket, captured a
 random inputs are drawn outside the graph (each row from its own generator) and copied in.
 Other shapes (final chunks, other speeds or first-chunk lengths) run eagerly, as do batches
 above the largest bucket. Nothing is captured while serving. The engine captures these only with
-its `vocoder_graphs` option (off by default: untested on a GPU without cuFFT).
+its `vocoder_graphs` option (off by default: not yet run on a GPU since its STFTs became
+matrix products).
 """
 
 from __future__ import annotations
