@@ -31,7 +31,7 @@ from torch import nn
 
 from worker.engines.cosyvoice.v3_config import V3FlowConfig
 from worker.engines.cosyvoice.v3_dit import POS_KERNEL, DiT, StepCache
-from worker.engines.cosyvoice.v3_flow_graphs import DiTStep, DiTStepGraphs
+from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
 from worker.engines.cosyvoice.weights import load_into, read_state
 
 STEPS = 10
@@ -146,14 +146,11 @@ class CosyVoice3Flow(nn.Module):
         return StepCache(lens, list(kv[:, 0]), list(kv[:, 1]), [tails[0], tails[1]])
 
     @staticmethod
-    def _keep(streams: list[FlowStream], step: int, new: StepCache | DiTStep, counts: list[int],
+    def _keep(streams: list[FlowStream], step: int, new_keys: list[torch.Tensor],
+              new_values: list[torch.Tensor], new_tails: list[torch.Tensor], counts: list[int],
               unguided: int) -> None:
-        """Copy each stream's new keys, values and tails of `step` into its state; its unguided
-        row sits `unguided` rows after its guided one."""
-        if isinstance(new, StepCache):
-            new_keys, new_values, new_tails = new.new_keys, new.new_values, new.new_tails
-        else:
-            new_keys, new_values, new_tails = new.keys, new.values, new.tails
+        """Copy each stream's new keys, values and tails of `step` (per layer, per convolution)
+        into its state; its unguided row sits `unguided` rows after its guided one."""
         keys = torch.stack(new_keys)  # [layers, 2B, heads, N, dim_head]
         values = torch.stack(new_values)
         tails = torch.stack(new_tails)  # [2 convs, 2B, D, 30]
@@ -234,7 +231,8 @@ class CosyVoice3Flow(nn.Module):
             if graphs is not None and bucket is not None:
                 replayed = graphs.step(bucket, streams, step, x, mu, cond, spk, t, lengths[:b],
                                        commit[:b])
-                self._keep(streams, step, replayed, counts, bucket.rows)
+                self._keep(streams, step, replayed.keys, replayed.values, replayed.tails, counts,
+                           bucket.rows)
                 guided = replayed.velocity[:b, :n]
                 unguided = replayed.velocity[bucket.rows : bucket.rows + b, :n]
             else:
@@ -246,7 +244,8 @@ class CosyVoice3Flow(nn.Module):
                     streaming,
                 )
                 if streaming:
-                    self._keep(streams, step, cache, counts, b)
+                    self._keep(streams, step, cache.new_keys, cache.new_values, cache.new_tails,
+                               counts, b)
                 guided, unguided = v.split(b)
             x = x + dt * ((1.0 + rate) * guided - rate * unguided)
             t = t + dt
