@@ -108,7 +108,8 @@ class BatchDecoder:
                     self._compute(size)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool, stream=side,
+                                  capture_error_mode="thread_local"):  # own GEMM workspace, see graphs.py
                 self._compute(size)
             self._graphs[size] = graph
         torch.cuda.synchronize(self.device)

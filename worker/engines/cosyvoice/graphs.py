@@ -3,7 +3,11 @@
 A bucket owns static input buffers, and after capture the graph and the output tensors it wrote;
 `run(bucket)` computes from the buffers. Capture happens once, at warm-up: each bucket is run
 once on a side stream (so lazy initialisation and library plans happen outside the graph), then
-recorded, all buckets of one stage sharing a memory pool (they never replay at once).
+recorded on that same stream, all buckets of one stage sharing a memory pool (they never replay at
+once). Each stage captures on a stream of its own because cuBLAS keys its GEMM workspace by the
+stream a call is made on, and a graph keeps the workspace it was captured with: graphs captured on
+one stream (torch's default capture stream) and replayed at once on two (the decoding loop's and
+the audio loop's) would write the same workspace at the same time.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def capture_all(buckets: Iterable[B], run: Callable[[B], Any], device: torch.dev
             run(bucket)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             bucket.output = run(bucket)
         bucket.graph = graph
     torch.cuda.synchronize(device)
