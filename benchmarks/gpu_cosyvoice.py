@@ -146,48 +146,91 @@ async def stream_inproc(engine: SpeechEngine, request: EngineRequest) -> StreamS
 
 
 class StageTimer:
-    """Wall time and calls of the scheduler's batched stages (decode step, prefill, audio)."""
+    """Wall time and calls of the scheduler's batched stages (decode step, prefill, audio);
+    with `timeline`, each level's report also lists its first calls of each stage."""
 
-    def __init__(self, engine: SpeechEngine) -> None:
+    def __init__(self, engine: SpeechEngine, timeline: int = 0) -> None:
         scheduler = engine._require()[0]
         self.totals: dict[str, list[float]] = {}
-        self._wrap(scheduler.decoder, "step", lambda a: len(a[0]))
-        self._wrap(scheduler.decoder, "prefill", lambda a: 1)
-        self._wrap(scheduler.audio, "run", lambda a: len(a[0]))
+        self.timeline = timeline
+        self.events: list[tuple[str, float, float, int, int]] = []
+        self.level_started = time.perf_counter()
+        self._wrap(scheduler.decoder, "step", lambda a: len(a[0]), lambda a: 0)
+        self._wrap(scheduler.decoder, "prefill_rows", lambda a: len(a[0]), lambda a: 0)
+        self._wrap(scheduler.audio, "run", lambda a: len(a[0]),
+                   lambda a: sum(1 for chunk in a[0] if chunk.utterance.offset == 0))
 
-    def _wrap(self, owner: Any, name: str, rows: Any) -> None:
+    def _wrap(self, owner: Any, name: str, rows: Any, first_rows: Any) -> None:
         original = getattr(owner, name)
 
         def timed(*args: Any) -> Any:
+            count, first = rows(args), first_rows(args)  # before the call moves offsets on
             started = time.perf_counter()
             try:
                 return original(*args)
             finally:
+                ended = time.perf_counter()
                 entry = self.totals.setdefault(name, [0.0, 0.0, 0.0])
-                entry[0] += time.perf_counter() - started
+                entry[0] += ended - started
                 entry[1] += 1
-                entry[2] += rows(args)
+                entry[2] += count
+                if self.timeline:
+                    self.events.append((name, started - self.level_started, ended - started,
+                                        count, first))
 
         setattr(owner, name, timed)
 
+    def start_level(self) -> None:
+        self.level_started = time.perf_counter()
+        self.events.clear()
+
     def report(self) -> dict[str, Any]:
-        out = {name: {"calls": int(n), "mean_ms": 1000 * t / max(n, 1),
-                      "mean_rows": r / max(n, 1), "total_s": t}
-               for name, (t, n, r) in self.totals.items()}
+        out: dict[str, Any] = {
+            name: {"calls": int(n), "mean_ms": 1000 * t / max(n, 1), "mean_rows": r / max(n, 1),
+                   "total_s": t}
+            for name, (t, n, r) in self.totals.items()}
         print("  stages: " + "; ".join(
             f"{k} {v['calls']} calls x {v['mean_ms']:.1f} ms ({v['mean_rows']:.1f} rows)"
             for k, v in out.items()), flush=True)
+        if self.timeline:
+            out["timeline"] = self._first_calls()
         self.totals.clear()
         return out
 
+    def _first_calls(self) -> list[dict[str, Any]]:
+        """The level's first `timeline` prefill and audio calls, with the decode steps run
+        before each (start and duration in ms from the level's start)."""
+        shown: list[dict[str, Any]] = []
+        steps = 0
+        step_ms = 0.0
+        for name, start, duration, rows, first_rows in sorted(self.events,
+                                                              key=lambda e: e[1]):
+            if name == "step":
+                steps += 1
+                step_ms += 1000 * duration
+                continue
+            if sum(1 for e in shown if e["stage"] == name) >= self.timeline:
+                continue
+            shown.append({"stage": name, "start_ms": round(1000 * start, 1),
+                          "ms": round(1000 * duration, 1), "rows": rows,
+                          "first_chunks": first_rows, "steps_before": steps,
+                          "step_ms_before": round(step_ms, 1)})
+        for e in shown:
+            print(f"    {e['stage']:7s} at {e['start_ms']:7.1f} ms for {e['ms']:6.1f} ms, "
+                  f"{e['rows']} rows ({e['first_chunks']} first chunks); "
+                  f"{e['steps_before']} steps before ({e['step_ms_before']:.0f} ms)", flush=True)
+        return shown
 
-async def sweep_inproc(engine: SpeechEngine, levels: list[int]) -> list[dict[str, Any]]:
+
+async def sweep_inproc(engine: SpeechEngine, levels: list[int],
+                       timeline: int = 0) -> list[dict[str, Any]]:
     rows = []
     warm = EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=0)
     await stream_inproc(engine, warm)  # unmeasured, as through HTTP
-    timer = StageTimer(engine)
+    timer = StageTimer(engine, timeline)
     for c in levels:
         peak_memory_gib(reset=True)
+        timer.start_level()
         requests = [EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=i) for i in range(c)]
         started = time.perf_counter()
         stats = await asyncio.gather(*(stream_inproc(engine, r) for r in requests))
@@ -375,6 +418,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda", help="cpu for a dry run on a tiny model")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--timeline", type=int, default=0, metavar="N",
+                        help="in-process: print each level's first N prefill and audio calls")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--engine-option", type=engine_option, action="append", default=[],
                         help="NAME=JSON for the engine, in-process and in the worker, e.g. "
@@ -408,7 +453,8 @@ def main() -> int:
         passed = check_batched(engine)
     modes = args.modes.split(",")
     if "inproc" in modes:
-        report["results"] += asyncio.run(sweep_inproc(engine, args.concurrency))
+        report["results"] += asyncio.run(sweep_inproc(engine, args.concurrency,
+                                                       args.timeline))
     engine._require()[0].stop()
     text_ids, prompt_ids = frontend.encode(TEXT), frontend.encode(PROMPT_TEXT)
     del engine

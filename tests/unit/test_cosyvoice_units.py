@@ -197,6 +197,17 @@ def test_encoder_graph_rows_outside_the_audio_calls_rows_are_refused(rows: int) 
         create_engine(model_dir="/nonexistent", encoder_graph_rows=rows)
 
 
+@pytest.mark.parametrize(("audio_rows", "encoder_rows"), [(None, 64), (32, 32)])
+def test_encoder_graphs_cover_the_audio_calls_rows_by_default(
+        audio_rows: int | None, encoder_rows: int) -> None:
+    from worker.engines.cosyvoice import CosyVoiceEngine
+
+    options = {} if audio_rows is None else {"max_audio_rows": audio_rows}
+    engine = CosyVoiceEngine(model_dir="/nonexistent", **options)
+    assert engine.encoder_graph_rows == encoder_rows
+    assert engine.vocoder_graphs
+
+
 @pytest.mark.parametrize(("decode_priority", "priorities"), [(False, [0, 0]), (True, [-1, 0])])
 def test_the_decoding_loop_gets_the_high_priority_stream_when_asked(
     monkeypatch: pytest.MonkeyPatch, decode_priority: bool, priorities: list[int],

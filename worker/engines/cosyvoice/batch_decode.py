@@ -108,8 +108,9 @@ class BatchDecoder:
                     self._compute(size)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            # A stream of its own, so its own GEMM workspace (see graphs.py).
             with torch.cuda.graph(graph, pool=pool, stream=side,
-                                  capture_error_mode="thread_local"):  # own GEMM workspace, see graphs.py
+                                  capture_error_mode="thread_local"):
                 self._compute(size)
             self._graphs[size] = graph
         torch.cuda.synchronize(self.device)

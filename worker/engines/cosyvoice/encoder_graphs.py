@@ -5,8 +5,8 @@ eagerly that is about a thousand small kernels: at one stream, tens of milliseco
 before the first audio. Captured once per (rows, tokens) bucket at warm-up, a call pads its
 tokens into the bucket's static buffers (padding is absent tokens and invalid frames, masked as
 in a mixed-length batch) and replays the graph. Batches above the engine's largest bucket
-(`encoder_graph_rows`, 16 by default) and longer utterances run eagerly (58 ms at 64 rows on an
-H200). Nothing is captured while serving.
+(`encoder_graph_rows`, `max_audio_rows` by default) and longer utterances run eagerly (58 ms
+at 64 rows on an H200). Nothing is captured while serving.
 """
 
 from __future__ import annotations

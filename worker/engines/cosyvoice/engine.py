@@ -119,8 +119,8 @@ class SpeechEngine:
         flow_steps: int = 10,
         max_audio_rows: int = 64,
         first_chunk_tokens: int = TOKEN_HOP,
-        vocoder_graphs: bool = False,
-        encoder_graph_rows: int = 16,
+        vocoder_graphs: bool = True,
+        encoder_graph_rows: int | None = None,
         prefill_tokens: int = 2048,
         decode_priority: bool = False,
         dit_graphs: bool = False,
@@ -145,6 +145,8 @@ class SpeechEngine:
         self.max_audio_rows = max_audio_rows
         self.first_chunk_tokens = first_chunk_tokens
         self.vocoder_graphs = vocoder_graphs
+        if encoder_graph_rows is None:
+            encoder_graph_rows = max_audio_rows
         if not 1 <= encoder_graph_rows <= max_audio_rows:
             raise ValueError(f"encoder_graph_rows must be 1..max_audio_rows ({max_audio_rows}), "
                              f"not {encoder_graph_rows}")

@@ -6,9 +6,8 @@ milliseconds of host time at one stream. Streamed chunks come in few shapes: a f
 from the previous chunk's. Those get one graph per batch-size bucket, captured at warm-up; the
 random inputs are drawn outside the graph (each row from its own generator) and copied in.
 Other shapes (final chunks, other speeds or first-chunk lengths) run eagerly, as do batches
-above the largest bucket. Nothing is captured while serving. The engine captures these only with
-its `vocoder_graphs` option (off by default: not yet run on a GPU since its STFTs became
-matrix products).
+above the largest bucket. Nothing is captured while serving. The engine's `vocoder_graphs` option
+(on by default) says whether to capture them.
 """
 
 from __future__ import annotations
