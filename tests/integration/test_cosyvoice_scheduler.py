@@ -196,7 +196,7 @@ def test_capacity_on_a_gpu_is_sized_from_its_free_memory(
     engine: CosyVoiceEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What load() does on a GPU with `max_streams` unset, with the device's memory stubbed:
-    more free memory states more streams, up to the default."""
+    more free memory states more streams, up to the default, less the prompt cache's budget."""
     flow = engine._require()[0].audio.flow
     config = check_model_dir(engine.model_dir)
     assert engine._llm is not None
@@ -207,7 +207,11 @@ def test_capacity_on_a_gpu_is_sized_from_its_free_memory(
         return engine._streams_that_fit(engine._llm, flow, config)  # type: ignore[arg-type]
 
     assert fit(0) == 1
-    assert 1 < fit(gib // 5) < fit(gib) == engine.max_streams
+    assert 1 < fit(gib // 4) < fit(gib) == engine.max_streams
+    # The prompt states' cache is budgeted too, up to 5% of the device.
+    with_cache = fit(gib // 4)
+    monkeypatch.setattr(engine, "prompt_cache_bytes", 0)
+    assert fit(gib // 4) > with_cache
 
 
 async def test_more_requests_than_rows_wait_for_a_free_row(tmp_path: Path) -> None:
@@ -347,10 +351,12 @@ def test_bucketed_vocoder_gives_each_row_its_own_result(engine: CosyVoiceEngine,
     assert graphs.bucket_for(5, 30, carried) is None
 
 def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
-                      first_chunk: int = TOKEN_HOP, joins: tuple[int, ...] = ()) -> float:
+                      first_chunk: int = TOKEN_HOP, joins: tuple[int, ...] = (),
+                      from_prompts: bool = False) -> float:
     """Stream every utterance chunk by chunk (the engine's hops), all in one batch while they
-    last, utterance i joining at call `joins[i]` (default: all at the first); return the largest
-    difference from recomputing each chunk alone over everything so far."""
+    last, utterance i joining at call `joins[i]` (default: all at the first), first chunks
+    `from_prompts` states where they have one; return the largest difference from recomputing
+    each chunk alone over everything so far."""
     look = flow.cfg.pre_lookahead_len
     for i, u in enumerate(utterances):
         u.update(offset=0, state=None, done=False, joins=joins[i] if joins else 0)
@@ -372,8 +378,12 @@ def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
             rows.append(FlowRow(u["tokens"][:upto], u["prompt_tokens"], u["prompt_mel"],
                                 u["embedding"], finalize, True))
             hops.append(hop)
-        mels, states = flow.stream_batch(rows, [u["state"] for u in live],
-                                         emitted=[2 * u["offset"] for u in live])
+        states = [u["state"] for u in live]
+        if from_prompts:
+            prompt_states = flow.prompt_states(rows)
+            states = [p if u["offset"] == 0 else s
+                      for u, s, p in zip(live, states, prompt_states, strict=True)]
+        mels, states = flow.stream_batch(rows, states, emitted=[2 * u["offset"] for u in live])
         for u, row, hop, mel, state in zip(live, rows, hops, mels, states, strict=True):
             alone = flow.mel_batch([row])[0][:, 2 * u["offset"] :]
             assert mel.shape == alone.shape
@@ -411,9 +421,93 @@ def test_a_short_first_chunk_streams_the_same_frames(engine: CosyVoiceEngine) ->
     assert _stream_alongside(flow, _utterances(10), first_chunk=7) < 1e-4
 
 
+PROMPTED = ((30, 60), (9, 50), (60, 70), (80, 40), (0, 45))
+"""(prompt tokens, tokens): prompts with one, none, two and three chunks of the flow's grid
+that no speech token can change (the last three prompt tokens look ahead into the speech)."""
+
+
+def test_first_chunks_from_their_prompts_state_stream_the_same_frames(
+    engine: CosyVoiceEngine,
+) -> None:
+    """A prompt's state holds its whole grid chunks before the one its look-ahead reaches out
+    of; first chunks started from it (the rest of the prompt and their own frames) and every
+    later chunk equal the chunks recomputed alone, and the shared state is left unchanged."""
+    flow = engine._require()[0].audio.flow
+    utterances = _utterances(13, PROMPTED)
+    rows = [FlowRow(u["tokens"][:0], u["prompt_tokens"], u["prompt_mel"], u["embedding"], False,
+                    True) for u in utterances]
+    states = flow.prompt_states(rows)
+    assert [None if s is None else s.frames for s in states] == [50, None, 100, 150, None]
+    kept = [s.attention.clone() for s in states if s is not None]
+    assert _stream_alongside(flow, utterances, from_prompts=True) < 1e-4
+    assert _stream_alongside(flow, utterances, first_chunk=7, from_prompts=True) < 1e-4
+    again = [s.attention for s in flow.prompt_states(rows) if s is not None]
+    for before, after in zip(kept, again, strict=True):
+        torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+
+
+def test_first_chunks_from_prompt_states_stay_on_the_graphs(engine: CosyVoiceEngine) -> None:
+    """First chunks from a prompt's state have more new frames than later chunks: they are
+    solved in calls of their own, each fitting a bucket of the wider new-frame width."""
+    flow = engine._require()[0].audio.flow
+    graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
+                          rows=(1, 4), frame_step=64, max_frames=256, later_frames=(64, 128),
+                          wide_rows=(), max_past=256, prompt_past=192)
+    assert graphs.bucket_for(3, 100, past=150, steps=10) is not None
+    assert graphs.bucket_for(3, 100, past=200, steps=10) is None
+    assert graphs.later_width(40) == 64
+    assert graphs.later_width(100) == 128
+    widths: list[tuple[int, int]] = []  # (new frames, earlier frames) of each call
+    solve = graphs.solve
+
+    def sized(noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
+              cond: torch.Tensor, bias: torch.Tensor, *args: Any) -> Any:
+        widths.append((noise.size(2), bias.size(2) - noise.size(2)))
+        return solve(noise, mask, mu, spks, cond, bias, *args)
+
+    graphs.solve = sized  # type: ignore[method-assign]
+    served = _count_calls(graphs, "solve")
+    flow.solver_graphs = graphs
+    try:
+        assert _stream_alongside(flow, _utterances(14, PROMPTED[:4]), joins=(0, 0, 1, 2),
+                                 from_prompts=True) < 1e-4
+    finally:
+        flow.solver_graphs = None
+    assert all(served), served
+    assert any(new > 64 and past > 0 for new, past in widths), widths
+    assert any(new <= 64 and past > 0 for new, past in widths), widths
+
+
+async def test_requests_of_one_voice_share_its_prompt_state(engine: CosyVoiceEngine) -> None:
+    """Requests with the same registered voice compute its prompt's state once, and get the
+    audio they get with every prompt solved with its first chunk."""
+    scheduler = engine._require()[0]
+    audio = scheduler.audio
+    t = np.arange(3 * 16000) / 16000
+    prompt = (0.3 * np.sin(2 * np.pi * 160 * t) * (1 + 0.5 * np.sin(2 * np.pi * 4 * t)))
+    engine.add_voice("shared", engine.compute_voice(prompt.astype(np.float32), 16000,
+                                                    "A prompt transcript of a few words."))
+    requests = [EngineRequest(text=TEXTS[i], voice="shared", speed=1.0, seed=i + 1)
+                for i in range(3)]
+    budget = audio.prompt_states.max_bytes
+    audio.prompt_states.max_bytes = 0
+    try:
+        solo = [await _run(scheduler, engine.plan(r)) for r in requests]
+    finally:
+        audio.prompt_states.max_bytes = budget
+    computed = audio.prompt_states.computed
+    together = await asyncio.gather(*(_run(scheduler, engine.plan(r)) for r in requests))
+    again = await _run(scheduler, engine.plan(requests[0]))
+    assert audio.prompt_states.computed - computed == 1
+    assert audio.prompt_states.nbytes > 0
+    for got, alone in zip([*together, again], [*solo, solo[0]], strict=True):
+        assert got.shape == alone.shape
+        np.testing.assert_allclose(got, alone, atol=AUDIO_TOLERANCE)
+
+
 def _small_solver_graphs(flow: Any) -> SolverGraphs:
     return SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
-                        rows=(1, 4), frame_step=64, max_frames=256, later_frames=64,
+                        rows=(1, 4), frame_step=64, max_frames=256, later_frames=(64,),
                         wide_rows=(), max_past=256)
 
 

@@ -36,6 +36,7 @@ def create_engine(
     prefill_tokens: int = 2048,
     decode_priority: bool = False,
     dit_graphs: bool = False,
+    prompt_cache_mb: int = 2048,
 ) -> SpeechEngine:
     """The engine for the model in `model_dir` (`engine_class`), from keyword options only; an
     option not named here fails start-up (the registry names it). `model_dir` (required),
@@ -43,7 +44,8 @@ def create_engine(
     vocoder always runs in float32), `threads` (ONNX Runtime threads for prompt features;
     WORKER_THREADS), and for benchmarks only `fixed_speech_tokens` (decode exactly that many
     tokens per piece, ignoring end-of-speech). The others are `SpeechEngine`'s; CosyVoice3
-    takes `flow_steps` 10 only.
+    takes `flow_steps` 10 only, and `vocoder_graphs`, `encoder_graph_rows` and
+    `prompt_cache_mb` are CosyVoice2's (`dit_graphs` CosyVoice3's).
     """
     if not model_dir:
         raise ValueError("the cosyvoice engine needs model_dir (an official CosyVoice2 or "
@@ -68,6 +70,7 @@ def create_engine(
         prefill_tokens=prefill_tokens,
         decode_priority=decode_priority,
         dit_graphs=dit_graphs,
+        prompt_cache_mb=prompt_cache_mb,
     )
 
 

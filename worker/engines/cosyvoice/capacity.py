@@ -3,7 +3,7 @@
 Each stream keeps a row of the LLM's KV pool and, while it speaks, its flow state (0.57 MB per
 mel frame on the released model: 29 MB per second of audio, prompt included). Both are counted
 against the memory left once the weights and the graphs' buffers are in place, with a share of
-the device kept for the working tensors of batched calls.
+the device kept for the working tensors of batched calls and the prompt states' cache's budget.
 """
 
 from __future__ import annotations
@@ -16,6 +16,15 @@ still run; the budget is what the stated capacity is planned on."""
 
 WORKING_SHARE = 0.15
 """Share of the device's memory kept for the working tensors of batched calls."""
+
+PROMPT_CACHE_SHARE = 0.05
+"""Most of the device's memory the prompt states' cache (`prompt_cache_mb`) may take."""
+
+
+def prompt_cache_bytes(requested: int, total_bytes: int) -> int:
+    """The prompt states' cache budget on a device of `total_bytes`: as requested, up to
+    `PROMPT_CACHE_SHARE` of the device."""
+    return min(requested, int(PROMPT_CACHE_SHARE * total_bytes))
 
 
 @dataclass(frozen=True)

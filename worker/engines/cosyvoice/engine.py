@@ -34,6 +34,7 @@ from worker.engines.cosyvoice.capacity import (
     STREAM_BUDGET_S,
     StreamCost,
     flow_frame_bytes,
+    prompt_cache_bytes,
     streams_that_fit,
 )
 from worker.engines.cosyvoice.config import (
@@ -124,6 +125,7 @@ class SpeechEngine:
         prefill_tokens: int = 2048,
         decode_priority: bool = False,
         dit_graphs: bool = False,
+        prompt_cache_mb: int = 2048,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -156,6 +158,9 @@ class SpeechEngine:
         self.prefill_tokens = prefill_tokens
         self.decode_priority = decode_priority
         self.dit_graphs = dit_graphs
+        if prompt_cache_mb < 0:
+            raise ValueError(f"prompt_cache_mb must be 0 or more, not {prompt_cache_mb}")
+        self.prompt_cache_bytes = prompt_cache_mb * 2**20
         self._scheduler: Scheduler | None = None
         self._audio: AudioStages | None = None
         self._llm: PromptedModel | None = None
@@ -189,16 +194,18 @@ class SpeechEngine:
         )
         self._version = content_version(self.model_dir, files)
 
-    def _streams_in_memory(self, llm: SpeechModel, frame_bytes: int, frames_per_second: int
-                           ) -> int:
+    def _streams_in_memory(self, llm: SpeechModel, frame_bytes: int, frames_per_second: int,
+                           reserved_bytes: int = 0) -> int:
         """`DEFAULT_STREAMS` on this device, or fewer when their memory would not fit: each
-        stream's KV row and `STREAM_BUDGET_S` of flow state at `frame_bytes` per mel frame."""
+        stream's KV row and `STREAM_BUDGET_S` of flow state at `frame_bytes` per mel frame,
+        in what is free less the prompt cache's `reserved_bytes` (`prompt_cache_bytes`)."""
         cost = StreamCost(
             kv_row_bytes=SlotPool.row_bytes(llm.backbone, self.max_positions),
             flow_frame_bytes=frame_bytes,
             frames_per_second=frames_per_second,
         )
         free, total = torch.cuda.mem_get_info(self.device)
+        free = max(0, free - prompt_cache_bytes(reserved_bytes, total))
         streams = streams_that_fit(free, total, cost, self.max_streams)
         logger.info("Capacity %d streams: %.0f MB each (KV row and %.0f s of flow state), "
                     "%.1f of %.1f GiB free", streams, cost.bytes() / 1e6, STREAM_BUDGET_S,
@@ -473,7 +480,11 @@ class CosyVoiceEngine(SpeechEngine):
                 rows=tuple(buckets(self.encoder_graph_rows)))
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
-        audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps)
+        if self.device.type == "cuda":
+            total = torch.cuda.mem_get_info(self.device)[1]
+            self.prompt_cache_bytes = prompt_cache_bytes(self.prompt_cache_bytes, total)
+        audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps,
+                           prompt_state_bytes=self.prompt_cache_bytes)
         if self.vocoder_graphs and self.cuda_graph and self.device.type == "cuda":
             audio.vocoder_graphs = VocoderGraphs(hift, self.device, audio.streamed_shapes())
         self._serve(llm, sampling, audio, config.flow.output_size, frontend, REQUIRED_FILES)
@@ -485,7 +496,8 @@ class CosyVoiceEngine(SpeechEngine):
                                        estimator.cfg.channels[0],
                                        torch.finfo(self.dtype).bits // 8)
         return self._streams_in_memory(llm, frame_bytes,
-                                       config.mel.sampling_rate // config.mel.hop_size)
+                                       config.mel.sampling_rate // config.mel.hop_size,
+                                       reserved_bytes=self.prompt_cache_bytes)
 
     def _capture_graphs(self) -> None:
         """The flow's solver and encoder graphs and the vocoder's; a capture that fails leaves

@@ -161,13 +161,50 @@ class FlowModel(nn.Module):
         if emitted is None:
             emitted = [max(0, (0 if s is None else s.frames) - pf)
                        for s, pf in zip(states, prompt_frames, strict=True)]
+        start = [pf + e for pf, e in zip(prompt_frames, emitted, strict=True)]
+        return self._stream_encoded(rows, mu_all, spks, frames, states, start, steps)
+
+    @torch.inference_mode()
+    def prompt_states(self, rows: list[FlowRow], steps: int = 10) -> list[FlowState | None]:
+        """Each row's state over the frames of its prompt that no speech token can change, to
+        start its first chunk from: the prompt's whole 50-frame chunks before the one that its
+        last tokens' look-ahead reaches out of (the encoder and estimator are chunk-causal, and
+        the noise is fixed). A first chunk from it computes the rest of the prompt and its own
+        frames only, and gets the same frames as from no state. None where the prompt holds no
+        such chunk (`rows`' tokens are ignored)."""
+        grid = self.cfg.estimator.static_chunk_size
+        look = self.cfg.pre_lookahead_len
+        ratio = self.cfg.token_mel_ratio
+        prompts = [FlowRow(r.tokens[:0], r.prompt_tokens, r.prompt_mel, r.embedding, False, True)
+                   for r in rows]
+        held = [i for i, r in enumerate(prompts)
+                if grid > 0 and (r.prompt_tokens.numel() - look) * ratio >= grid]
+        states: list[FlowState | None] = [None] * len(rows)
+        if not held:
+            return states
+        device = self.input_embedding.weight.device
+        held_rows = [prompts[i] for i in held]
+        mu_all, _, spks, frames = self._encode(held_rows, torch.ones(len(held), dtype=torch.bool,
+                                                                     device=device))
+        _, made = self._stream_encoded(held_rows, mu_all, spks, frames, [None] * len(held),
+                                       [0] * len(held), steps)
+        for i, state in zip(held, made, strict=True):
+            states[i] = state.to_share()
+        return states
+
+    def _stream_encoded(
+        self, rows: list[FlowRow], mu_all: torch.Tensor, spks: torch.Tensor, frames: list[int],
+        states: list[FlowState | None], start: list[int], steps: int,
+    ) -> tuple[list[torch.Tensor], list[FlowState]]:
+        """`stream_batch` for rows already encoded, with mels from frame `start` of each."""
+        device = mu_all.device
         results: dict[int, tuple[torch.Tensor, FlowState]] = {}
         for group in self._solver_calls(states, frames, steps):
             index = torch.tensor(group, device=device)
             group_mels, group_states = self._stream_group(
                 [rows[i] for i in group], mu_all.index_select(0, index),
                 spks.index_select(0, index), [frames[i] for i in group],
-                [states[i] for i in group], [emitted[i] for i in group], steps)
+                [states[i] for i in group], [start[i] for i in group], steps)
             results.update(zip(group, zip(group_mels, group_states, strict=True), strict=True))
         return ([results[i][0] for i in range(len(rows))],
                 [results[i][1] for i in range(len(rows))])
@@ -178,21 +215,26 @@ class FlowModel(nn.Module):
 
         First chunks (no state: the prompt and many new frames) and later ones (few new frames
         after many earlier ones) are solved apart: each kind has its own graphs, and a call that
-        mixed them would fit neither. With graphs, each kind is cut, in order of earlier frames
-        (so a call pads little), into calls that fit a captured bucket; rows that fit none (a
-        long prompt, a long utterance) go in eager calls of at most `EAGER_ROWS`, which bounds
-        the history buffers an eager call allocates.
+        mixed them would fit neither; with graphs, rows with earlier frames are split again by
+        the new frames' bucket width (first chunks from a prompt's state have more new frames
+        than later chunks). With graphs, each kind is cut, in order of earlier frames (so a call
+        pads little), into calls that fit a captured bucket; rows that fit none (a long prompt, a
+        long utterance) go in eager calls of at most `EAGER_ROWS`, which bounds the history
+        buffers an eager call allocates.
         """
         past = [0 if s is None else s.frames for s in states]
         new = [f - p for f, p in zip(frames, past, strict=True)]
+        graphs = self.solver_graphs
+        kinds: dict[tuple[bool, int], list[int]] = {}
+        for i, s in enumerate(states):
+            width = 0 if s is None or graphs is None else graphs.later_width(new[i])
+            kinds.setdefault((s is None, width), []).append(i)
         calls: list[list[int]] = []
-        for first in (True, False):
-            kind = sorted((i for i, s in enumerate(states) if (s is None) == first),
-                          key=lambda i: (past[i], new[i]))
-            if self.solver_graphs is None:
+        for key in sorted(kinds, reverse=True):
+            kind = sorted(kinds[key], key=lambda i: (past[i], new[i]))
+            if graphs is None:
                 calls.append(kind)
                 continue
-            graphs = self.solver_graphs
             current: list[int] = []
             eager: list[int] = []
             for i in kind:
@@ -211,15 +253,13 @@ class FlowModel(nn.Module):
 
     def _stream_group(
         self, rows: list[FlowRow], mu_all: torch.Tensor, spks: torch.Tensor, frames: list[int],
-        states: list[FlowState | None], emitted: list[int], steps: int,
+        states: list[FlowState | None], start: list[int], steps: int,
     ) -> tuple[list[torch.Tensor], list[FlowState]]:
-        """`stream_batch` for rows already encoded (`mu_all` [B, C, T], `frames` each)."""
+        """One solver call of `_stream_encoded` (`mu_all` [B, C, T], `frames` each)."""
         device = mu_all.device
         dtype = mu_all.dtype
         grid = self.cfg.estimator.static_chunk_size
-        prompt_frames = [r.prompt_mel.size(0) for r in rows]
         past = [0 if s is None else s.frames for s in states]
-        start = [pf + e for pf, e in zip(prompt_frames, emitted, strict=True)]
         new = [f - p for f, p in zip(frames, past, strict=True)]
         if any(s >= f or s < p for s, f, p in zip(start, frames, past, strict=True)):
             raise ValueError("a chunk must add frames after those its state holds")

@@ -31,6 +31,8 @@ class FlowState:
     frames: int
     attention: torch.Tensor
     tails: torch.Tensor
+    shared: bool = False
+    """Read by many utterances (a prompt's state): extending it copies, never writes into it."""
 
     def extended(self, attention: torch.Tensor, tails: torch.Tensor) -> FlowState:
         """This state followed by `attention` [steps, blocks, 2, n, C] more frames, ending with
@@ -38,7 +40,7 @@ class FlowState:
         n = attention.size(3)
         total = self.frames + n
         store = self.attention
-        if total > store.size(3):
+        if total > store.size(3) or self.shared:
             capacity = -(-total // FRAME_GROWTH) * FRAME_GROWTH
             grown = store.new_empty(*store.shape[:3], capacity, store.size(4))
             grown[:, :, :, : self.frames] = store[:, :, :, : self.frames]
@@ -50,6 +52,15 @@ class FlowState:
     def start(attention: torch.Tensor, tails: torch.Tensor) -> FlowState:
         empty = attention.new_empty(*attention.shape[:3], 0, attention.size(4))
         return FlowState(0, empty, tails).extended(attention, tails)
+
+    def to_share(self) -> FlowState:
+        """A copy of this state, holding its frames only, that utterances extend by copying."""
+        return FlowState(self.frames, self.attention[:, :, :, : self.frames].clone(),
+                         self.tails.clone(), shared=True)
+
+    @property
+    def nbytes(self) -> int:
+        return self.attention.nbytes + self.tails.nbytes
 
 
 @dataclass

@@ -26,6 +26,7 @@ from worker.engines.cosyvoice.flow import FlowModel, FlowRow
 from worker.engines.cosyvoice.flow_state import FlowState
 from worker.engines.cosyvoice.hift import HiFTGenerator, samples_per_frame
 from worker.engines.cosyvoice.hift_graphs import VocoderGraphs
+from worker.engines.cosyvoice.prompt_states import PromptStates, prompt_key
 
 TOKEN_HOP = 25
 MEL_CACHE_FRAMES = 8
@@ -93,7 +94,7 @@ def next_chunk(utt: Utterance, decoded: bool, tokens: list[int], lookahead: int
 
 class AudioStage:
     def __init__(self, flow: FlowModel, hift: HiFTGenerator, device: torch.device,
-                 flow_steps: int = 10) -> None:
+                 flow_steps: int = 10, prompt_state_bytes: int = 0) -> None:
         self.flow = flow
         self.hift = hift
         self.device = device
@@ -106,6 +107,9 @@ class AudioStage:
         """Set (and captured) by the engine on a GPU: the vocoder as graphs for the chunk
         shapes streaming repeats (`streamed_shapes`)."""
         self.window = torch.from_numpy(np.hamming(2 * self.source_cache_len).astype(np.float32))
+        self.prompt_states = PromptStates(prompt_state_bytes)
+        """First chunks start from their prompt's state, kept per prompt (`prompt_states.py`);
+        a budget of 0 solves every prompt with its first chunk."""
 
     def streamed_shapes(self) -> tuple[tuple[int, int], ...]:
         """(mel frames, excitation samples carried over) of a first chunk of 25 tokens and of
@@ -164,12 +168,31 @@ class AudioStage:
                 finalize=chunk.finalize,
                 streaming=True,
             ))
-        states = [c.utterance.flow_state for c in chunks]
+        states = self._states(chunks, rows)
         emitted = [c.utterance.offset * self.ratio for c in chunks]
         mels, updated = self.flow.stream_batch(rows, states, self.flow_steps, emitted)
         for chunk, state in zip(chunks, updated, strict=True):
             chunk.utterance.flow_state = None if chunk.finalize else state
         return mels
+
+    def _states(self, chunks: list[Chunk], rows: list[FlowRow]) -> list[FlowState | None]:
+        """Each chunk's flow state: its utterance's, or for a first chunk its prompt's."""
+        states = [c.utterance.flow_state for c in chunks]
+        if self.prompt_states.max_bytes <= 0:
+            return states
+        first = [i for i, c in enumerate(chunks)
+                 if c.utterance.offset == 0 and states[i] is None]
+        if not first:
+            return states
+        keys = [prompt_key(r.prompt_tokens, r.prompt_mel, r.embedding)
+                for r in (rows[i] for i in first)]
+
+        def compute(positions: list[int]) -> list[FlowState | None]:
+            return self.flow.prompt_states([rows[first[p]] for p in positions], self.flow_steps)
+
+        for i, state in zip(first, self.prompt_states.get(keys, compute), strict=True):
+            states[i] = state
+        return states
 
     def _vocode(
         self, chunks: list[Chunk], mels: list[torch.Tensor]
