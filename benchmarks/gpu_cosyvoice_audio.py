@@ -5,7 +5,9 @@ through `AudioStage.run` chunk by chunk, all in one batch, with nothing else on 
 batch size it prints the wall time per call split into encoder, flow solver, vocoder and the
 rest (each part timed between device synchronisations), audio-seconds per wall-second, and, from
 the PyTorch profiler over one later chunk, the GPU's busy time against the wall time and the
-kernels that take most of it.
+kernels that take most of it. The arithmetic of one utterance's chunks, counted once eagerly
+(`torch.utils.flop_counter`: matrix products, convolutions and attention), turns each part's
+time into achieved TFLOP/s and a share of the device's bf16 dense peak (`--peak-tflops`).
 
     python benchmarks/gpu_cosyvoice_audio.py --model-dir /tmp/cv_full --rows 1,16,64
 """
@@ -22,10 +24,11 @@ from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_cosyvoice import PROMPT_TEXT, TEXT, levels_arg, prompt_audio
+from benchmarks.gpu_cosyvoice import PROMPT_TEXT, TEXT, engine_option, levels_arg, prompt_audio
 from testbed.cosyvoice_models import build_model_dir
 from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
@@ -69,6 +72,39 @@ def utterances(engine: CosyVoiceEngine, n: int, tokens: int) -> list[Utterance]:
     return made
 
 
+PARTS = (("encoder", "flow", "_encode"), ("solver", "flow", "_solve_incremental"),
+         ("vocoder", "audio", "_vocode"))
+
+
+def utterance_flops(audio: AudioStage, utt: Utterance) -> dict[str, int]:
+    """FLOPs of each part over all of one utterance's chunks, every stage eager (no graphs
+    capture what the counter sees); a batch of R rows does R times this."""
+    flow = audio.flow
+    graphs = (flow.solver_graphs, flow.encoder_graphs, audio.vocoder_graphs)
+    flow.solver_graphs = flow.encoder_graphs = audio.vocoder_graphs = None
+    counted: dict[str, int] = defaultdict(int)
+    owners = {"flow": flow, "audio": audio}
+    originals = {name: getattr(owners[owner], attr) for name, owner, attr in PARTS}
+
+    def counting(name: str) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with FlopCounterMode(display=False) as counter:
+                result = originals[name](*args, **kwargs)
+            counted[name] += counter.get_total_flops()
+            return result
+        return run
+
+    for name, owner, attr in PARTS:
+        setattr(owners[owner], attr, counting(name))
+    try:
+        stream_all(audio, [utt], lambda _: _Null())
+    finally:
+        for name, owner, attr in PARTS:
+            setattr(owners[owner], attr, originals[name])
+        flow.solver_graphs, flow.encoder_graphs, audio.vocoder_graphs = graphs
+    return dict(counted)
+
+
 def stream_all(audio: AudioStage, utts: list[Utterance], on_call: Callable[[int], Any]) -> int:
     calls = 0
     while True:
@@ -94,11 +130,16 @@ def main() -> int:
     parser.add_argument("--profile-call", type=int, default=4)
     parser.add_argument("--device", default="cuda", help="cpu for a dry run on a tiny model")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the device's dense bf16 peak (H100/H200 SXM: 989)")
+    parser.add_argument("--engine-option", type=engine_option, action="append", default=[],
+                        help="name=value (JSON value), passed to the engine")
     args = parser.parse_args()
     if not (args.model_dir / "flow.pt").exists():
         build_model_dir(args.model_dir, size="full")
     engine = CosyVoiceEngine(args.model_dir, device=args.device, dtype=args.dtype,
-                             cuda_graph=args.graphs, max_streams=max(args.rows))
+                             cuda_graph=args.graphs, max_streams=max(args.rows),
+                             **dict(args.engine_option))
     engine.load()
     t = time.perf_counter()
     if args.compile:
@@ -118,6 +159,9 @@ def main() -> int:
     timer.wrap(audio, "_vocode", "vocoder")
     timer.wrap(audio, "run", "call")
     stream_all(audio, utterances(engine, 1, 60), lambda _: _Null())  # warm the allocator
+    flops = utterance_flops(audio, utterances(engine, 1, args.tokens)[0])
+    print("GFLOP per utterance: " + ", ".join(f"{name} {value / 1e9:.1f}"
+                                               for name, value in flops.items()), flush=True)
     for rows in args.rows:
         timer.seconds.clear()
         utts = utterances(engine, rows, args.tokens)
@@ -141,6 +185,10 @@ def main() -> int:
             ("rest", rest)))
         print(f"rows {rows:4d}: {calls} calls, {1000 * s['call'] / calls:7.1f} ms per call "
               f"({parts}); {audio_s / wall:7.1f} audio-s/s", flush=True)
+        achieved = {name: rows * flops[name] / s[name] / 1e12 for name in flops if s[name] > 0}
+        print("  achieved: " + ", ".join(
+            f"{name} {tflops:.1f} TFLOP/s ({100 * tflops / args.peak_tflops:.1f}% of peak)"
+            for name, tflops in achieved.items()), flush=True)
         prof = profiled.get("prof")
         if prof is not None:
             events = prof.key_averages()
