@@ -25,7 +25,7 @@ from worker.engines.cosyvoice.flow import FlowRow
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.hift import samples_per_frame
 from worker.engines.cosyvoice.hift_graphs import VocoderGraphs
-from worker.engines.cosyvoice.pipeline import MEL_CACHE_FRAMES, TOKEN_HOP, Utterance
+from worker.engines.cosyvoice.pipeline import MEL_CACHE_FRAMES, Utterance
 from worker.engines.cosyvoice.scheduler import DONE, Scheduler
 from worker.logging_setup import RequestIdFilter, request_id_var
 
@@ -351,7 +351,7 @@ def test_bucketed_vocoder_gives_each_row_its_own_result(engine: CosyVoiceEngine,
     assert graphs.bucket_for(5, 30, carried) is None
 
 def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
-                      first_chunk: int = TOKEN_HOP, joins: tuple[int, ...] = (),
+                      first_chunk: int | None = None, joins: tuple[int, ...] = (),
                       from_prompts: bool = False) -> float:
     """Stream every utterance chunk by chunk (the engine's hops), all in one batch while they
     last, utterance i joining at call `joins[i]` (default: all at the first), first chunks
@@ -476,6 +476,19 @@ def test_first_chunks_from_prompt_states_stay_on_the_graphs(engine: CosyVoiceEng
     assert all(served), served
     assert any(new > 64 and past > 0 for new, past in widths), widths
     assert any(new <= 64 and past > 0 for new, past in widths), widths
+    # 51 prompt tokens: a state of 25, and a first chunk of 49 ending at token 100 leaves 150
+    # new frames, more than any bucket after earlier frames holds: that first chunk starts from
+    # no state instead (200 frames), and stays on the graphs.
+    served.clear()
+    widths.clear()
+    flow.solver_graphs = graphs
+    try:
+        assert _stream_alongside(flow, _utterances(15, ((51, 60), (30, 60))),
+                                 from_prompts=True) < 1e-4
+    finally:
+        flow.solver_graphs = None
+    assert all(served), served
+    assert (200, 0) in widths, widths
 
 
 async def test_requests_of_one_voice_share_its_prompt_state(engine: CosyVoiceEngine) -> None:

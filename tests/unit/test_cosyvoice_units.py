@@ -21,6 +21,7 @@ from worker.engines.cosyvoice.config import read_yaml
 from worker.engines.cosyvoice.engine import GEMM_WORKSPACE_SETTINGS, turn_off_gemm_workspaces
 from worker.engines.cosyvoice.frontend import VoicePrompt
 from worker.engines.cosyvoice.hift import dft_bases, inverse_stft, stft
+from worker.engines.cosyvoice.pipeline import Utterance
 from worker.engines.cosyvoice.sampling import SamplingParams, sample, uniform
 from worker.engines.cosyvoice.text import (
     chinese_number,
@@ -234,3 +235,25 @@ def test_dit_graphs_are_refused_for_cosyvoice2() -> None:
 
     with pytest.raises(ValueError, match="dit_graphs is CosyVoice3's"):
         create_engine(model_dir="/nonexistent", dit_graphs=True)
+
+
+def _utterance(prompt_tokens: int, first_chunk: int | None, offset: int = 0) -> Utterance:
+    prompt = torch.zeros(1, prompt_tokens, dtype=torch.int32)
+    return Utterance(text_ids=[], tts_token_count=0, llm_prompt_tokens=prompt,
+                     flow_prompt_tokens=prompt, prompt_mel=torch.zeros(1, 2 * prompt_tokens, 80),
+                     embedding=torch.zeros(1, 192), seed=0, first_chunk=first_chunk,
+                     offset=offset)
+
+
+@pytest.mark.parametrize(("prompt_tokens", "released", "at_most_25", "at_most_10"),
+                         [(0, 25, 25, 10), (75, 25, 25, 10), (80, 45, 25, 10), (51, 49, 25, 10)])
+def test_the_first_chunk_aligns_prompt_and_chunk_on_the_grid_as_released(
+        prompt_tokens: int, released: int, at_most_25: int, at_most_10: int) -> None:
+    """By default the first chunk is a hop plus the prompt's padding to the 25-token grid, as
+    upstream streams; `first_chunk_tokens` caps it; later chunks end on the grid."""
+    assert _utterance(prompt_tokens, None).hop() == released
+    assert (prompt_tokens + released) % 25 == 0
+    assert _utterance(prompt_tokens, 25).hop() == at_most_25
+    assert _utterance(prompt_tokens, 10).hop() == at_most_10
+    after = _utterance(prompt_tokens, 10, offset=10)
+    assert (prompt_tokens + 10 + after.hop()) % 25 == 0

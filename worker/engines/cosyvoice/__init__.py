@@ -30,7 +30,7 @@ def create_engine(
     max_positions: int = 3072,
     flow_steps: int = 10,
     max_audio_rows: int = 64,
-    first_chunk_tokens: int = 25,
+    first_chunk_tokens: int | None = None,
     vocoder_graphs: bool = True,
     encoder_graph_rows: int | None = None,
     prefill_tokens: int = 2048,

@@ -119,7 +119,7 @@ class SpeechEngine:
         max_positions: int = 3072,
         flow_steps: int = 10,
         max_audio_rows: int = 64,
-        first_chunk_tokens: int = TOKEN_HOP,
+        first_chunk_tokens: int | None = None,
         vocoder_graphs: bool = True,
         encoder_graph_rows: int | None = None,
         prefill_tokens: int = 2048,
@@ -129,7 +129,8 @@ class SpeechEngine:
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
-        if not MIN_FIRST_CHUNK <= first_chunk_tokens <= TOKEN_HOP:
+        if first_chunk_tokens is not None and not (
+                MIN_FIRST_CHUNK <= first_chunk_tokens <= TOKEN_HOP):
             raise ValueError(f"first_chunk_tokens must be {MIN_FIRST_CHUNK}..{TOKEN_HOP}, "
                              f"not {first_chunk_tokens}")
         self.model_dir = Path(model_dir)

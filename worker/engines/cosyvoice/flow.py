@@ -162,7 +162,21 @@ class FlowModel(nn.Module):
             emitted = [max(0, (0 if s is None else s.frames) - pf)
                        for s, pf in zip(states, prompt_frames, strict=True)]
         start = [pf + e for pf, e in zip(prompt_frames, emitted, strict=True)]
+        states = self._off_graphs_from_none(states, frames, steps)
         return self._stream_encoded(rows, mu_all, spks, frames, states, start, steps)
+
+    def _off_graphs_from_none(self, states: list[FlowState | None], frames: list[int],
+                              steps: int) -> list[FlowState | None]:
+        """Rows that would start from a prompt's state that no graph fits, but that fit one from
+        no state, start from none: the same frames, from a graph rather than eagerly. (A prompt
+        one or two tokens past the grid leaves two chunks to its first one: 150 new frames.)"""
+        graphs = self.solver_graphs
+        if graphs is None:
+            return states
+        return [None if s is not None and s.shared
+                and graphs.bucket_for(1, f - s.frames, s.frames, steps) is None
+                and graphs.bucket_for(1, f, 0, steps) is not None else s
+                for s, f in zip(states, frames, strict=True)]
 
     @torch.inference_mode()
     def prompt_states(self, rows: list[FlowRow], steps: int = 10) -> list[FlowState | None]:

@@ -48,7 +48,7 @@ class Utterance:
     embedding: torch.Tensor
     seed: int
     speed: float = 1.0
-    first_chunk: int = TOKEN_HOP
+    first_chunk: int | None = None
     tokens: list[int] = field(default_factory=list)
     decoded: bool = False
     offset: int = 0
@@ -58,13 +58,13 @@ class Utterance:
     speech_tail: torch.Tensor | None = None
 
     def hop(self) -> int:
-        """Tokens in the next chunk. The first is enough to align prompt + chunk on the model's
-        25-token chunk grid (as upstream), or `first_chunk` tokens if that is fewer; every later
-        chunk ends on the grid."""
+        """Tokens in the next chunk. The first is a hop plus enough to align prompt + chunk on
+        the model's 25-token chunk grid (as released), or `first_chunk` tokens if given and
+        fewer; every later chunk ends on the grid."""
         p = self.flow_prompt_tokens.size(1)
         if self.offset == 0:
             aligned = TOKEN_HOP + (math.ceil(p / TOKEN_HOP) * TOKEN_HOP - p)
-            return min(aligned, self.first_chunk)
+            return aligned if self.first_chunk is None else min(aligned, self.first_chunk)
         return TOKEN_HOP - (p + self.offset) % TOKEN_HOP
 
 

@@ -1,6 +1,6 @@
 """The flow's state over a prompt, kept per prompt so that first chunks start from it.
 
-A request's first chunk otherwise solves every frame of its prompt (150 of the 206 frames of a
+A request's first chunk otherwise solves every frame of its prompt (150 of the 200 frames of a
 first chunk after a 3 s voice). What the estimator computes over the prompt's leading chunks
 depends on the prompt alone (`FlowModel.prompt_states`), so requests with the same voice share
 it: it is computed once, on the first request that needs it, and kept here, least recently used
