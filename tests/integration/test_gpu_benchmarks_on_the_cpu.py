@@ -1,0 +1,60 @@
+"""The GPU benchmarks' dry runs on the CPU with tiny random-weight models: each runs to the end,
+its checks pass, and the figures it reports are sound (every stream served, audio of the
+requested length, positive throughput and arithmetic). The GPU runs themselves are not CI's."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed import cosyvoice3_models, cosyvoice_models
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENS = 40
+
+
+def _run(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("model", ["cosyvoice2", "cosyvoice3"])
+def test_the_stream_sweep_serves_every_stream_and_its_checks_pass(model: str,
+                                                                  tmp_path: Path) -> None:
+    build = {"cosyvoice2": cosyvoice_models, "cosyvoice3": cosyvoice3_models}[model]
+    model_dir = build.build_model_dir(tmp_path / "tiny")
+    out = tmp_path / "results.json"
+    printed = _run("benchmarks/gpu_cosyvoice.py", "--model", model, "--model-dir",
+                   str(model_dir), "--device", "cpu", "--dtype", "float32", "--concurrency",
+                   "1,2", "--tokens", str(TOKENS), "--modes", "inproc", "--check",
+                   "--timeline", "2", "--out", str(out))
+    assert "check, audio stages on fixed tokens:" in printed
+    assert printed.count("-> ok") == 2
+    results = json.loads(out.read_text())["results"]
+    assert [(r["concurrency"], r["ok"], r["failed"]) for r in results] == [(1, 1, 0), (2, 2, 0)]
+    for row in results:
+        assert row["audio_s_per_s"] > 0
+        assert 0 < row["ttfa_p50_ms"] <= row["ttfa_p99_ms"]
+        first_calls = [e for e in row["stages"]["timeline"] if e["stage"] == "run"]
+        assert first_calls[0]["first_chunks"] >= 1
+        assert first_calls[0]["steps_before"] >= 1
+    assert f"audio per request {TOKENS / 25:.1f} s" in printed
+
+
+def test_the_audio_stage_profile_counts_its_arithmetic(tmp_path: Path) -> None:
+    model_dir = cosyvoice_models.build_model_dir(tmp_path / "tiny")
+    printed = _run("benchmarks/gpu_cosyvoice_audio.py", "--model-dir", str(model_dir),
+                   "--device", "cpu", "--dtype", "float32", "--rows", "1,2", "--tokens",
+                   str(TOKENS), "--profile-call", "99")
+    counted = re.search(r"GFLOP per utterance: encoder ([\d.]+), solver ([\d.]+), "
+                        r"vocoder ([\d.]+)", printed)
+    assert counted is not None, printed
+    assert all(float(value) > 0 for value in counted.groups())
+    assert len(re.findall(r"achieved: encoder [\d.]+ TFLOP/s", printed)) == 2
