@@ -34,11 +34,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import gc
 import json
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -244,30 +247,48 @@ def max_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
 
 
-def check_audio_stages(engine: SpeechEngine, tokens: int) -> bool:
-    """The audio stages alone on fixed speech tokens: a request's audio alone twice, and
-    batched with 7 others, within the stated tolerance. With the LLM out of it, a difference
-    is the flow and vocoder's arithmetic."""
-    audio = engine._require()[0].audio
-
-    def planned(seed: int) -> Any:
+def decoded_utterances(engine: SpeechEngine, seeds: list[int], tokens: int) -> list[Any]:
+    """A request's utterance per seed, already decoded into `tokens` random speech tokens
+    drawn from that seed: what the audio stages take, with the LLM out of it."""
+    made = []
+    for seed in seeds:
         (utt,) = engine.plan(EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=seed))
         ids = torch.randint(0, 6561, (tokens,), generator=torch.Generator().manual_seed(seed))
         utt.tokens = ids.tolist()
         if hasattr(utt, "flow_tokens"):  # CosyVoice3 reads what its silent-token filter passed
             utt.flow_tokens = ids.tolist()
         utt.decoded = True
-        return utt
+        made.append(utt)
+    return made
+
+
+def speak_decoded(
+    audio: Any, utts: list[Any],
+    on_call: Callable[[int], AbstractContextManager[Any]] = lambda _: contextlib.nullcontext(),
+) -> tuple[int, list[np.ndarray]]:
+    """Stream decoded utterances through the audio stage chunk by chunk, all in one batch while
+    they last, each call inside `on_call(its index)`; the calls made and each one's audio."""
+    spoken: list[list[np.ndarray]] = [[] for _ in utts]
+    calls = 0
+    while ready := [(i, c) for i, u in enumerate(utts) if (c := audio.next_chunk(u)) is not None]:
+        with on_call(calls):
+            results = audio.run([chunk for _, chunk in ready])
+        for (i, _), result in zip(ready, results, strict=True):
+            if isinstance(result, Exception):
+                raise result
+            spoken[i].append(result)
+        calls += 1
+    return calls, [np.concatenate(parts) for parts in spoken]
+
+
+def check_audio_stages(engine: SpeechEngine, tokens: int) -> bool:
+    """The audio stages alone on fixed speech tokens: a request's audio alone twice, and
+    batched with 7 others, within the stated tolerance. With the LLM out of it, a difference
+    is the flow and vocoder's arithmetic."""
+    audio = engine._require()[0].audio
 
     def speak(seeds: list[int]) -> list[np.ndarray]:
-        utts = [planned(seed) for seed in seeds]
-        spoken: list[list[np.ndarray]] = [[] for _ in utts]
-        while chunks := [c for u in utts if (c := audio.next_chunk(u)) is not None]:
-            for chunk, result in zip(chunks, audio.run(chunks), strict=True):
-                if isinstance(result, Exception):
-                    raise result
-                spoken[utts.index(chunk.utterance)].append(result)
-        return [np.concatenate(parts) for parts in spoken]
+        return speak_decoded(audio, decoded_utterances(engine, seeds, tokens))[1]
 
     solo = [speak([seed])[0] for seed in (1, 2, 3)]
     again = speak([1])[0]

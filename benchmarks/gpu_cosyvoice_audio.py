@@ -15,6 +15,7 @@ time into achieved TFLOP/s and a share of the device's bf16 dense peak (`--peak-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import defaultdict
@@ -28,9 +29,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_cosyvoice import PROMPT_TEXT, TEXT, engine_option, levels_arg, prompt_audio
+from benchmarks.gpu_cosyvoice import (
+    PROMPT_TEXT,
+    decoded_utterances,
+    engine_option,
+    levels_arg,
+    prompt_audio,
+    speak_decoded,
+)
 from testbed.cosyvoice_models import build_model_dir
-from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.pipeline import AudioStage, Utterance
 
@@ -61,17 +68,6 @@ class PartTimer:
             torch.cuda.synchronize(self.device)
 
 
-def utterances(engine: CosyVoiceEngine, n: int, tokens: int) -> list[Utterance]:
-    made = []
-    for i in range(n):
-        (utt,) = engine.plan(EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=i))
-        gen = torch.Generator().manual_seed(i)
-        utt.tokens = torch.randint(0, 6561, (tokens,), generator=gen).tolist()
-        utt.decoded = True
-        made.append(utt)
-    return made
-
-
 PARTS = (("encoder", "flow", "_encode"), ("solver", "flow", "_solve_incremental"),
          ("vocoder", "audio", "_vocode"))
 
@@ -97,25 +93,12 @@ def utterance_flops(audio: AudioStage, utt: Utterance) -> dict[str, int]:
     for name, owner, attr in PARTS:
         setattr(owners[owner], attr, counting(name))
     try:
-        stream_all(audio, [utt], lambda _: _Null())
+        speak_decoded(audio, [utt])
     finally:
         for name, owner, attr in PARTS:
             setattr(owners[owner], attr, originals[name])
         flow.solver_graphs, flow.encoder_graphs, audio.vocoder_graphs = graphs
     return dict(counted)
-
-
-def stream_all(audio: AudioStage, utts: list[Utterance], on_call: Callable[[int], Any]) -> int:
-    calls = 0
-    while True:
-        chunks = [c for u in utts if (c := audio.next_chunk(u)) is not None]
-        if not chunks:
-            return calls
-        with on_call(calls):
-            for result in audio.run(chunks):
-                if isinstance(result, Exception):
-                    raise result
-        calls += 1
 
 
 def main() -> int:
@@ -158,24 +141,24 @@ def main() -> int:
     timer.wrap(audio.flow, "_solve_incremental", "solver")
     timer.wrap(audio, "_vocode", "vocoder")
     timer.wrap(audio, "run", "call")
-    stream_all(audio, utterances(engine, 1, 60), lambda _: _Null())  # warm the allocator
-    flops = utterance_flops(audio, utterances(engine, 1, args.tokens)[0])
+    speak_decoded(audio, decoded_utterances(engine, [0], 60))  # warm the allocator
+    flops = utterance_flops(audio, decoded_utterances(engine, [0], args.tokens)[0])
     print("GFLOP per utterance: " + ", ".join(f"{name} {value / 1e9:.1f}"
                                                for name, value in flops.items()), flush=True)
     for rows in args.rows:
         timer.seconds.clear()
-        utts = utterances(engine, rows, args.tokens)
+        utts = decoded_utterances(engine, list(range(rows)), args.tokens)
         profiled: dict[str, Any] = {}
 
         def on_call(index: int, profiled: dict[str, Any] = profiled) -> Any:
             if index != args.profile_call:
-                return _Null()
+                return contextlib.nullcontext()
             prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
             profiled["prof"] = prof
             return prof
 
         start = time.perf_counter()
-        calls = stream_all(audio, utts, on_call)
+        calls, _ = speak_decoded(audio, utts, on_call)
         wall = time.perf_counter() - start
         s = timer.seconds
         rest = s["call"] - s["encoder"] - s["solver"] - s["vocoder"]
@@ -198,14 +181,6 @@ def main() -> int:
                   f"{kernels} device ops", flush=True)
             print(events.table(sort_by="self_device_time_total", row_limit=25), flush=True)
     return 0
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 if __name__ == "__main__":
