@@ -380,9 +380,10 @@ def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
             hops.append(hop)
         states = [u["state"] for u in live]
         if from_prompts:
-            prompt_states = flow.prompt_states(rows)
-            states = [p if u["offset"] == 0 else s
-                      for u, s, p in zip(live, states, prompt_states, strict=True)]
+            first = [i for i, u in enumerate(live) if u["offset"] == 0]
+            for i, state in zip(first, flow.prompt_states([rows[i] for i in first]),
+                                strict=True):
+                states[i] = state
         mels, states = flow.stream_batch(rows, states, emitted=[2 * u["offset"] for u in live])
         for u, row, hop, mel, state in zip(live, rows, hops, mels, states, strict=True):
             alone = flow.mel_batch([row])[0][:, 2 * u["offset"] :]
