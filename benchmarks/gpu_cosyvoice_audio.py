@@ -128,7 +128,8 @@ def main() -> int:
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64
         estimator = engine._require()[0].audio.flow.decoder.estimator
-        estimator.forward = torch.compile(estimator.forward)  # type: ignore[method-assign]
+        estimator.forward = torch.compile(  # type: ignore[method-assign]
+            estimator.forward, dynamic=True)
     engine.warm_up()
     reserved = torch.cuda.memory_reserved() / 2**30 if args.device == "cuda" else 0.0
     print(f"warm-up {time.perf_counter() - t:.1f} s; {reserved:.1f} GiB reserved", flush=True)

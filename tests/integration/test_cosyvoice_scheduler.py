@@ -275,6 +275,45 @@ def test_prompts_prefilled_together_match_each_alone(engine: CosyVoiceEngine) ->
                                        atol=1e-5, rtol=1e-4)
 
 
+def test_a_lone_prompt_prefilled_padded_decodes_as_unpadded(engine: CosyVoiceEngine) -> None:
+    """A lone prompt prefilled padded up to a bucket's length (as its graph does on a GPU) gets
+    the first token, log-probabilities and cache of its unpadded prefill, and the steps after it
+    draw the same tokens: its padding's keys and values are overwritten before any step reads
+    them. Prompts longer than every bucket, and several at once, are prefilled as they are."""
+    lm = engine._require()[0].decoder.lm
+    sampling = engine._require()[0].decoder.sampling
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randn(1, 9, lm.backbone.config.hidden_size, generator=gen)
+    padded = BatchDecoder(lm, sampling, slots=4, positions=64, use_graphs=False,
+                          prefill_lengths=(16, 32, 128))
+    assert [b.length for b in padded._prefills] == [16, 32]  # 128 exceeds the cache
+    plain = BatchDecoder(lm, sampling, slots=4, positions=64, use_graphs=False)
+    calls = []
+    original = padded._prefill_padded
+    padded._prefill_padded = lambda bucket: calls.append(bucket.length) or original(bucket)
+    rows = {d: Row(slot=2, seed=7, min_len=0, max_len=12) for d in ("padded", "plain")}
+    first = {"padded": padded.prefill(rows["padded"], prompt),
+             "plain": plain.prefill(rows["plain"], prompt)}
+    assert calls == [16]
+    assert first["padded"] == first["plain"]
+    assert rows["padded"].position == rows["plain"].position == 9
+    torch.testing.assert_close(padded.last_logp(2), plain.last_logp(2), atol=1e-5, rtol=1e-4)
+    drawn: dict[str, list[int]] = {}
+    for name, decoder in (("padded", padded), ("plain", plain)):
+        row = rows[name]
+        row.tokens.append(first[name])
+        for _ in range(6):
+            row.tokens.append(decoder.step([row])[0])
+        drawn[name] = row.tokens
+    assert drawn["padded"] == drawn["plain"]
+    torch.testing.assert_close(padded.last_logp(2), plain.last_logp(2), atol=1e-4, rtol=1e-3)
+    long_prompt = torch.randn(1, 40, lm.backbone.config.hidden_size, generator=gen)
+    padded.prefill(Row(slot=1, seed=1, min_len=0, max_len=8), long_prompt)
+    padded.prefill_rows([Row(slot=0, seed=1, min_len=0, max_len=8),
+                         Row(slot=3, seed=2, min_len=0, max_len=8)], [prompt, prompt])
+    assert calls == [16]
+
+
 async def test_a_shorter_first_chunk_comes_first_and_the_rest_follows(
     engine: CosyVoiceEngine,
 ) -> None:
@@ -388,7 +427,8 @@ def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
         for u, row, hop, mel, state in zip(live, rows, hops, mels, states, strict=True):
             alone = flow.mel_batch([row])[0][:, 2 * u["offset"] :]
             assert mel.shape == alone.shape
-            worst = max(worst, (mel - alone).abs().max().item())
+            difference = (mel - alone).abs().nan_to_num(nan=float("inf"))  # max() skips NaN
+            worst = max(worst, difference.max().item())
             u.update(state=state, offset=u["offset"] + hop, done=row.finalize)
     return worst
 
@@ -554,6 +594,22 @@ def test_requests_joining_streams_under_way_stay_on_the_graphs(engine: CosyVoice
         flow.solver_graphs = None
     assert len(served) > 3
     assert all(served), served
+
+
+def test_what_a_bucket_held_before_is_hidden_from_every_row(engine: CosyVoiceEngine) -> None:
+    """A bucket's earlier frames past a row's own are not cleared between calls: whatever they
+    hold (here large random values) changes no chunk, the attention mask hides them."""
+    flow = engine._require()[0].audio.flow
+    graphs = _small_solver_graphs(flow)
+    largest = max(graphs._buckets.values(), key=lambda b: b.history.context.numel())
+    gen = torch.Generator().manual_seed(3)
+    largest.history.context.copy_(1e4 * torch.randn(largest.history.context.shape,
+                                                    generator=gen))
+    flow.solver_graphs = graphs
+    try:
+        assert _stream_alongside(flow, _utterances(13), joins=(0, 1, 1)) < 1e-4
+    finally:
+        flow.solver_graphs = None
 
 
 def test_rows_beyond_the_graphs_are_split_into_calls_that_fit(engine: CosyVoiceEngine) -> None:

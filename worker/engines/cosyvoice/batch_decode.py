@@ -5,12 +5,17 @@ from then on every `step` advances all occupied rows by one token, each at its o
 sampled on the device with its own seed. Rows join and leave between steps. The inputs of a step
 travel to the device as one small tensor and the new tokens come back as one; in between, on a
 GPU, the whole step (embedding, 24 layers, head, sampling) is one CUDA graph replay, captured at
-warm-up for each batch-size bucket (1, 2, 4, ... rows) and never while serving.
+warm-up for each batch-size bucket (1, 2, 4, ... rows) and never while serving. So is the prefill
+of a request that arrives alone, padded up to one of a few prompt lengths: eagerly it is some 400
+kernels launched one by one, which a lone request waits for before its first token.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -21,8 +26,14 @@ from transformers import Qwen2Model
 from worker.engines.cosyvoice.decode import PoolDecoder, SlotPool
 from worker.engines.cosyvoice.sampling import SamplingParams, sample
 
+logger = logging.getLogger(__name__)
+
 # Columns of the per-step input tensor; the last `win_size` columns are the recent tokens.
 _TOKEN, _POSITION, _SEED, _COUNTER, _ALLOW_EOS, _HISTORY = range(6)
+
+PREFILL_LENGTHS = (128, 256, 512)
+"""Prompt lengths (text and prompt tokens) that a lone request's prefill is padded up to and
+replayed at."""
 
 
 class SpeechModel(Protocol):
@@ -56,6 +67,22 @@ class Row:
         return len(self.tokens) >= self.max_len
 
 
+@dataclass
+class _PrefillBucket:
+    """Static inputs of one request's prefill padded to `length` positions, and its outputs."""
+
+    length: int
+    x: torch.Tensor
+    """[1, length, H]: the prompt's embeddings, zero past them."""
+    slot: torch.Tensor
+    last: torch.Tensor
+    """[1]: the position of the prompt's last embedding."""
+    inputs: torch.Tensor
+    logp: torch.Tensor
+    token: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+
+
 def buckets(capacity: int) -> list[int]:
     """Batch sizes that get a graph: powers of two up to `capacity`, and `capacity` itself."""
     sizes = [1]
@@ -69,8 +96,11 @@ def buckets(capacity: int) -> list[int]:
 class BatchDecoder:
     def __init__(
         self, lm: SpeechModel, sampling: SamplingParams, slots: int, positions: int,
-        use_graphs: bool,
+        use_graphs: bool, prefill_lengths: tuple[int, ...] = (),
     ) -> None:
+        """`prefill_lengths`: the padded lengths a lone prompt is prefilled at (each at most
+        `positions`), replayed from graphs on a GPU (with `use_graphs`) and run padded, eagerly,
+        elsewhere; longer prompts, and several at once, are prefilled as they are."""
         self.lm = lm
         self.sampling = sampling
         self.pool = SlotPool(lm.backbone, slots, positions)
@@ -85,6 +115,18 @@ class BatchDecoder:
                                         dtype=lm.llm_decoder.weight.dtype))
         self._logp = torch.zeros(slots, probe.size(1), device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        hidden = lm.llm_decoder.in_features
+        dtype = lm.llm_decoder.weight.dtype
+        self._prefills = [
+            _PrefillBucket(
+                length=n, x=torch.zeros(1, n, hidden, device=self.device, dtype=dtype),
+                slot=torch.zeros(1, dtype=torch.long, device=self.device),
+                last=torch.zeros(1, dtype=torch.long, device=self.device),
+                inputs=torch.zeros(1, self.width, dtype=torch.long, device=self.device),
+                logp=torch.zeros(1, probe.size(1), device=self.device),
+                token=torch.zeros(1, dtype=torch.long, device=self.device))
+            for n in sorted(prefill_lengths) if n <= positions
+        ]
 
     @property
     def slots(self) -> int:
@@ -96,23 +138,36 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Record a graph of `step` for every bucket (GPU only; idempotent)."""
+        """Record a graph of `step` for every bucket, and of each padded prefill (GPU only;
+        idempotent). Both replay on the decoding loop only, never at once: one pool."""
         if not self.use_graphs or self._graphs:
             return
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
-        for size in reversed(buckets(self.slots)):
+
+        def record(compute: Callable[[], None]) -> torch.cuda.CUDAGraph:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._compute(size)
+                    compute()
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # A stream of its own, so its own GEMM workspace (see graphs.py).
             with torch.cuda.graph(graph, pool=pool, stream=side,
                                   capture_error_mode="thread_local"):
-                self._compute(size)
-            self._graphs[size] = graph
+                compute()
+            return graph
+
+        for size in reversed(buckets(self.slots)):
+            self._graphs[size] = record(partial(self._compute, size))
+        try:
+            for bucket in reversed(self._prefills):
+                bucket.graph = record(partial(self._prefill_padded, bucket))
+        except RuntimeError:
+            logger.warning("Capturing the prefill's graphs failed; prompts are prefilled "
+                           "eagerly", exc_info=True)
+            self._prefills = []
+        # The padded prefills wrote their padding into slot 0, which no request holds yet.
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
@@ -131,6 +186,10 @@ class BatchDecoder:
                     f"the cache's {self.positions} positions"
                 )
         lengths = [e.size(1) for e in embeds]
+        if len(rows) == 1:
+            bucket = next((b for b in self._prefills if b.length >= lengths[0]), None)
+            if bucket is not None:
+                return [self._prefill_alone(bucket, rows[0], embeds[0])]
         x = embeds[0].new_zeros(len(rows), max(lengths), embeds[0].size(2))
         for i, e in enumerate(embeds):
             x[i, : e.size(1)] = e[0]
@@ -148,6 +207,33 @@ class BatchDecoder:
             inputs[:, _ALLOW_EOS].bool(), self.sampling, self.lm.eos,
         )
         return [int(t) for t in tokens.tolist()]
+
+    def _prefill_alone(self, bucket: _PrefillBucket, row: Row, embeds: torch.Tensor) -> int:
+        """One prompt [1, L, H] prefilled padded to the bucket's length (its padding lands past
+        the prompt, where decoding overwrites it before any step attends to it)."""
+        n = embeds.size(1)
+        bucket.x.zero_()
+        bucket.x[:, :n].copy_(embeds)
+        bucket.slot.fill_(row.slot)
+        bucket.last.fill_(n - 1)
+        bucket.inputs.copy_(torch.from_numpy(self._host_inputs([row], 1, by_slot=False)))
+        if bucket.graph is not None:
+            bucket.graph.replay()
+        else:
+            self._prefill_padded(bucket)
+        row.position = n
+        self._logp[row.slot].copy_(bucket.logp[0])
+        return int(bucket.token.item())
+
+    def _prefill_padded(self, bucket: _PrefillBucket) -> None:
+        hidden = self.decoder.prefill_rows(bucket.x, bucket.slot)
+        logp = self.lm.logp(hidden.index_select(1, bucket.last))
+        bucket.logp.copy_(logp)
+        inputs = bucket.inputs
+        bucket.token.copy_(sample(
+            logp, inputs[:, _HISTORY:], inputs[:, _SEED], inputs[:, _COUNTER],
+            inputs[:, _ALLOW_EOS].bool(), self.sampling, self.lm.eos,
+        ))
 
     @torch.inference_mode()
     def step(self, rows: list[Row]) -> list[int]:

@@ -146,7 +146,7 @@ class PoolDecoder:
         return self.prefill_rows(x, [slot])
 
     @torch.inference_mode()
-    def prefill_rows(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    def prefill_rows(self, x: torch.Tensor, slots: list[int] | torch.Tensor) -> torch.Tensor:
         """`prefill` for several prompts at once: x [B, T, H] right-padded, row i into
         `slots[i]`. Causal attention keeps each row's prompt positions from seeing its padding;
         the padding's keys and values land past the prompt, where decoding overwrites them
@@ -157,7 +157,7 @@ class PoolDecoder:
         positions = torch.arange(t, device=x.device).unsqueeze(0)
         cos, sin = cast(Any, self.model.rotary_emb)(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        index = torch.tensor(slots, device=x.device)
+        index = torch.as_tensor(slots, device=x.device)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
             self.pool.keys[i][index, :, :t] = k

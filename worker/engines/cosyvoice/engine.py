@@ -29,7 +29,12 @@ import torch
 from contract.errors import ErrorCode, ServiceError
 from contract.requests import piece_seed
 from worker.engines.base import Audio, Capabilities, EngineRequest, VoiceInfo
-from worker.engines.cosyvoice.batch_decode import BatchDecoder, SpeechModel, buckets
+from worker.engines.cosyvoice.batch_decode import (
+    PREFILL_LENGTHS,
+    BatchDecoder,
+    SpeechModel,
+    buckets,
+)
 from worker.engines.cosyvoice.capacity import (
     STREAM_BUDGET_S,
     StreamCost,
@@ -182,8 +187,10 @@ class SpeechEngine:
         """Put the loaded parts to work: the batched decoder over `llm` (its KV pool sized to
         `max_streams`), the scheduler over it and `audio` (whose flow makes `mel_bins`-wide
         frames), and the model version (a digest of `files`)."""
+        graphs = self.cuda_graph and self.device.type == "cuda"
         decoder = BatchDecoder(llm, sampling, slots=self.max_streams,
-                               positions=self.max_positions, use_graphs=self.cuda_graph)
+                               positions=self.max_positions, use_graphs=self.cuda_graph,
+                               prefill_lengths=PREFILL_LENGTHS if graphs else ())
         self._llm = llm
         self._audio = audio
         self._mel_bins = mel_bins

@@ -102,10 +102,10 @@ class SolverHistory:
                            self.tail_index, self.tails_out[index])
 
     def load(self, states: list[FlowState | None], kept_frames: torch.Tensor) -> None:
-        """Fill the earlier frames from each row's state (rows past the states' stay zero), and
-        the tail positions: each row's tails are recorded where its first `kept_frames` new
-        frames end (the frames its next state keeps)."""
-        self.context[:, :, :, :, : self.past_width].zero_()
+        """Fill the earlier frames from each row's state, and the tail positions: each row's
+        tails are recorded where its first `kept_frames` new frames end (the frames its next
+        state keeps). What the earlier frames held past a row's own is left: the attention mask
+        hides those keys, and every value ever written there is finite."""
         self.tails.zero_()
         for i, state in enumerate(states):
             if state is not None:
