@@ -275,11 +275,12 @@ def test_prompts_prefilled_together_match_each_alone(engine: CosyVoiceEngine) ->
                                        atol=1e-5, rtol=1e-4)
 
 
-def test_a_lone_prompt_prefilled_padded_decodes_as_unpadded(engine: CosyVoiceEngine) -> None:
+def test_a_prompt_prefilled_padded_decodes_as_unpadded(engine: CosyVoiceEngine) -> None:
     """A lone prompt prefilled padded up to a bucket's length (as its graph does on a GPU) gets
     the first token, log-probabilities and cache of its unpadded prefill, and the steps after it
     draw the same tokens: its padding's keys and values are overwritten before any step reads
-    them. Prompts longer than every bucket, and several at once, are prefilled as they are."""
+    them. A few prompts at once are prefilled so one by one; with one longer than every bucket,
+    all together as they are."""
     lm = engine._require()[0].decoder.lm
     sampling = engine._require()[0].decoder.sampling
     gen = torch.Generator().manual_seed(5)
@@ -307,11 +308,21 @@ def test_a_lone_prompt_prefilled_padded_decodes_as_unpadded(engine: CosyVoiceEng
         drawn[name] = row.tokens
     assert drawn["padded"] == drawn["plain"]
     torch.testing.assert_close(padded.last_logp(2), plain.last_logp(2), atol=1e-4, rtol=1e-3)
+    other = torch.randn(1, 20, lm.backbone.config.hidden_size, generator=gen)
+    pair = {d: [Row(slot=0, seed=1, min_len=0, max_len=8), Row(slot=3, seed=2, min_len=0,
+                                                               max_len=8)]
+            for d in ("padded", "plain")}
+    assert (padded.prefill_rows(pair["padded"], [prompt, other])
+            == plain.prefill_rows(pair["plain"], [prompt, other]))
+    assert calls == [16, 16, 32]  # one by one
+    for slot in (0, 3):
+        torch.testing.assert_close(padded.last_logp(slot), plain.last_logp(slot), atol=1e-5,
+                                   rtol=1e-4)
     long_prompt = torch.randn(1, 40, lm.backbone.config.hidden_size, generator=gen)
     padded.prefill(Row(slot=1, seed=1, min_len=0, max_len=8), long_prompt)
     padded.prefill_rows([Row(slot=0, seed=1, min_len=0, max_len=8),
-                         Row(slot=3, seed=2, min_len=0, max_len=8)], [prompt, prompt])
-    assert calls == [16]
+                         Row(slot=3, seed=2, min_len=0, max_len=8)], [prompt, long_prompt])
+    assert calls == [16, 16, 32]
 
 
 async def test_a_shorter_first_chunk_comes_first_and_the_rest_follows(

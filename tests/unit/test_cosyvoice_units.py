@@ -233,8 +233,9 @@ def test_the_decoding_loop_gets_the_high_priority_stream_when_asked(
 def test_dit_graphs_are_refused_for_cosyvoice2() -> None:
     from worker.engines.cosyvoice import create_engine
 
-    with pytest.raises(ValueError, match="dit_graphs is CosyVoice3's"):
-        create_engine(model_dir="/nonexistent", dit_graphs=True)
+    for value in (True, False):
+        with pytest.raises(ValueError, match="dit_graphs is CosyVoice3's"):
+            create_engine(model_dir="/nonexistent", dit_graphs=value)
 
 
 def _utterance(prompt_tokens: int, first_chunk: int | None, offset: int = 0) -> Utterance:

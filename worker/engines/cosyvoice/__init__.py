@@ -35,7 +35,7 @@ def create_engine(
     encoder_graph_rows: int | None = None,
     prefill_tokens: int = 2048,
     decode_priority: bool = False,
-    dit_graphs: bool = False,
+    dit_graphs: bool | None = None,
     prompt_cache_mb: int = 2048,
 ) -> SpeechEngine:
     """The engine for the model in `model_dir` (`engine_class`), from keyword options only; an
@@ -45,7 +45,7 @@ def create_engine(
     WORKER_THREADS), and for benchmarks only `fixed_speech_tokens` (decode exactly that many
     tokens per piece, ignoring end-of-speech). The others are `SpeechEngine`'s; CosyVoice3
     takes `flow_steps` 10 only, and `vocoder_graphs`, `encoder_graph_rows` and
-    `prompt_cache_mb` are CosyVoice2's (`dit_graphs` CosyVoice3's).
+    `prompt_cache_mb` are CosyVoice2's (`dit_graphs` CosyVoice3's: unset, it is on).
     """
     if not model_dir:
         raise ValueError("the cosyvoice engine needs model_dir (an official CosyVoice2 or "

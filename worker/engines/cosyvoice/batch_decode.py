@@ -6,8 +6,9 @@ sampled on the device with its own seed. Rows join and leave between steps. The 
 travel to the device as one small tensor and the new tokens come back as one; in between, on a
 GPU, the whole step (embedding, 24 layers, head, sampling) is one CUDA graph replay, captured at
 warm-up for each batch-size bucket (1, 2, 4, ... rows) and never while serving. So is the prefill
-of a request that arrives alone, padded up to one of a few prompt lengths: eagerly it is some 400
-kernels launched one by one, which a lone request waits for before its first token.
+of one prompt, padded up to one of a few lengths: eagerly it is some 400 kernels launched one by
+one, which a request waits for before its first token; a few prompts that arrive together are
+prefilled one after the other from these graphs, many at once eagerly in one pass.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -32,8 +33,12 @@ logger = logging.getLogger(__name__)
 _TOKEN, _POSITION, _SEED, _COUNTER, _ALLOW_EOS, _HISTORY = range(6)
 
 PREFILL_LENGTHS = (128, 256, 512)
-"""Prompt lengths (text and prompt tokens) that a lone request's prefill is padded up to and
+"""Prompt lengths (text and prompt tokens) that a prompt prefilled alone is padded up to and
 replayed at."""
+
+PREFILL_ALONE_ROWS = 8
+"""Up to this many prompts that arrive together are prefilled one by one from the graphs (a
+replay is ~3 ms on an H200; an eager pass over a few prompts 30-90 ms, bound by its launches)."""
 
 
 class SpeechModel(Protocol):
@@ -98,9 +103,10 @@ class BatchDecoder:
         self, lm: SpeechModel, sampling: SamplingParams, slots: int, positions: int,
         use_graphs: bool, prefill_lengths: tuple[int, ...] = (),
     ) -> None:
-        """`prefill_lengths`: the padded lengths a lone prompt is prefilled at (each at most
+        """`prefill_lengths`: the padded lengths a prompt is prefilled alone at (each at most
         `positions`), replayed from graphs on a GPU (with `use_graphs`) and run padded, eagerly,
-        elsewhere; longer prompts, and several at once, are prefilled as they are."""
+        elsewhere; more than `PREFILL_ALONE_ROWS` prompts at once, or any longer than every
+        length, are prefilled together as they are."""
         self.lm = lm
         self.sampling = sampling
         self.pool = SlotPool(lm.backbone, slots, positions)
@@ -186,10 +192,11 @@ class BatchDecoder:
                     f"the cache's {self.positions} positions"
                 )
         lengths = [e.size(1) for e in embeds]
-        if len(rows) == 1:
-            bucket = next((b for b in self._prefills if b.length >= lengths[0]), None)
-            if bucket is not None:
-                return [self._prefill_alone(bucket, rows[0], embeds[0])]
+        if len(rows) <= PREFILL_ALONE_ROWS:
+            fitted = [next((b for b in self._prefills if b.length >= n), None) for n in lengths]
+            if all(b is not None for b in fitted):
+                return [self._prefill_alone(cast(_PrefillBucket, b), row, e)
+                        for b, row, e in zip(fitted, rows, embeds, strict=True)]
         x = embeds[0].new_zeros(len(rows), max(lengths), embeds[0].size(2))
         for i, e in enumerate(embeds):
             x[i, : e.size(1)] = e[0]

@@ -129,7 +129,7 @@ class SpeechEngine:
         encoder_graph_rows: int | None = None,
         prefill_tokens: int = 2048,
         decode_priority: bool = False,
-        dit_graphs: bool = False,
+        dit_graphs: bool | None = None,
         prompt_cache_mb: int = 2048,
     ) -> None:
         if dtype not in DTYPES:
@@ -448,7 +448,7 @@ class CosyVoiceEngine(SpeechEngine):
 
     def __init__(self, model_dir: str | Path, **options: Any) -> None:
         super().__init__(model_dir, **options)
-        if self.dit_graphs:
+        if self.dit_graphs is not None:
             raise ValueError("dit_graphs is CosyVoice3's option; CosyVoice2's flow replays its "
                              "graphs with cuda_graph")
 

@@ -8,8 +8,8 @@ causal vocoder), and speed: the released streaming has no speed control (upstrea
 only in non-streaming mode, by stretching a whole mel), and stretching chunk by chunk would not
 be the same audio as stretching the whole, so the engine states speed 1.0 only and refuses any
 other with 422 `speed_out_of_range` before audio. The LLM's decode step is replayed from graphs
-as for CosyVoice2; the flow's estimator steps are, with `dit_graphs` (`v3_flow_graphs`); the
-vocoder runs eagerly.
+as for CosyVoice2; so are the flow's estimator steps (`v3_flow_graphs`) unless `dit_graphs` is
+false; the vocoder runs eagerly.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class CosyVoice3Engine(SpeechEngine):
         hift.to(self.device)
         sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
                                   config.llm.tau_r)
-        if self.dit_graphs and self.cuda_graph and self.device.type == "cuda":
+        if self.dit_graphs is not False and self.cuda_graph and self.device.type == "cuda":
             flow.step_graphs = DiTStepGraphs(flow.estimator, self.device, self.dtype)
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
@@ -78,8 +78,8 @@ class CosyVoice3Engine(SpeechEngine):
         self._serve(llm, sampling, audio, config.flow.output_size, frontend, files)
 
     def _capture_graphs(self) -> None:
-        """The flow's per-step estimator graphs (with `dit_graphs`); a capture that fails
-        leaves the flow eager, with a warning."""
+        """The flow's per-step estimator graphs (unless `dit_graphs` is false); a capture that
+        fails leaves the flow eager, with a warning."""
         audio = self._audio
         assert isinstance(audio, V3AudioStage)
         self._capture_each(((audio.flow, "step_graphs", "flow"),))
