@@ -241,3 +241,22 @@ def test_flow_state_size_is_what_it_claims(flow: CosyVoice3Flow) -> None:
     per_frame = 10 * dit.depth * 2 * 2 * dit.heads * dit.dim_head * 4
     assert stream.kv.size(5) >= stream.frames == 100  # prompt frames included
     assert stream.nbytes() >= per_frame * stream.frames
+
+
+def test_rotary_phases_stay_exact_in_bfloat16(model_dir: Path) -> None:
+    """A bfloat16 DiT rotates late frames by the phases float32 gives: positions are not rounded
+    (bfloat16 holds integers exactly only up to 256), and the engine keeps the frequencies
+    float32 as it moves the flow to its dtype."""
+    from worker.engines.cosyvoice.v3_engine import CosyVoice3Engine
+
+    engine = CosyVoice3Engine(model_dir, dtype="bfloat16", max_streams=1)
+    engine.load()
+    estimator = engine._require()[0].audio.flow.estimator
+    assert estimator.rotary_embed.inv_freq.dtype == torch.float32
+    assert next(estimator.parameters()).dtype == torch.bfloat16
+    positions = torch.tensor([[257, 513, 901]])
+    cos, sin = estimator._rope(positions)
+    reference = positions.double().unsqueeze(-1) * estimator.rotary_embed.inv_freq.double()
+    reference = reference.repeat_interleave(2, dim=-1)
+    torch.testing.assert_close(cos.double(), reference.cos(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(sin.double(), reference.sin(), atol=1e-4, rtol=0)

@@ -195,8 +195,8 @@ class DiT(nn.Module):
         self.proj_out = nn.Linear(cfg.dim, cfg.mel_dim)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.rotary_embed.inv_freq
-        freqs = positions.to(inv_freq.dtype).unsqueeze(-1) * inv_freq
+        # In float32 whatever the module's dtype: bfloat16 holds integers exactly only to 256.
+        freqs = positions.float().unsqueeze(-1) * self.rotary_embed.inv_freq.float()
         freqs = freqs.repeat_interleave(2, dim=-1)
         return freqs.cos(), freqs.sin()
 

@@ -134,9 +134,10 @@ class CosyVoice3Flow(nn.Module):
         h = self.pre_lookahead_layer(x)[0, stream.done_tokens - first:]
         return h.repeat_interleave(self.cfg.token_mel_ratio, dim=0)
 
-    def _gather(self, streams: list[FlowStream], step: int, past: int) -> StepCache:
-        ref = streams[0].kv
-        lens = torch.tensor([s.frames for s in streams], device=ref.device).repeat(2)
+    @staticmethod
+    def _gather(streams: list[FlowStream], step: int, past: int, lens: torch.Tensor
+                ) -> StepCache:
+        """`lens` [2B]: each row's earlier frames (the same for every step of a call)."""
         tails = torch.stack([s.tails[step] for s in streams], dim=2)  # [2 convs, 2, B, D, 30]
         tails = tails.flatten(1, 2)
         if past == 0:
@@ -150,15 +151,16 @@ class CosyVoice3Flow(nn.Module):
               new_values: list[torch.Tensor], new_tails: list[torch.Tensor], counts: list[int],
               unguided: int) -> None:
         """Copy each stream's new keys, values and tails of `step` (per layer, per convolution)
-        into its state; its unguided row sits `unguided` rows after its guided one."""
-        keys = torch.stack(new_keys)  # [layers, 2B, heads, N, dim_head]
-        values = torch.stack(new_values)
-        tails = torch.stack(new_tails)  # [2 convs, 2B, D, 30]
+        into its state; its unguided row sits `unguided` rows after its guided one (the outputs
+        have 2 * `unguided` rows). Rows are taken as views, one copy each: indexing with a list
+        would move the index to the device, a synchronisation per row."""
+        kv = torch.stack(new_keys + new_values).view(
+            2, len(new_keys), 2, unguided, *new_keys[0].shape[1:]).transpose(0, 1)
+        # [layers, 2 (k, v), 2 (guided, unguided), rows, heads, N, dim_head]
+        tails = torch.stack(new_tails).view(len(new_tails), 2, unguided, *new_tails[0].shape[1:])
         for i, (s, n) in enumerate(zip(streams, counts, strict=True)):
-            rows = [i, unguided + i]
-            s.kv[step, :, 0, :, :, s.frames: s.frames + n] = keys[:, rows, :, :n]
-            s.kv[step, :, 1, :, :, s.frames: s.frames + n] = values[:, rows, :, :n]
-            s.tails[step] = tails[:, rows]
+            s.kv[step, :, :, :, :, s.frames: s.frames + n] = kv[:, :, :, i, :, :n]
+            s.tails[step] = tails[:, :, i]
 
     @staticmethod
     def _grow(stream: FlowStream, frames: int) -> None:
@@ -215,6 +217,7 @@ class CosyVoice3Flow(nn.Module):
                 self._grow(s, max(past, s.frames + c))
         spk = torch.stack([s.speaker for s in streams])
         lengths = torch.tensor(counts, device=dev).repeat(2)
+        past_len = torch.tensor([s.frames for s in streams], device=dev).repeat(2)
         chunk = self.cfg.dit.static_chunk_size
         commits = [c if fin or not streaming else (s.frames + c) // chunk * chunk - s.frames
                    for s, c, fin in zip(streams, counts, final, strict=True)]
@@ -236,7 +239,7 @@ class CosyVoice3Flow(nn.Module):
                 guided = replayed.velocity[:b, :n]
                 unguided = replayed.velocity[bucket.rows : bucket.rows + b, :n]
             else:
-                cache = self._gather(streams, step, past)
+                cache = self._gather(streams, step, past, past_len)
                 cache.commit = commit
                 v = self.estimator(
                     torch.cat([x, x]), torch.cat([mu, zeros]), torch.cat([cond, zeros]),

@@ -136,6 +136,7 @@ def _decode(hift: CausalHiFT, group: list[HiFTStream], ends: list[int], final: b
         acc[:, :, : n_fft - hop] += torch.stack([s.carry for s in group if s.carry is not None])
     keep = length if final else length - (n_fft - hop)
     done = acc[:, 0, :keep] / acc[:, 1, :keep]
+    kept = {m: t.unbind(0) for m, t in store.items()}  # each row's view, one call per convolution
     for b, (s, m0, e) in enumerate(zip(group, m0s, ends, strict=True)):
         start = hop * m0 - n_fft // 2  # sample of done[:, 0]
         stop = e * hift.scale if final else start + keep
@@ -143,7 +144,7 @@ def _decode(hift: CausalHiFT, group: list[HiFTStream], ends: list[int], final: b
                              -cfg.audio_limit, cfg.audio_limit)
         s.emitted = stop
         s.carry = acc[b, :, keep:]
-        s.tails = {m: t[b] for m, t in store.items()}
+        s.tails = {m: rows[b] for m, rows in kept.items()}
         s.decoded = e
         next_start = hop * (per_frame * e + 1) - n_fft // 2
         s.source = s.source[next_start - s.src_start:]
