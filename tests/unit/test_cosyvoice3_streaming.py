@@ -70,16 +70,19 @@ def _chunks(req: Request) -> list[torch.Tensor]:
     return [tokens[a:b] for a, b in zip(cuts, [*cuts[1:], tokens.numel()], strict=True)]
 
 
-def _stream_together(flow: CosyVoice3Flow, reqs: list[Request]
+def _stream_together(flow: CosyVoice3Flow, reqs: list[Request], joins: tuple[int, ...] = ()
                      ) -> tuple[list[list[torch.Tensor]], list[FlowStream]]:
-    """Each request's streamed mel chunks (`_chunks`), all requests advanced in one batch."""
+    """Each request's streamed mel chunks (`_chunks`), all requests advanced in one batch,
+    request i joining at call `joins[i]` (default: all at the first)."""
     streams = [flow.start(p, m, e) for p, _, m, e in reqs]
     pieces: list[list[torch.Tensor]] = [[] for _ in reqs]
     schedules = [_chunks(r) for r in reqs]
-    for k in range(max(len(s) for s in schedules)):
-        rows = [i for i, s in enumerate(schedules) if k < len(s)]
-        out = flow.advance([streams[i] for i in rows], [schedules[i][k] for i in rows],
-                           [k == len(schedules[i]) - 1 for i in rows])
+    joins = joins or (0,) * len(reqs)
+    for call in range(max(len(s) + j for s, j in zip(schedules, joins, strict=True))):
+        rows = [i for i, s in enumerate(schedules) if 0 <= call - joins[i] < len(s)]
+        ks = {i: call - joins[i] for i in rows}
+        out = flow.advance([streams[i] for i in rows], [schedules[i][ks[i]] for i in rows],
+                           [ks[i] == len(schedules[i]) - 1 for i in rows])
         for i, mel in zip(rows, out, strict=True):
             pieces[i].append(mel)
     return pieces, streams
@@ -93,6 +96,30 @@ def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(flow: CosyVoice
         assert all(p.size(1) > 0 for p in got)
         assert (torch.cat(got, dim=1) - want).abs().max() <= FLOW_TOL
         assert stream.frames == 2 * (req[0].numel() + req[1].numel())
+
+
+def test_first_and_later_chunks_are_solved_apart(flow: CosyVoice3Flow) -> None:
+    """Requests joining streams under way: in each call their first chunks and the others'
+    later chunks are solved apart (neither padded to the other's frames), and every stream
+    still gets the frames of its whole streaming pass."""
+    reqs = _requests()
+    kinds: list[set[bool]] = []  # per solve: whether its rows had earlier frames
+    solve = flow._solve
+
+    def recorded(streams: list[FlowStream], *args: Any) -> Any:
+        kinds.append({s.frames > 0 for s in streams})
+        return solve(streams, *args)
+
+    flow._solve = recorded  # type: ignore[method-assign]
+    try:
+        pieces, _ = _stream_together(flow, reqs, joins=tuple(range(len(reqs))))
+    finally:
+        del flow._solve
+    assert all(len(k) == 1 for k in kinds), kinds
+    assert {True} in kinds and {False} in kinds
+    assert len(kinds) > max(len(_chunks(r)) + i for i, r in enumerate(reqs))  # split calls
+    for req, got in zip(reqs, pieces, strict=True):
+        assert (torch.cat(got, dim=1) - _whole(flow, req)).abs().max() <= FLOW_TOL
 
 
 def test_bucketed_steps_give_each_stream_its_own_frames(flow: CosyVoice3Flow) -> None:

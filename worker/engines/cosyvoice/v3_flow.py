@@ -190,10 +190,21 @@ class CosyVoice3Flow(nn.Module):
     ) -> list[torch.Tensor]:
         """Append tokens to each request and return its new mel frames [80, n] (prompt frames
         excluded). A non-final call holds back the last `pre_lookahead_len` tokens as
-        look-ahead; the frames it computes are those after the last grid line it kept."""
+        look-ahead; the frames it computes are those after the last grid line it kept.
+
+        First chunks (no earlier frames: the prompt and the chunk) and later chunks (a chunk
+        after many earlier frames) are solved apart: in one call every later chunk would be
+        padded to a first chunk's frames, and every first chunk to the longest history."""
         mus = [self._prepare(s, tok, fin, True)
                for s, tok, fin in zip(streams, new_tokens, final, strict=True)]
-        return self._solve(streams, mus, final, True)
+        mels: dict[int, torch.Tensor] = {}
+        first = [i for i, s in enumerate(streams) if s.frames == 0]
+        later = [i for i, s in enumerate(streams) if s.frames > 0]
+        for group in (g for g in (first, later) if g):
+            mels.update(zip(group, self._solve([streams[i] for i in group],
+                                               [mus[i] for i in group],
+                                               [final[i] for i in group], True), strict=True))
+        return [mels[i] for i in range(len(streams))]
 
     def _solve(
         self, streams: list[FlowStream], mus: list[torch.Tensor], final: list[bool],
