@@ -6,7 +6,8 @@ directory is built if it has none) and makes its estimator with random weights. 
 solver makes it (guided and unguided rows: twice `rows`), then, at that shape, the parts of one
 attention block: the query projection, the key and value projections (two products as the block
 runs them, and one product over the stacked weights), scaled-dot-product attention under each
-backend that takes the block's mask (and without a mask, as a floor: every key visible), the
+backend that takes the block's mask (on keys and values that are views of the stacked product's
+halves, and without a mask, as a floor: every key visible), the
 output projection, the whole attention, a transformer block and a resnet block. On a GPU each
 part is replayed from a CUDA graph (median of CUDA-event timings); on the CPU (a dry run) it is
 run eagerly. Also prints the kernels (CPU: operators) of one eager estimator call.
@@ -139,6 +140,7 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
         return y.view(b, -1, heads, y.size(-1) // heads).transpose(1, 2)
 
     q, k, v = split(attn.to_q(x)), split(attn.to_k(keys)), split(attn.to_v(keys))
+    k_stacked, v_stacked = (split(y) for y in F.linear(keys, kv_weight).chunk(2, dim=-1))
     mask = bias.unsqueeze(1)
     t = args[3]
     temb = estimator.time_mlp(estimator.time_embeddings(t).to(t.dtype))
@@ -151,6 +153,8 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
         "k/v stacked projection": lambda: F.linear(keys, kv_weight),
         "sdpa (default)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
         "sdpa no mask": lambda: F.scaled_dot_product_attention(q, k, v),
+        "sdpa stacked k/v views": lambda: F.scaled_dot_product_attention(
+            q, k_stacked, v_stacked, attn_mask=mask),
         "output projection": lambda: attn.to_out[0](out),
         "attention": lambda: attn(x, bias, context),
         "transformer block": lambda: block(x, bias, history),
