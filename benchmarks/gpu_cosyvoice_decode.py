@@ -17,7 +17,9 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -30,18 +32,23 @@ from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row, buckets
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 
 
-def kernels_per_step(decoder: BatchDecoder, rows: list[Row], device: torch.device) -> int:
-    """Device kernels (CUDA) or operators (CPU) of one eager step over `rows`."""
+def kernels_launched(run: Callable[[], Any], device: torch.device) -> int:
+    """Device kernels (CUDA) or top-level operators (CPU) that one eager `run()` launches."""
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-    size = next(b for b in buckets(decoder.slots) if b > max(r.slot for r in rows))
     with profile(activities=[activity]) as prof:
-        decoder._compute(size)
+        run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     events = prof.events()
     if device.type == "cuda":
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     return sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
+def kernels_per_step(decoder: BatchDecoder, rows: list[Row], device: torch.device) -> int:
+    """Kernels (CPU: operators) of one eager step over `rows`."""
+    size = next(b for b in buckets(decoder.slots) if b > max(r.slot for r in rows))
+    return kernels_launched(lambda: decoder._compute(size), device)
 
 
 def time_steps(decoder: BatchDecoder, rows: list[Row], steps: int, device: torch.device

@@ -28,10 +28,10 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_cosyvoice_decode import kernels_launched
 from testbed.cosyvoice_models import build_model_dir
 from worker.engines.cosyvoice.config import check_model_dir
 from worker.engines.cosyvoice.flow import additive
@@ -105,18 +105,6 @@ def step_inputs(estimator: Estimator, rows: int, new: int, past: int, device: to
     return (randn(b, mel, new), torch.ones(b, 1, new, device=device, dtype=dtype),
             randn(b, mel, new), t, randn(b, mel), randn(b, mel, new), torch.cat([bias, bias]),
             history)
-
-
-def kernels_per_call(estimator: Estimator, args: tuple[Any, ...], device: torch.device) -> int:
-    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
-        estimator(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    events = prof.events()
-    if device.type == "cuda":
-        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    return sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
 
 
 def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.device
@@ -194,7 +182,7 @@ def main() -> int:
         for rows, new, past in args.shapes:
             inputs = step_inputs(estimator, rows, new, past, device, dtype)
             call_ms = time_ms(lambda inputs=inputs: estimator(*inputs), device)
-            kernels = kernels_per_call(estimator, inputs, device)
+            kernels = kernels_launched(lambda inputs=inputs: estimator(*inputs), device)
             print(f"rows {rows:3d}, {new:4d} new after {past:4d}: estimator call {call_ms:8.3f} "
                   f"ms ({kernels} kernels)", flush=True)
             for name, ms in attention_parts(estimator, inputs, device).items():
