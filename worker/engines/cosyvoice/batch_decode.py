@@ -209,11 +209,7 @@ class BatchDecoder:
         logp = self.lm.logp(last.unsqueeze(1))
         for i, row in enumerate(rows):
             self._logp[row.slot].copy_(logp[i])
-        tokens = sample(
-            logp, inputs[:, _HISTORY:], inputs[:, _SEED], inputs[:, _COUNTER],
-            inputs[:, _ALLOW_EOS].bool(), self.sampling, self.lm.eos,
-        )
-        return [int(t) for t in tokens.tolist()]
+        return [int(t) for t in self._sample(logp, inputs).tolist()]
 
     def _prefill_alone(self, bucket: _PrefillBucket, row: Row, embeds: torch.Tensor) -> int:
         """One prompt [1, L, H] prefilled padded to the bucket's length (its padding lands past
@@ -236,11 +232,7 @@ class BatchDecoder:
         hidden = self.decoder.prefill_rows(bucket.x, bucket.slot)
         logp = self.lm.logp(hidden.index_select(1, bucket.last))
         bucket.logp.copy_(logp)
-        inputs = bucket.inputs
-        bucket.token.copy_(sample(
-            logp, inputs[:, _HISTORY:], inputs[:, _SEED], inputs[:, _COUNTER],
-            inputs[:, _ALLOW_EOS].bool(), self.sampling, self.lm.eos,
-        ))
+        bucket.token.copy_(self._sample(logp, bucket.inputs))
 
     @torch.inference_mode()
     def step(self, rows: list[Row]) -> list[int]:
@@ -288,7 +280,11 @@ class BatchDecoder:
         hidden = self.decoder.step(x, inputs[:, _POSITION])
         logp = self.lm.logp(hidden)
         self._logp[:size].copy_(logp)
-        self._tokens[:size].copy_(sample(
+        self._tokens[:size].copy_(self._sample(logp, inputs))
+
+    def _sample(self, logp: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Each row's next token from its log-probabilities and its line of step inputs."""
+        return sample(
             logp, inputs[:, _HISTORY:], inputs[:, _SEED], inputs[:, _COUNTER],
             inputs[:, _ALLOW_EOS].bool(), self.sampling, self.lm.eos,
-        ))
+        )
