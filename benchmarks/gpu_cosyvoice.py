@@ -257,6 +257,7 @@ def decoded_utterances(engine: SpeechEngine, seeds: list[int], tokens: int) -> l
         utt.tokens = ids.tolist()
         if hasattr(utt, "flow_tokens"):  # CosyVoice3 reads what its silent-token filter passed
             utt.flow_tokens = ids.tolist()
+            utt.filtered = tokens
         utt.decoded = True
         made.append(utt)
     return made

@@ -38,8 +38,11 @@ TIME_FREQ_DIM = 256
 class StepCache:
     """One estimator call's view of earlier frames, for a batch of rows.
 
-    `past_len` [B]: earlier frames per row; `keys`/`values`: per layer [B, heads, P, dim_head]
-    (P >= every past_len, entries beyond a row's past_len ignored) or None when no row has any;
+    `past_len` [B]: earlier frames per row; `keys`/`values`: per layer [B, heads, P + N,
+    dim_head] or None when no row has any earlier frame: the first P (P >= every past_len;
+    entries beyond a row's past_len are ignored but must be finite) hold the earlier frames, and
+    the call writes the N new frames' into the rest, so attention reads one tensor and no call
+    copies the earlier frames again;
     `tails`: per position convolution [B, dim, kernel-1], the input frames just before the new
     ones (zeros at the start). The call fills `new_keys`/`new_values` [B, heads, N, dim_head] and
     `new_tails`: each row's kernel-1 input frames before its first `commit` new frames (all its
@@ -175,8 +178,10 @@ class DiTBlock(nn.Module):
         cache.new_keys.append(k)
         cache.new_values.append(v)
         if past is not None:
-            k = torch.cat([past[0].to(k.dtype), k], dim=2)
-            v = torch.cat([past[1].to(v.dtype), v], dim=2)
+            keys, values = past
+            keys[:, :, keys.size(2) - n:] = k
+            values[:, :, values.size(2) - n:] = v
+            k, v = keys, values
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.attn.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
         x = x + gate_a * out
@@ -230,7 +235,7 @@ class DiT(nn.Module):
         h = self.input_embed.conv_pos_embed(h, lengths, cache) + h
         positions = cache.past_len.view(-1, 1) + torch.arange(n, device=x.device).view(1, -1)
         rope = self._rope(positions)
-        past = 0 if cache.keys is None else cache.keys[0].size(2)
+        past = 0 if cache.keys is None else cache.keys[0].size(2) - n
         mask = self._mask(cache, lengths, past, n, streaming)
         for i, block in enumerate(self.transformer_blocks):
             kv = None if cache.keys is None or cache.values is None else (

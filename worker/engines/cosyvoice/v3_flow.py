@@ -135,15 +135,19 @@ class CosyVoice3Flow(nn.Module):
         return h.repeat_interleave(self.cfg.token_mel_ratio, dim=0)
 
     @staticmethod
-    def _gather(streams: list[FlowStream], step: int, past: int, lens: torch.Tensor
-                ) -> StepCache:
-        """`lens` [2B]: each row's earlier frames (the same for every step of a call)."""
+    def _gather(streams: list[FlowStream], step: int, past: int, frames: int,
+                lens: torch.Tensor) -> StepCache:
+        """`lens` [2B]: each row's earlier frames (the same for every step of a call); the
+        keys and values have room for `frames` new ones after the `past` earlier."""
         tails = torch.stack([s.tails[step] for s in streams], dim=2)  # [2 convs, 2, B, D, 30]
         tails = tails.flatten(1, 2)
         if past == 0:
             return StepCache(lens, None, None, [tails[0], tails[1]])
-        kv = torch.stack([s.kv[step, :, :, :, :, :past] for s in streams], dim=3)
-        kv = kv.flatten(2, 3)  # [layers, 2 (k, v), 2B, heads, past, dim_head]
+        layers, _, _, heads, _, dim_head = streams[0].kv.shape[1:]
+        kv = streams[0].kv.new_empty(layers, 2, 2, len(streams), heads, past + frames, dim_head)
+        for i, s in enumerate(streams):
+            kv[:, :, :, i, :, :past] = s.kv[step, :, :, :, :, :past]
+        kv = kv.flatten(2, 3)  # [layers, 2 (k, v), 2B, heads, past + frames, dim_head]
         return StepCache(lens, list(kv[:, 0]), list(kv[:, 1]), [tails[0], tails[1]])
 
     @staticmethod
@@ -250,7 +254,7 @@ class CosyVoice3Flow(nn.Module):
                 guided = replayed.velocity[:b, :n]
                 unguided = replayed.velocity[bucket.rows : bucket.rows + b, :n]
             else:
-                cache = self._gather(streams, step, past, past_len)
+                cache = self._gather(streams, step, past, n, past_len)
                 cache.commit = commit
                 v = self.estimator(
                     torch.cat([x, x]), torch.cat([mu, zeros]), torch.cat([cond, zeros]),

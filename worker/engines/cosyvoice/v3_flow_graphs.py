@@ -55,7 +55,8 @@ class _Bucket:
     past_len: torch.Tensor
     commit: torch.Tensor
     past_kv: torch.Tensor
-    """[layers, 2 (keys, values), 2 (guided, unguided), rows, heads, past, dim_head]."""
+    """[layers, 2 (keys, values), 2 (guided, unguided), rows, heads, past + frames, dim_head]:
+    the earlier frames' keys and values, then room for the new frames'."""
     tails: torch.Tensor
     """[2 convolutions, 2 (guided, unguided), rows, dim, kernel - 1]."""
     output: DiTStep | None = None
@@ -82,7 +83,7 @@ class DiTStepGraphs:
                  for f in range(frame_step, first_frames + 1, frame_step)]
         sizes += [(r, later_frames, p) for r in self.rows
                   for p in range(frame_step, max_past + 1, frame_step)]
-        widest = max(r * p for r, _, p in sizes)
+        widest = max(r * (p + f) for r, f, p in sizes)
         past_kv = torch.zeros(layers * 2 * 2 * widest * heads * dim_head, device=device,
                               dtype=dtype)
 
@@ -98,13 +99,13 @@ class DiTStepGraphs:
                 lengths=torch.ones(b, dtype=torch.long, device=device),
                 past_len=zeros(b, kind=torch.long),
                 commit=torch.ones(b, dtype=torch.long, device=device),
-                past_kv=past_kv[: layers * 2 * b * heads * p * dim_head].view(
-                    layers, 2, 2, r, heads, p, dim_head),
+                past_kv=past_kv[: layers * 2 * b * heads * (p + f) * dim_head].view(
+                    layers, 2, 2, r, heads, p + f, dim_head),
                 tails=zeros(2, 2, r, cfg.dim, POS_KERNEL - 1),
             )
 
     def _run(self, bucket: _Bucket) -> DiTStep:
-        kv = bucket.past_kv.flatten(2, 3)  # [layers, 2, 2R, heads, past, dim_head]
+        kv = bucket.past_kv.flatten(2, 3)  # [layers, 2, 2R, heads, past + frames, dim_head]
         keys = list(kv[:, 0]) if bucket.past else None
         values = list(kv[:, 1]) if bucket.past else None
         tails = bucket.tails.flatten(1, 2)
