@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Qwen2Model
 
 from worker.engines.cosyvoice.decode import PoolDecoder, SlotPool
+from worker.engines.cosyvoice.graphs import cudnn_attention
 from worker.engines.cosyvoice.sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,10 @@ class BatchDecoder:
                 compute()
             return graph
 
+        with cudnn_attention():
+            self._record_all(record)
+
+    def _record_all(self, record: Callable[[Callable[[], None]], torch.cuda.CUDAGraph]) -> None:
         for size in reversed(buckets(self.slots)):
             self._graphs[size] = record(partial(self._compute, size))
         try:

@@ -53,6 +53,7 @@ from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.frontend import Frontend, VoicePrompt
+from worker.engines.cosyvoice.graphs import attention_without_cudnn
 from worker.engines.cosyvoice.hift import HiFTGenerator
 from worker.engines.cosyvoice.hift_graphs import VocoderGraphs
 from worker.engines.cosyvoice.llm import SpeechLM
@@ -462,6 +463,7 @@ class CosyVoiceEngine(SpeechEngine):
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            attention_without_cudnn(self.device)
         llm = SpeechLM(config.llm, qwen_config(self.model_dir))
         load_into(llm, llm_state(read_state(self.model_dir / "llm.pt")), self.model_dir / "llm.pt")
         flow = FlowModel(config.flow)

@@ -12,7 +12,8 @@ the audio loop's) would write the same workspace at the same time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -26,7 +27,35 @@ class Bucket(Protocol):
 B = TypeVar("B", bound=Bucket)
 
 
+def attention_without_cudnn(device: torch.device) -> None:
+    """Keep scaled-dot-product attention off cuDNN for every call made outside a capture.
+
+    cuDNN's attention builds an execution plan for each new input shape, and the eager calls
+    (batched prefills, flow calls past the graphs' buckets) meet a new shape at almost every
+    call: one H200 spent ~1 s in CosyVoice3's first 16-row prefill and 0.5-0.7 s in every
+    48-row flow call. Graphs replay fixed shapes, so captures keep it (`cudnn_attention`)."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+@contextlib.contextmanager
+def cudnn_attention() -> Iterator[None]:
+    """cuDNN's attention allowed for a capture (at warm-up, before any loop runs: the switch
+    is global)."""
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()  # type: ignore[no-untyped-call]
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
 def capture_all(buckets: Iterable[B], run: Callable[[B], Any], device: torch.device) -> None:
+    with cudnn_attention():
+        _capture_all(buckets, run, device)
+
+
+def _capture_all(buckets: Iterable[B], run: Callable[[B], Any], device: torch.device) -> None:
     pool = torch.cuda.graph_pool_handle()
     side = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
     for bucket in buckets:

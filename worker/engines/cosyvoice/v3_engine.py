@@ -22,6 +22,7 @@ import torch
 
 from worker.engines.cosyvoice.engine import SPEAKERS_FILE, SpeechEngine
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend
+from worker.engines.cosyvoice.graphs import attention_without_cudnn
 from worker.engines.cosyvoice.sampling import SamplingParams
 from worker.engines.cosyvoice.v3_config import REQUIRED_FILES, V3ModelConfig, check_v3_model_dir
 from worker.engines.cosyvoice.v3_flow import NOISE_FRAMES, STEPS, CosyVoice3Flow, load_v3_flow
@@ -55,6 +56,7 @@ class CosyVoice3Engine(SpeechEngine):
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            attention_without_cudnn(self.device)
         speakers = self.model_dir / SPEAKERS_FILE
         self._speakers = self._read_speakers(speakers) if speakers.exists() else {}
         frontend = Frontend(self.model_dir, config.mel, config.flow.token_mel_ratio,
