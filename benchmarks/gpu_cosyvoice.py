@@ -366,8 +366,9 @@ def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
         "WORKER_PORT": str(port), "WORKER_HOST": "127.0.0.1", "WORKER_ENGINE": "cosyvoice",
         "WORKER_MODEL_DIR": str(model_dir), "WORKER_DEVICE": device,
         "WORKER_MAX_CONCURRENCY": str(max(levels)), "WORKER_MAX_QUEUE": "0",
-        "WORKER_ENGINE_OPTIONS": json.dumps({"dtype": dtype, "fixed_speech_tokens": tokens,
-                                             "max_streams": max(max(levels), 8), **options}),
+        "WORKER_ENGINE_OPTIONS": json.dumps({
+            "dtype": dtype, "fixed_speech_tokens": tokens,
+            **({} if device == "cuda" else {"max_streams": max(max(levels), 8)}), **options}),
     }
     with python_service("worker", env, port=port, log_dir=log_dir, timeout=600) as worker:
         base = worker.url
@@ -496,13 +497,20 @@ def main() -> int:
     report: dict[str, Any] = {"model": args.model, "device": device_name, "tokens": args.tokens,
                               "engine_options": args.engine_option, "results": []}
     t = time.perf_counter()
+    # On a GPU the engine states its own capacity (what fits in memory); levels beyond it wait
+    # for free rows, as requests beyond capacity do in service.
+    if args.device != "cuda":
+        args.engine_option.setdefault("max_streams", max(max(args.concurrency), 8))
     engine = create_engine(model_dir=args.model_dir, device=args.device, dtype=args.dtype,
-                           fixed_speech_tokens=args.tokens,
-                           max_streams=max(max(args.concurrency), 8), **args.engine_option)
+                           fixed_speech_tokens=args.tokens, **args.engine_option)
     engine.load()
     engine.warm_up()
-    print(f"engine loaded and warm in {time.perf_counter() - t:.1f} s "
-          f"(KV pool {engine._require()[0].decoder.pool.nbytes() / 2**30:.1f} GiB)", flush=True)
+    held = (f", {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
+            f"{torch.cuda.memory_reserved() / 2**30:.1f} reserved" if args.device == "cuda" else "")
+    print(f"engine loaded and warm in {time.perf_counter() - t:.1f} s, capacity "
+          f"{engine.max_streams} streams "
+          f"(KV pool {engine._require()[0].decoder.pool.nbytes() / 2**30:.1f} GiB{held})",
+          flush=True)
     frontend = engine._require()[1]
     voice = frontend.voice_prompt(prompt_audio(), 16000, PROMPT_TEXT)
     features = engine.compute_voice(prompt_audio(), 16000, PROMPT_TEXT)

@@ -1,15 +1,17 @@
 """Profile of the cosyvoice audio stage alone: where a streamed chunk's time goes, by batch size.
 
 Streams `--rows` utterances (registered 3 s voice, `--tokens` speech tokens each, already decoded)
-through `AudioStage.run` chunk by chunk, all in one batch, with nothing else on the GPU. For each
-batch size it prints the wall time per call split into encoder, flow solver, vocoder and the
-rest (each part timed between device synchronisations), audio-seconds per wall-second, and, from
+through the audio stage's `run` chunk by chunk, all in one batch, with nothing else on the GPU.
+For each batch size it prints the wall time per call split into its parts (CosyVoice2: encoder,
+flow solver, vocoder; CosyVoice3: flow, vocoder) and the rest (each part timed between device
+synchronisations), audio-seconds per wall-second, and, from
 the PyTorch profiler over one later chunk, the GPU's busy time against the wall time and the
 kernels that take most of it. The arithmetic of one utterance's chunks, counted once eagerly
 (`torch.utils.flop_counter`: matrix products, convolutions and attention), turns each part's
 time into achieved TFLOP/s and a share of the device's bf16 dense peak (`--peak-tflops`).
 
     python benchmarks/gpu_cosyvoice_audio.py --model-dir /tmp/cv_full --rows 1,16,64
+    python benchmarks/gpu_cosyvoice_audio.py --model cosyvoice3 --model-dir /tmp/cv3_full --graphs
 """
 
 from __future__ import annotations
@@ -30,16 +32,17 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_cosyvoice import (
+    MODELS,
     PROMPT_TEXT,
     decoded_utterances,
     engine_option,
     levels_arg,
+    model_dir_arg,
     prompt_audio,
     speak_decoded,
 )
-from testbed.cosyvoice_models import build_model_dir
-from worker.engines.cosyvoice.engine import CosyVoiceEngine
-from worker.engines.cosyvoice.pipeline import AudioStage, Utterance
+from worker.engines.cosyvoice import create_engine, v3_hift_stream
+from worker.engines.cosyvoice.v3_pipeline import V3AudioStage
 
 
 class PartTimer:
@@ -68,19 +71,35 @@ class PartTimer:
             torch.cuda.synchronize(self.device)
 
 
-PARTS = (("encoder", "flow", "_encode"), ("solver", "flow", "_solve_incremental"),
-         ("vocoder", "audio", "_vocode"))
+Part = tuple[str, Any, str]
+"""(name, owner, attribute): a method or module function timed and counted as one part."""
 
 
-def utterance_flops(audio: AudioStage, utt: Utterance) -> dict[str, int]:
+def parts_of(audio: Any) -> list[Part]:
+    """The parts of an audio stage's call: CosyVoice2's `AudioStage` (encoder, solver, vocoder)
+    or CosyVoice3's `V3AudioStage` (flow, vocoder)."""
+    if isinstance(audio, V3AudioStage):
+        return [("flow", audio.flow, "advance"), ("vocoder", v3_hift_stream, "advance")]
+    return [("encoder", audio.flow, "_encode"), ("solver", audio.flow, "_solve_incremental"),
+            ("vocoder", audio, "_vocode")]
+
+
+GRAPH_ATTRIBUTES = (("flow", "solver_graphs"), ("flow", "encoder_graphs"),
+                    ("audio", "vocoder_graphs"), ("flow", "step_graphs"))
+"""Where each model's audio stage keeps its graphs (those a model lacks are skipped)."""
+
+
+def utterance_flops(audio: Any, utt: Any) -> dict[str, int]:
     """FLOPs of each part over all of one utterance's chunks, every stage eager (no graphs
     capture what the counter sees); a batch of R rows does R times this."""
-    flow = audio.flow
-    graphs = (flow.solver_graphs, flow.encoder_graphs, audio.vocoder_graphs)
-    flow.solver_graphs = flow.encoder_graphs = audio.vocoder_graphs = None
+    owners = {"flow": audio.flow, "audio": audio}
+    graphs = {(o, a): getattr(owners[o], a) for o, a in GRAPH_ATTRIBUTES
+              if hasattr(owners[o], a)}
+    for (o, a) in graphs:
+        setattr(owners[o], a, None)
     counted: dict[str, int] = defaultdict(int)
-    owners = {"flow": flow, "audio": audio}
-    originals = {name: getattr(owners[owner], attr) for name, owner, attr in PARTS}
+    parts = parts_of(audio)
+    originals = {name: getattr(owner, attr) for name, owner, attr in parts}
 
     def counting(name: str) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -90,19 +109,22 @@ def utterance_flops(audio: AudioStage, utt: Utterance) -> dict[str, int]:
             return result
         return run
 
-    for name, owner, attr in PARTS:
-        setattr(owners[owner], attr, counting(name))
+    for name, owner, attr in parts:
+        setattr(owner, attr, counting(name))
     try:
         speak_decoded(audio, [utt])
     finally:
-        for name, owner, attr in PARTS:
-            setattr(owners[owner], attr, originals[name])
-        flow.solver_graphs, flow.encoder_graphs, audio.vocoder_graphs = graphs
+        for name, owner, attr in parts:
+            setattr(owner, attr, originals[name])
+        for (o, a), kept in graphs.items():
+            setattr(owners[o], a, kept)
     return dict(counted)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="cosyvoice2",
+                        help="the model --model-dir holds (or gets, built at full size)")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--rows", type=levels_arg, default=levels_arg("1,16,64"))
     parser.add_argument("--tokens", type=int, default=240)
@@ -118,11 +140,10 @@ def main() -> int:
     parser.add_argument("--engine-option", type=engine_option, action="append", default=[],
                         help="name=value (JSON value), passed to the engine")
     args = parser.parse_args()
-    if not (args.model_dir / "flow.pt").exists():
-        build_model_dir(args.model_dir, size="full")
-    engine = CosyVoiceEngine(args.model_dir, device=args.device, dtype=args.dtype,
-                             cuda_graph=args.graphs, max_streams=max(args.rows),
-                             **dict(args.engine_option))
+    model_dir_arg(parser, args)
+    engine = create_engine(model_dir=args.model_dir, device=args.device, dtype=args.dtype,
+                           cuda_graph=args.graphs, max_streams=max(args.rows),
+                           **dict(args.engine_option))
     engine.load()
     t = time.perf_counter()
     if args.compile:
@@ -138,9 +159,9 @@ def main() -> int:
     engine.add_voice("bench", engine.compute_voice(prompt_audio(), 16000, PROMPT_TEXT))
     device = torch.device(args.device)
     timer = PartTimer(device)
-    timer.wrap(audio.flow, "_encode", "encoder")
-    timer.wrap(audio.flow, "_solve_incremental", "solver")
-    timer.wrap(audio, "_vocode", "vocoder")
+    parts = parts_of(audio)
+    for name, owner, attr in parts:
+        timer.wrap(owner, attr, name)
     timer.wrap(audio, "run", "call")
     speak_decoded(audio, decoded_utterances(engine, [0], 60))  # warm the allocator
     flops = utterance_flops(audio, decoded_utterances(engine, [0], args.tokens)[0])
@@ -162,13 +183,12 @@ def main() -> int:
         calls, _ = speak_decoded(audio, utts, on_call)
         wall = time.perf_counter() - start
         s = timer.seconds
-        rest = s["call"] - s["encoder"] - s["solver"] - s["vocoder"]
+        rest = s["call"] - sum(s[name] for name, _, _ in parts)
         audio_s = rows * args.tokens / 25
-        parts = ", ".join(f"{name} {1000 * value / calls:6.1f}" for name, value in (
-            ("encoder", s["encoder"]), ("solver", s["solver"]), ("vocoder", s["vocoder"]),
-            ("rest", rest)))
+        split = ", ".join(f"{name} {1000 * value / calls:6.1f}" for name, value in (
+            *((name, s[name]) for name, _, _ in parts), ("rest", rest)))
         print(f"rows {rows:4d}: {calls} calls, {1000 * s['call'] / calls:7.1f} ms per call "
-              f"({parts}); {audio_s / wall:7.1f} audio-s/s", flush=True)
+              f"({split}); {audio_s / wall:7.1f} audio-s/s", flush=True)
         achieved = {name: rows * flops[name] / s[name] / 1e12 for name in flops if s[name] > 0}
         print("  achieved: " + ", ".join(
             f"{name} {tflops:.1f} TFLOP/s ({100 * tflops / args.peak_tflops:.1f}% of peak)"

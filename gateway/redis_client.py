@@ -80,7 +80,7 @@ def sentinel_client(
         addresses.append((host, int(port)))
     parsed = parse_url(url)  # type: ignore[no-untyped-call]
     options = {key: value for key, value in parsed.items() if key not in ("host", "port")}
-    manager = Sentinel(  # type: ignore[no-untyped-call]
+    manager = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         addresses,
         sentinel_kwargs={
             "socket_timeout": connect_timeout_s,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from testbed.cosyvoice3_models import build_model_dir
+from worker.engines.cosyvoice import v3_pipeline
 from worker.engines.cosyvoice.batch_decode import BatchDecoder
 from worker.engines.cosyvoice.sampling import SamplingParams
 from worker.engines.cosyvoice.scheduler import DONE, DecodeLimits, Scheduler
@@ -117,3 +118,45 @@ async def test_a_failing_request_fails_alone(
     for result in results[:-1]:
         assert not isinstance(result, BaseException)
         assert result[1].size > 0
+
+
+@pytest.mark.parametrize("where", ["flow", "vocoder"])
+async def test_a_batched_call_that_fails_part_way_leaves_every_request_as_it_was(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A call of several chunks that fails late (as one too large for the GPU's memory would:
+    in the flow's last Euler steps, or once the vocoder has advanced every stream) is retried
+    chunk by chunk from where each request stood, and every request gets its solo audio."""
+    audio = scheduler.audio
+    assert isinstance(audio, V3AudioStage)
+    alone = [await _speak(scheduler, _utterance(seed)) for seed in range(3)]
+    failed = []
+    if where == "flow":
+        estimator = audio.flow.estimator
+        original_forward = estimator.forward
+
+        def forward(x: torch.Tensor, *args: Any) -> torch.Tensor:
+            t = args[3]
+            if x.size(0) > 2 and float(t[0]) > 0.5:
+                failed.append(x.size(0) // 2)
+                raise torch.OutOfMemoryError("too many rows")
+            return original_forward(x, *args)
+
+        monkeypatch.setattr(estimator, "forward", forward)
+    else:
+        original_advance = v3_pipeline.v3_hift_stream.advance
+
+        def advance(hift: Any, streams: list[Any], *args: Any) -> list[torch.Tensor]:
+            samples = original_advance(hift, streams, *args)
+            if len(streams) > 1:
+                failed.append(len(streams))
+                raise torch.OutOfMemoryError("too many rows")
+            return samples
+
+        monkeypatch.setattr(v3_pipeline.v3_hift_stream, "advance", advance)
+    together = await asyncio.gather(*(_speak(scheduler, _utterance(s)) for s in range(3)))
+    assert failed, "no call held more than one chunk"
+    for (tokens, spoken), (solo_tokens, solo_audio) in zip(together, alone, strict=True):
+        assert tokens == solo_tokens
+        assert spoken.size == solo_audio.size > 0
+        assert float(np.abs(spoken - solo_audio).max()) <= AUDIO_TOLERANCE

@@ -6,6 +6,7 @@ arithmetic. A directory without speakers serves the cloning modes only."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from tests.support.audio import decode
 from tests.support.processes import RunningProcess, free_port, python_service
 from worker.engines import create_engine
 from worker.engines.base import EngineRequest
+from worker.engines.cosyvoice.capacity import StreamCost
 from worker.engines.cosyvoice.config import ModelDirError
 from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.frontend import VoicePrompt
@@ -252,8 +254,50 @@ def test_capacity_counts_a_streams_flow_keys_and_values(
     assert per_frame == 10 * dit.depth * 2 * 2 * dit.heads * dit.dim_head * 4  # float32
     llm = engine._llm
     assert isinstance(llm, CosyVoice3LM)
-    cost = SlotPool.row_bytes(llm.backbone, engine.max_positions) + 750 * per_frame  # 15 s
+    # 15 s of flow state (750 frames) held in whole pages of 256 frames: 768
+    cost = SlotPool.row_bytes(llm.backbone, engine.max_positions) + 768 * per_frame
     free, total = 15 * 10**7 + 3 * cost + 1000, 10**9  # 3 streams once 15% is kept back
     monkeypatch.setattr("torch.cuda.mem_get_info", lambda device=None: (free, total))
     config = check_v3_model_dir(engine.model_dir)
     assert engine._streams_that_fit(llm, audio.flow, config) == 3
+
+
+async def test_capacity_is_lowered_where_warm_up_left_too_little_memory(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sized at load, the capacity is checked again once warm-up has allocated its graphs and
+    buffers: streams whose flow states no longer fit are taken off what the engine states and
+    admits, and it serves on within the rest."""
+    built = create_engine("cosyvoice", model_dir=str(model_dir), max_streams=8)
+    assert isinstance(built, CosyVoice3Engine)
+    built.load()
+    scheduler = built._require()[0]
+    audio = built._audio
+    assert isinstance(audio, V3AudioStage)
+    per_frame = built._flow_frame_bytes(audio.flow)
+    built._stream_cost = StreamCost(kv_row_bytes=10**9, flow_frame_bytes=per_frame,
+                                    frames_per_second=50, frame_quantum=256)
+    flow_state = 768 * per_frame  # 15 s in whole pages; the KV rows are already allocated
+    total = 10**12
+    monkeypatch.setattr("torch.cuda.mem_get_info",
+                        lambda device=None: (15 * 10**10 + flow_state + 10, total))
+    monkeypatch.setattr("torch.cuda.memory_reserved", lambda device=None: 5 * flow_state)
+    monkeypatch.setattr("torch.cuda.memory_allocated", lambda device=None: 4 * flow_state)
+    built._fit_streams_after_warm_up(scheduler)
+    assert built.max_streams == built.capabilities().max_streams == scheduler.capacity == 2
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda device=None: (total, total))
+    built._fit_streams_after_warm_up(scheduler)
+    assert built.max_streams == 2  # never raised past what load allocated rows for
+    scheduler.limit_rows(1)
+    scheduler.start()
+    try:
+        async def speak(seed: int) -> np.ndarray:
+            request = EngineRequest(text="Good morning.", voice="english_male", speed=1.0,
+                                    seed=seed)
+            return np.concatenate([c async for c in built.stream(request)])
+
+        spoken = await asyncio.gather(speak(1), speak(2))
+        assert all(s.size > 0 and float(np.abs(s).max()) > 1e-4 for s in spoken)
+        assert scheduler._free_slots == [0]
+    finally:
+        scheduler.stop()

@@ -48,16 +48,25 @@ def test_the_stream_sweep_serves_every_stream_and_its_checks_pass(model: str,
     assert f"audio per request {TOKENS / 25:.1f} s" in printed
 
 
-def test_the_audio_stage_profile_counts_its_arithmetic(tmp_path: Path) -> None:
-    model_dir = cosyvoice_models.build_model_dir(tmp_path / "tiny")
-    printed = _run("benchmarks/gpu_cosyvoice_audio.py", "--model-dir", str(model_dir),
-                   "--device", "cpu", "--dtype", "float32", "--rows", "1,2", "--tokens",
-                   str(TOKENS), "--profile-call", "99")
-    counted = re.search(r"GFLOP per utterance: encoder ([\d.]+), solver ([\d.]+), "
-                        r"vocoder ([\d.]+)", printed)
+@pytest.mark.parametrize(("model", "parts"), [("cosyvoice2", ("encoder", "solver", "vocoder")),
+                                             ("cosyvoice3", ("flow", "vocoder"))])
+def test_the_audio_stage_profile_counts_its_arithmetic(model: str, parts: tuple[str, ...],
+                                                       tmp_path: Path) -> None:
+    build = {"cosyvoice2": cosyvoice_models, "cosyvoice3": cosyvoice3_models}[model]
+    model_dir = build.build_model_dir(tmp_path / "tiny")
+    printed = _run("benchmarks/gpu_cosyvoice_audio.py", "--model", model, "--model-dir",
+                   str(model_dir), "--device", "cpu", "--dtype", "float32", "--rows", "1,2",
+                   "--tokens", str(TOKENS), "--profile-call", "99")
+    counted = re.search("GFLOP per utterance: " + ", ".join(f"{p} ([\\d.]+)" for p in parts) + "$",
+                        printed, flags=re.MULTILINE)
     assert counted is not None, printed
     assert all(float(value) > 0 for value in counted.groups())
-    assert len(re.findall(r"achieved: encoder [\d.]+ TFLOP/s", printed)) == 2
+    calls = re.findall(r"rows +(\d+): (\d+) calls, +([\d.]+) ms per call \((.*)\);", printed)
+    assert [c[0] for c in calls] == ["1", "2"], printed
+    for _, _, per_call, split in calls:
+        assert [part.split()[0] for part in split.split(", ")] == [*parts, "rest"]
+        assert float(per_call) > 0
+    assert len(re.findall(rf"achieved: {parts[0]} [\d.]+ TFLOP/s", printed)) == 2
 
 
 def test_the_estimator_breakdown_times_every_part(tmp_path: Path) -> None:

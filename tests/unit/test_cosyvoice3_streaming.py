@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from testbed.cosyvoice3_models import build_model_dir
-from worker.engines.cosyvoice import v3_hift_stream
+from worker.engines.cosyvoice import v3_flow, v3_hift_stream
 from worker.engines.cosyvoice.v3_config import check_v3_model_dir
 from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, load_v3_flow
 from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
@@ -88,7 +88,11 @@ def _stream_together(flow: CosyVoice3Flow, reqs: list[Request], joins: tuple[int
     return pieces, streams
 
 
-def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(flow: CosyVoice3Flow) -> None:
+@pytest.mark.parametrize("page_frames", [256, 24])  # released; a chunk's frames span pages
+def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(
+    flow: CosyVoice3Flow, page_frames: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(v3_flow, "PAGE_FRAMES", page_frames)
     reqs = _requests()
     pieces, streams = _stream_together(flow, reqs)
     for req, got, stream in zip(reqs, pieces, streams, strict=True):
@@ -123,9 +127,14 @@ def test_first_and_later_chunks_are_solved_apart(flow: CosyVoice3Flow) -> None:
         assert (torch.cat(got, dim=1) - _whole(flow, req)).abs().max() <= FLOW_TOL
 
 
-def test_bucketed_steps_give_each_stream_its_own_frames(flow: CosyVoice3Flow) -> None:
+@pytest.mark.parametrize("page_frames", [256, 24])
+def test_bucketed_steps_give_each_stream_its_own_frames(
+    flow: CosyVoice3Flow, page_frames: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Calls that fit a graph bucket (padded rows, frames and earlier frames; run eagerly on
     the CPU) stream what the unbucketed estimator streams; calls that fit none run as before."""
+    monkeypatch.setattr(v3_flow, "PAGE_FRAMES", page_frames)
+
     def stream_all() -> list[torch.Tensor]:
         return [torch.cat(p, dim=1) for p in _stream_together(flow, _requests())[0]]
 
@@ -267,7 +276,8 @@ def test_flow_state_size_is_what_it_claims(flow: CosyVoice3Flow) -> None:
     flow.advance([stream], [tokens[: (-20) % HOP + HOP + LOOK]], [False])
     dit = flow.cfg.dit
     per_frame = 10 * dit.depth * 2 * 2 * dit.heads * dit.dim_head * 4
-    assert stream.kv.size(5) >= stream.frames == 100  # prompt frames included
+    assert stream.capacity >= stream.frames == 100  # prompt frames included
+    assert stream.capacity % v3_flow.PAGE_FRAMES == 0
     assert stream.nbytes() >= per_frame * stream.frames
 
 

@@ -157,6 +157,9 @@ def test_stated_capacity_fits_the_memory_left() -> None:
     assert 40 < shared < 128
     assert shared * cost.bytes() <= 60 * 2**30 - WORKING_SHARE * total
     assert streams_that_fit(2**30, total, cost, limit=128) == 1
+    paged = StreamCost(kv_row_bytes=1000, flow_frame_bytes=frame, frames_per_second=50,
+                       frame_quantum=256)
+    assert paged.bytes() == 1000 + 768 * frame  # 15 s, 750 frames, in whole 256-frame pages
 
 
 @pytest.mark.parametrize(("n_fft", "hop"), [(16, 4), (16, 8), (64, 16)])

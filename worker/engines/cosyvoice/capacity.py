@@ -32,9 +32,12 @@ class StreamCost:
     kv_row_bytes: int
     flow_frame_bytes: int
     frames_per_second: int
+    frame_quantum: int = 1
+    """Frames of flow state allocated at a time (a stream holds a whole number of them)."""
 
     def bytes(self, seconds: float = STREAM_BUDGET_S) -> int:
-        return self.kv_row_bytes + int(seconds * self.frames_per_second) * self.flow_frame_bytes
+        frames = -(-int(seconds * self.frames_per_second) // self.frame_quantum)
+        return self.kv_row_bytes + frames * self.frame_quantum * self.flow_frame_bytes
 
 
 def streams_that_fit(free_bytes: int, total_bytes: int, cost: StreamCost, limit: int) -> int:

@@ -168,6 +168,9 @@ class SpeechEngine:
         if prompt_cache_mb < 0:
             raise ValueError(f"prompt_cache_mb must be 0 or more, not {prompt_cache_mb}")
         self.prompt_cache_bytes = prompt_cache_mb * 2**20
+        self._stream_cost: StreamCost | None = None
+        """What a stream costs, when the capacity was sized to the device's memory."""
+        self._stream_reserve = 0
         self._scheduler: Scheduler | None = None
         self._audio: AudioStages | None = None
         self._llm: PromptedModel | None = None
@@ -204,15 +207,18 @@ class SpeechEngine:
         self._version = content_version(self.model_dir, files)
 
     def _streams_in_memory(self, llm: SpeechModel, frame_bytes: int, frames_per_second: int,
-                           reserved_bytes: int = 0) -> int:
+                           reserved_bytes: int = 0, frame_quantum: int = 1) -> int:
         """`DEFAULT_STREAMS` on this device, or fewer when their memory would not fit: each
-        stream's KV row and `STREAM_BUDGET_S` of flow state at `frame_bytes` per mel frame,
-        in what is free less the prompt cache's `reserved_bytes` (`prompt_cache_bytes`)."""
+        stream's KV row and `STREAM_BUDGET_S` of flow state at `frame_bytes` per mel frame
+        (allocated `frame_quantum` frames at a time), in what is free less the prompt cache's
+        `reserved_bytes` (`prompt_cache_bytes`)."""
         cost = StreamCost(
             kv_row_bytes=SlotPool.row_bytes(llm.backbone, self.max_positions),
             flow_frame_bytes=frame_bytes,
             frames_per_second=frames_per_second,
+            frame_quantum=frame_quantum,
         )
+        self._stream_cost, self._stream_reserve = cost, reserved_bytes
         free, total = torch.cuda.mem_get_info(self.device)
         free = max(0, free - prompt_cache_bytes(reserved_bytes, total))
         streams = streams_that_fit(free, total, cost, self.max_streams)
@@ -269,6 +275,24 @@ class SpeechEngine:
             produced = pool.submit(asyncio.run, run()).result()
         if produced == 0:
             raise RuntimeError("warm-up produced no audio")
+        if self._stream_cost is not None:
+            self._fit_streams_after_warm_up(scheduler)
+
+    def _fit_streams_after_warm_up(self, scheduler: Scheduler) -> None:
+        """Lower the stated capacity where the streams' flow states no longer fit beside what
+        warm-up allocated (graphs, their pools and buffers), which sizing at load could not
+        see; the KV rows are in place by now, so only the flow states are counted."""
+        assert self._stream_cost is not None
+        free, total = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        free = max(0, free - prompt_cache_bytes(self._stream_reserve, total))
+        flow_states = replace(self._stream_cost, kv_row_bytes=0)
+        streams = streams_that_fit(free, total, flow_states, self.max_streams)
+        if streams < self.max_streams:
+            logger.warning("Capacity lowered from %d to %d streams: %.1f GiB usable once warm",
+                           self.max_streams, streams, free / 2**30)
+            scheduler.limit_rows(streams)
+            self.max_streams = streams
 
     # -- description --------------------------------------------------------------------------
 

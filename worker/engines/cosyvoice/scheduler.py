@@ -136,6 +136,7 @@ class Scheduler:
         self._decoding: list[Job] = []
         self._speaking: list[Job] = []
         self._free_slots = list(range(decoder.slots))
+        self._rows = decoder.slots
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self.steps = 0
@@ -143,7 +144,14 @@ class Scheduler:
 
     @property
     def capacity(self) -> int:
-        return self.decoder.slots
+        """Requests decoded at once: the decoder's rows, or fewer (`limit_rows`)."""
+        return self._rows
+
+    def limit_rows(self, rows: int) -> None:
+        """Admit requests into the first `rows` rows only (at least one)."""
+        with self._lock:
+            self._rows = max(1, min(rows, self._rows))
+            self._free_slots = [slot for slot in self._free_slots if slot < self._rows]
 
     @property
     def active(self) -> int:
@@ -246,8 +254,9 @@ class Scheduler:
         if job in self._decoding:
             self._decoding.remove(job)
         if job.row is not None:
-            self._free_slots.append(job.row.slot)
-            self._free_slots.sort()
+            if job.row.slot < self._rows:
+                self._free_slots.append(job.row.slot)
+                self._free_slots.sort()
             job.row = None
 
     def _start_utterances(self, jobs: list[Job]) -> None:

@@ -39,14 +39,14 @@ class StepCache:
     """One estimator call's view of earlier frames, for a batch of rows.
 
     `past_len` [B]: earlier frames per row; `keys`/`values`: per layer [B, heads, P + N,
-    dim_head] or None when no row has any earlier frame: the first P (P >= every past_len;
-    entries beyond a row's past_len are ignored but must be finite) hold the earlier frames, and
-    the call writes the N new frames' into the rest, so attention reads one tensor and no call
-    copies the earlier frames again;
+    dim_head], or None for a pass that keeps nothing (then no row has earlier frames): the first
+    P (P >= every past_len, P may be 0; entries beyond a row's past_len are ignored but must be
+    finite) hold the earlier frames, and the call writes the N new frames' into the rest, where
+    the caller reads them afterwards: attention reads one tensor, and nothing is copied twice;
     `tails`: per position convolution [B, dim, kernel-1], the input frames just before the new
-    ones (zeros at the start). The call fills `new_keys`/`new_values` [B, heads, N, dim_head] and
-    `new_tails`: each row's kernel-1 input frames before its first `commit` new frames (all its
-    valid ones when `commit` is None), where the next call will continue.
+    ones (zeros at the start). The call fills `new_tails`: each row's kernel-1 input frames
+    before its first `commit` new frames (all its valid ones when `commit` is None), where the
+    next call will continue.
     """
 
     past_len: torch.Tensor
@@ -54,15 +54,7 @@ class StepCache:
     values: list[torch.Tensor] | None
     tails: list[torch.Tensor]
     commit: torch.Tensor | None = None
-    new_keys: list[torch.Tensor] = field(default_factory=list)
-    new_values: list[torch.Tensor] = field(default_factory=list)
     new_tails: list[torch.Tensor] = field(default_factory=list)
-
-    @staticmethod
-    def empty(batch: int, dim: int, device: torch.device, dtype: torch.dtype) -> StepCache:
-        zeros = torch.zeros(batch, dim, POS_KERNEL - 1, device=device, dtype=dtype)
-        past = torch.zeros(batch, dtype=torch.long, device=device)
-        return StepCache(past, None, None, [zeros, zeros.clone()])
 
 
 def _last_valid(full: torch.Tensor, lengths: torch.Tensor, keep: int) -> torch.Tensor:
@@ -175,8 +167,6 @@ class DiTBlock(nn.Module):
         k = torch.cat([(k[..., :rot] * cos + _rotate_pairs(k[..., :rot]) * sin).to(k.dtype),
                        k[..., rot:]], -1)
         q, k, v = (a.view(b, n, self.heads, self.dim_head).transpose(1, 2) for a in (q, k, v))
-        cache.new_keys.append(k)
-        cache.new_values.append(v)
         if past is not None:
             keys, values = past
             keys[:, :, keys.size(2) - n:] = k

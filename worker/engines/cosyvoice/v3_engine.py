@@ -20,12 +20,19 @@ from typing import Any
 
 import torch
 
+from worker.engines.cosyvoice.batch_decode import buckets
 from worker.engines.cosyvoice.engine import SPEAKERS_FILE, SpeechEngine
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend
 from worker.engines.cosyvoice.graphs import attention_without_cudnn
 from worker.engines.cosyvoice.sampling import SamplingParams
 from worker.engines.cosyvoice.v3_config import REQUIRED_FILES, V3ModelConfig, check_v3_model_dir
-from worker.engines.cosyvoice.v3_flow import NOISE_FRAMES, STEPS, CosyVoice3Flow, load_v3_flow
+from worker.engines.cosyvoice.v3_flow import (
+    NOISE_FRAMES,
+    PAGE_FRAMES,
+    STEPS,
+    CosyVoice3Flow,
+    load_v3_flow,
+)
 from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
 from worker.engines.cosyvoice.v3_frontend import COSYVOICE3
 from worker.engines.cosyvoice.v3_hift import HiFTNoise, load_v3_hift, samples_per_frame
@@ -77,7 +84,8 @@ class CosyVoice3Engine(SpeechEngine):
         sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
                                   config.llm.tau_r)
         if self.dit_graphs is not False and self.cuda_graph and self.device.type == "cuda":
-            flow.step_graphs = DiTStepGraphs(flow.estimator, self.device, self.dtype)
+            flow.step_graphs = DiTStepGraphs(flow.estimator, self.device, self.dtype,
+                                             rows=tuple(buckets(self.max_audio_rows)))
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
         audio = V3AudioStage(flow, hift, self._vocoder_noise(config), self.device)
@@ -104,15 +112,16 @@ class CosyVoice3Engine(SpeechEngine):
         """`DEFAULT_STREAMS` on this device, or fewer when their KV rows and flow states
         (`_flow_frame_bytes` per mel frame) would not fit."""
         return self._streams_in_memory(llm, self._flow_frame_bytes(flow),
-                                       config.mel.sampling_rate // config.mel.hop_size)
+                                       config.mel.sampling_rate // config.mel.hop_size,
+                                       frame_quantum=PAGE_FRAMES)
 
     @staticmethod
     def _flow_frame_bytes(flow: CosyVoice3Flow) -> int:
         """Bytes of flow state a stream keeps per mel frame: one frame of its per-step keys and
         values (1.8 MB in bf16 on the released model: 10 steps, 22 layers, guided and unguided
-        rows, 16 heads of 64), read from the state `start` makes."""
+        rows, 16 heads of 64), read from the state `start` makes (held in pages of
+        `PAGE_FRAMES`)."""
         w = flow.input_embedding.weight
         stream = flow.start(torch.zeros(0, dtype=torch.long), torch.zeros(0, flow.cfg.output_size),
                             torch.zeros(flow.cfg.spk_embed_dim, device=w.device))
-        kv = stream.kv
-        return math.prod(kv.shape[:5]) * kv.size(6) * kv.element_size()
+        return math.prod(stream.page_shape) // PAGE_FRAMES * w.element_size()

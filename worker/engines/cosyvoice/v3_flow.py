@@ -21,8 +21,7 @@ released recipe draws it, so requests share no state.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +36,12 @@ from worker.engines.cosyvoice.weights import load_into, read_state
 STEPS = 10
 NOISE_FRAMES = 50 * 300
 NOISE_SEED = 0
-GROWTH = 256
+PAGE_FRAMES = 256
+"""Frames of a stream's keys and values per page (0.46 GB on the released model, bf16). States
+grow a page at a time and every page is the same size, so the caching allocator hands a
+finished stream's pages to the next as they are: states that grew by reallocation, each to its
+own size, copied everything at each growth and left blocks of every size behind (18 GB reserved
+but unusable at 64 streams on an H200, and out of memory)."""
 
 
 def fixed_noise(channels: int = 80, frames: int = NOISE_FRAMES) -> torch.Tensor:
@@ -69,24 +73,54 @@ class _Decoder(nn.Module):
 
 @dataclass(eq=False)
 class FlowStream:
-    """One request's flow state. `kv` [steps, layers, 2 (k, v), 2 (guided, unguided), heads,
-    capacity, dim_head] and `tails` [steps, 2 convs, 2, dim, 30] hold the estimator's view of its
-    first `frames` mel frames; `tokens` are all tokens received (prompt first)."""
+    """One request's flow state. `pages`, each [steps, layers, 2 (k, v), 2 (guided, unguided),
+    heads, PAGE_FRAMES, dim_head], and `tails` [steps, 2 convs, 2, dim, 30] hold the
+    estimator's view of its first `frames` mel frames; `tokens` are all tokens received (prompt
+    first)."""
 
     tokens: torch.Tensor
     prompt_mel: torch.Tensor
     speaker: torch.Tensor
     done_tokens: int
     frames: int
-    kv: torch.Tensor
+    page_shape: tuple[int, ...]
     tails: torch.Tensor
+    pages: list[torch.Tensor] = field(default_factory=list)
     emitted: int = 0
     """Frames returned so far (prompt included), at or past `frames`."""
     finished: bool = False
 
     def nbytes(self) -> int:
-        return (self.kv.numel() * self.kv.element_size()
-                + self.tails.numel() * self.tails.element_size())
+        return sum(t.numel() * t.element_size() for t in (*self.pages, self.tails))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.pages) * PAGE_FRAMES
+
+    def reserve(self, frames: int) -> None:
+        """Pages for `frames` frames, added to a new list (a copy of the stream keeps its own)."""
+        missing = -(-frames // PAGE_FRAMES) - len(self.pages)
+        if missing > 0:
+            self.pages = self.pages + [self.tails.new_zeros(self.page_shape)
+                                       for _ in range(missing)]
+
+    def copy_past(self, step: int, out: torch.Tensor) -> None:
+        """Its first `frames` keys and values of `step` into `out` [layers, 2, 2, heads,
+        >= frames, dim_head]: one copy per page."""
+        for page, start in zip(self.pages, range(0, self.frames, PAGE_FRAMES), strict=False):
+            n = min(PAGE_FRAMES, self.frames - start)
+            out[..., start: start + n, :] = page[step, ..., :n, :]
+
+    def write(self, step: int, new: torch.Tensor) -> None:
+        """Keys and values of `step` for the frames after its first `frames`, from `new`
+        [layers, 2, 2, heads, N, dim_head] (pages reserved): past the frames it holds, so a
+        call that fails part way leaves what it holds as it was."""
+        done, n = 0, new.size(-2)
+        while done < n:
+            page, offset = divmod(self.frames + done, PAGE_FRAMES)
+            take = min(n - done, PAGE_FRAMES - offset)
+            self.pages[page][step, ..., offset: offset + take, :] = new[..., done: done + take, :]
+            done += take
 
 
 class CosyVoice3Flow(nn.Module):
@@ -118,10 +152,10 @@ class CosyVoice3Flow(nn.Module):
         dit = self.cfg.dit
         w = self.input_embedding.weight
         speaker = self.spk_embed_affine_layer(F.normalize(embedding.view(1, -1).to(w), dim=1))
-        kv = w.new_zeros(STEPS, dit.depth, 2, 2, dit.heads, 0, dit.dim_head)
+        page_shape = (STEPS, dit.depth, 2, 2, dit.heads, PAGE_FRAMES, dit.dim_head)
         tails = w.new_zeros(STEPS, 2, 2, dit.dim, POS_KERNEL - 1)
         return FlowStream(prompt_tokens.long().to(w.device).view(-1), prompt_mel.to(w),
-                          speaker[0], 0, 0, kv, tails)
+                          speaker[0], 0, 0, page_shape, tails)
 
     def _features(self, stream: FlowStream, end: int, final: bool) -> torch.Tensor:
         """Token features of tokens [done, end) as mel-rate rows [ratio * (end - done), 80]."""
@@ -136,43 +170,39 @@ class CosyVoice3Flow(nn.Module):
 
     @staticmethod
     def _gather(streams: list[FlowStream], step: int, past: int, frames: int,
-                lens: torch.Tensor) -> StepCache:
-        """`lens` [2B]: each row's earlier frames (the same for every step of a call); the
-        keys and values have room for `frames` new ones after the `past` earlier."""
+                lens: torch.Tensor) -> tuple[StepCache, torch.Tensor]:
+        """The call's view of `step` for its streams, and where it writes the new frames' keys
+        and values [layers, 2 (k, v), 2 (guided, unguided), B, heads, frames, dim_head]. `lens`
+        [2B]: each row's earlier frames (the same for every step of a call); the keys and values
+        have room for `frames` new ones after the `past` earlier."""
         tails = torch.stack([s.tails[step] for s in streams], dim=2)  # [2 convs, 2, B, D, 30]
         tails = tails.flatten(1, 2)
-        if past == 0:
-            return StepCache(lens, None, None, [tails[0], tails[1]])
-        layers, _, _, heads, _, dim_head = streams[0].kv.shape[1:]
-        kv = streams[0].kv.new_empty(layers, 2, 2, len(streams), heads, past + frames, dim_head)
+        layers, _, _, heads, _, dim_head = streams[0].page_shape[1:]
+        # zeros: entries past a row's own frames are masked but must be finite
+        kv = tails.new_zeros(layers, 2, 2, len(streams), heads, past + frames, dim_head)
         for i, s in enumerate(streams):
-            kv[:, :, :, i, :, :past] = s.kv[step, :, :, :, :, :past]
-        kv = kv.flatten(2, 3)  # [layers, 2 (k, v), 2B, heads, past + frames, dim_head]
-        return StepCache(lens, list(kv[:, 0]), list(kv[:, 1]), [tails[0], tails[1]])
+            s.copy_past(step, kv[:, :, :, i])
+        rows = kv.flatten(2, 3)  # [layers, 2 (k, v), 2B, heads, past + frames, dim_head]
+        cache = StepCache(lens, list(rows[:, 0]), list(rows[:, 1]), [tails[0], tails[1]])
+        return cache, kv[..., past:, :]
 
     @staticmethod
-    def _keep(streams: list[FlowStream], step: int, new_keys: list[torch.Tensor],
-              new_values: list[torch.Tensor], new_tails: list[torch.Tensor], counts: list[int],
-              unguided: int) -> None:
-        """Copy each stream's new keys, values and tails of `step` (per layer, per convolution)
-        into its state; its unguided row sits `unguided` rows after its guided one (the outputs
-        have 2 * `unguided` rows). Rows are taken as views, one copy each: indexing with a list
-        would move the index to the device, a synchronisation per row."""
-        kv = torch.stack(new_keys + new_values).view(
-            2, len(new_keys), 2, unguided, *new_keys[0].shape[1:]).transpose(0, 1)
-        # [layers, 2 (k, v), 2 (guided, unguided), rows, heads, N, dim_head]
-        tails = torch.stack(new_tails).view(len(new_tails), 2, unguided, *new_tails[0].shape[1:])
+    def _keep(streams: list[FlowStream], step: int, new_kv: torch.Tensor,
+              counts: list[int]) -> None:
+        """Copy each stream's new keys and values of `step` from `new_kv` [layers, 2 (k, v),
+        2 (guided, unguided), rows, heads, N, dim_head] into its state. Rows are taken as views,
+        one copy each: indexing with a list would move the index to the device, a
+        synchronisation per row."""
         for i, (s, n) in enumerate(zip(streams, counts, strict=True)):
-            s.kv[step, :, :, :, :, s.frames: s.frames + n] = kv[:, :, :, i, :, :n]
-            s.tails[step] = tails[:, :, i]
+            s.write(step, new_kv[:, :, :, i, :, :n])
 
     @staticmethod
-    def _grow(stream: FlowStream, frames: int) -> None:
-        if frames > stream.kv.size(5):
-            cap = math.ceil(frames / GROWTH) * GROWTH
-            grown = stream.kv.new_zeros(*stream.kv.shape[:5], cap, stream.kv.size(6))
-            grown[..., : stream.frames, :] = stream.kv[..., : stream.frames, :]
-            stream.kv = grown
+    def _step_tails(new_tails: list[torch.Tensor], rows: int, unguided: int) -> torch.Tensor:
+        """A step's new position-convolution tails as [2 convs, 2 (guided, unguided), rows, D,
+        30] (a copy: graph outputs change at the next replay); each stream's unguided row sits
+        `unguided` rows after its guided one."""
+        tails = torch.stack(new_tails).view(len(new_tails), 2, unguided, *new_tails[0].shape[1:])
+        return tails[:, :, :rows]
 
     def _prepare(
         self, s: FlowStream, tokens: torch.Tensor, final: bool, streaming: bool
@@ -229,7 +259,7 @@ class CosyVoice3Flow(nn.Module):
         past = max(s.frames for s in streams)
         if streaming:
             for s, c in zip(streams, counts, strict=True):
-                self._grow(s, max(past, s.frames + c))
+                s.reserve(s.frames + c)
         spk = torch.stack([s.speaker for s in streams])
         lengths = torch.tensor(counts, device=dev).repeat(2)
         past_len = torch.tensor([s.frames for s in streams], device=dev).repeat(2)
@@ -245,34 +275,44 @@ class CosyVoice3Flow(nn.Module):
         zeros = torch.zeros_like(mu)
         graphs = self.step_graphs if streaming else None
         bucket = None if graphs is None else graphs.usable_bucket(b, n, past, mu.is_cuda)
+        step_tails = []
         for step in range(STEPS):
             if graphs is not None and bucket is not None:
                 replayed = graphs.step(bucket, streams, step, x, mu, cond, spk, t, lengths[:b],
                                        commit[:b])
-                self._keep(streams, step, replayed.keys, replayed.values, replayed.tails, counts,
-                           bucket.rows)
+                self._keep(streams, step, replayed.kv, counts)
+                step_tails.append(self._step_tails(replayed.tails, b, bucket.rows))
                 guided = replayed.velocity[:b, :n]
                 unguided = replayed.velocity[bucket.rows : bucket.rows + b, :n]
             else:
-                cache = self._gather(streams, step, past, n, past_len)
-                cache.commit = commit
+                if streaming:
+                    cache, new_kv = self._gather(streams, step, past, n, past_len)
+                    cache.commit = commit
+                else:
+                    cache = StepCache(past_len, None, None, [zeros.new_zeros(
+                        2 * b, self.cfg.dit.dim, POS_KERNEL - 1)] * 2)
                 v = self.estimator(
                     torch.cat([x, x]), torch.cat([mu, zeros]), torch.cat([cond, zeros]),
                     torch.cat([spk, torch.zeros_like(spk)]), t.expand(2 * b), lengths, cache,
                     streaming,
                 )
                 if streaming:
-                    self._keep(streams, step, cache.new_keys, cache.new_values, cache.new_tails,
-                               counts, b)
+                    self._keep(streams, step, new_kv, counts)
+                    step_tails.append(self._step_tails(cache.new_tails, b, b))
                 guided, unguided = v.split(b)
             x = x + dt * ((1.0 + rate) * guided - rate * unguided)
             t = t + dt
             if step < STEPS - 1:
                 dt = t_span[step + 2] - t
+        # The tails change only once every step has run: a call that fails part way leaves
+        # each stream as it was (the keys and values it wrote lie past the stream's frames).
+        tails = torch.stack(step_tails) if step_tails else None
         out = []
         for i, (s, c, kept, fin) in enumerate(zip(streams, counts, commits, final, strict=True)):
             skip = max(s.prompt_mel.size(0), s.emitted) - s.frames
             out.append(x[i, skip:c].T.float())
+            if tails is not None:
+                s.tails = tails[:, :, :, i].clone()
             s.emitted = s.frames + c
             s.frames += kept
             s.done_tokens += kept // self.cfg.token_mel_ratio

@@ -10,10 +10,10 @@ the new frames' velocity, keys, values and convolution tails.
 
 The graph is per step, not per chunk: the earlier keys and values of one step are a tenth of a
 request's state (1.8 MB per frame for all ten steps, released model, bf16), so a bucket's buffer
-is 16 rows x 768 frames x 0.18 MB = 2.2 GB at the largest size instead of ten times that. The
-buffers of the earlier frames are shared by every bucket, as views of one allocation: replays
-never overlap, and each step's outputs are copied into the requests' states before the next.
-Nothing is captured while serving.
+is 64 rows x 832 frames x 0.18 MB = 9.6 GB at the largest size (the engine's rows are powers of
+two up to its `max_audio_rows`) instead of ten times that. The buffers of the earlier frames are
+shared by every bucket, as views of one allocation: replays never overlap, and each step's
+outputs are copied into the requests' states before the next. Nothing is captured while serving.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class DiTStep:
-    """A step's outputs for the rows of a call: velocity [2R, N, mel] and, per layer, keys and
-    values [2R, heads, N, dim_head], and both position convolutions' tails [2R, dim, 30]."""
+    """A step's outputs for the rows of a call: velocity [2R, N, mel], the new frames' keys and
+    values [layers, 2 (k, v), 2 (guided, unguided), R, heads, N, dim_head] (a view of the shared
+    buffer, which the graph writes: no bucket holds memory of its own for them), and both
+    position convolutions' tails [2R, dim, 30]."""
 
     velocity: torch.Tensor
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    kv: torch.Tensor
     tails: list[torch.Tensor]
 
 
@@ -106,13 +107,12 @@ class DiTStepGraphs:
 
     def _run(self, bucket: _Bucket) -> DiTStep:
         kv = bucket.past_kv.flatten(2, 3)  # [layers, 2, 2R, heads, past + frames, dim_head]
-        keys = list(kv[:, 0]) if bucket.past else None
-        values = list(kv[:, 1]) if bucket.past else None
         tails = bucket.tails.flatten(1, 2)
-        cache = StepCache(bucket.past_len, keys, values, [tails[0], tails[1]], bucket.commit)
+        cache = StepCache(bucket.past_len, list(kv[:, 0]), list(kv[:, 1]), [tails[0], tails[1]],
+                          bucket.commit)
         velocity = self.estimator(bucket.x, bucket.mu, bucket.cond, bucket.spks, bucket.t,
                                   bucket.lengths, cache, True)
-        return DiTStep(velocity, cache.new_keys, cache.new_values, cache.new_tails)
+        return DiTStep(velocity, bucket.past_kv[..., bucket.past:, :], cache.new_tails)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -160,8 +160,7 @@ class DiTStepGraphs:
         bucket.spks[:b].copy_(spks)
         for i, stream in enumerate(streams):
             bucket.tails[:, :, i].copy_(stream.tails[step])
-            if bucket.past and stream.frames:
-                bucket.past_kv[:, :, :, i, :, : stream.frames].copy_(
-                    stream.kv[step, :, :, :, :, : stream.frames])
+            if bucket.past:
+                stream.copy_past(step, bucket.past_kv[:, :, :, i])
         output: DiTStep = replay(bucket, self._run)
         return output

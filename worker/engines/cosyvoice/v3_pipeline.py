@@ -12,6 +12,7 @@ positions), so a request's audio depends on its tokens alone.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,10 +70,21 @@ class V3AudioStage:
     def run(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]:
         """Audio for every chunk (float32, in order), or the exception that chunk alone raised.
 
-        A failure of the batched call is retried chunk by chunk (a refused call changes no
-        request's state), so one bad chunk fails alone.
+        A failure of the batched call is retried chunk by chunk, so one bad chunk fails alone;
+        a call that fails, at any point, leaves every request's state as it was.
         """
         return each_fails_alone(self._speak, chunks)
+
+    def _advance(self, chunks: list[Chunk], utts: list[V3Utterance]) -> list[torch.Tensor]:
+        streams = [u.flow_stream for u in utts]
+        given = [s.tokens.numel() - u.flow_prompt_tokens.size(1) for s, u in
+                 zip(streams, utts, strict=True) if s is not None]
+        new_tokens = [torch.tensor(c.tokens[g:], dtype=torch.long)
+                      for c, g in zip(chunks, given, strict=True)]
+        finals = [c.finalize for c in chunks]
+        mels = self.flow.advance([s for s in streams if s is not None], new_tokens, finals)
+        vocoders = [u.hift_stream for u in utts if u.hift_stream is not None]
+        return v3_hift_stream.advance(self.hift, vocoders, mels, finals, self.noise)
 
     def _speak(self, chunks: list[Chunk]) -> list[np.ndarray]:
         utts = []
@@ -88,15 +100,15 @@ class V3AudioStage:
                 utt.hift_stream = HiFTStream.new(self.hift.cfg.in_channels, harmonics,
                                                  self.device)
             utts.append(utt)
-        streams = [u.flow_stream for u in utts]
-        given = [s.tokens.numel() - u.flow_prompt_tokens.size(1) for s, u in
-                 zip(streams, utts, strict=True) if s is not None]
-        new_tokens = [torch.tensor(c.tokens[g:], dtype=torch.long)
-                      for c, g in zip(chunks, given, strict=True)]
-        finals = [c.finalize for c in chunks]
-        mels = self.flow.advance([s for s in streams if s is not None], new_tokens, finals)
-        vocoders = [u.hift_stream for u in utts if u.hift_stream is not None]
-        audio = v3_hift_stream.advance(self.hift, vocoders, mels, finals, self.noise)
+        # Both stages replace what they change in a state rather than writing into it (the flow
+        # writes keys and values only past a stream's frames), so shallow copies restore them.
+        saved = [(copy.copy(u.flow_stream), copy.copy(u.hift_stream)) for u in utts]
+        try:
+            audio = self._advance(chunks, utts)
+        except BaseException:
+            for utt, (flow_stream, hift_stream) in zip(utts, saved, strict=True):
+                utt.flow_stream, utt.hift_stream = flow_stream, hift_stream
+            raise
         out = []
         for chunk, utt, samples in zip(chunks, utts, audio, strict=True):
             utt.offset = chunk.end
