@@ -157,15 +157,15 @@ class DiTBlock(nn.Module):
     ) -> torch.Tensor:
         mod = self.attn_norm.linear(F.silu(t)).unsqueeze(1).chunk(6, dim=-1)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod
-        h = _norm(x) * (1 + scale_a) + shift_a
+        h = torch.addcmul(shift_a, _norm(x), 1 + scale_a)
         b, n, _ = x.shape
         cos, sin = rope
         rot = self.dim_head
         q, k, v = self.attn.to_q(h), self.attn.to_k(h), self.attn.to_v(h)
-        q = torch.cat([(q[..., :rot] * cos + _rotate_pairs(q[..., :rot]) * sin).to(q.dtype),
-                       q[..., rot:]], -1)
-        k = torch.cat([(k[..., :rot] * cos + _rotate_pairs(k[..., :rot]) * sin).to(k.dtype),
-                       k[..., rot:]], -1)
+        # Only the first `rot` channels turn: rotated where they are, the rest never copied.
+        for a in (q, k):
+            part = a[..., :rot]
+            a[..., :rot] = (part * cos + _rotate_pairs(part) * sin).to(a.dtype)
         q, k, v = (a.view(b, n, self.heads, self.dim_head).transpose(1, 2) for a in (q, k, v))
         if past is not None:
             keys, values = past
@@ -174,8 +174,8 @@ class DiTBlock(nn.Module):
             k, v = keys, values
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.attn.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
-        x = x + gate_a * out
-        return x + gate_f * self.ff(_norm(x) * (1 + scale_f) + shift_f)
+        x = torch.addcmul(x, gate_a, out)
+        return torch.addcmul(x, gate_f, self.ff(torch.addcmul(shift_f, _norm(x), 1 + scale_f)))
 
 
 class DiT(nn.Module):
@@ -232,4 +232,4 @@ class DiT(nn.Module):
                 cache.keys[i], cache.values[i])
             h = block(h, temb, rope, mask, kv, cache)
         scale, shift = self.norm_out.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
-        return self.proj_out(_norm(h) * (1 + scale) + shift)
+        return self.proj_out(torch.addcmul(shift, _norm(h), 1 + scale))
