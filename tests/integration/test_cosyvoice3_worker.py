@@ -256,9 +256,7 @@ def test_capacity_counts_a_streams_flow_keys_and_values(
     assert isinstance(llm, CosyVoice3LM)
     # 15 s of flow state (750 frames) held in whole pages of 256 frames: 768
     cost = SlotPool.row_bytes(llm.backbone, engine.max_positions) + 768 * per_frame
-    total = 10**9
-    free = int(engine.working_share * total) + 3 * cost + 1000  # 3 streams, the share kept
-    assert engine.working_share == 0.25
+    free, total = 15 * 10**7 + 3 * cost + 1000, 10**9  # 3 streams once 15% is kept back
     monkeypatch.setattr("torch.cuda.mem_get_info", lambda device=None: (free, total))
     config = check_v3_model_dir(engine.model_dir)
     assert engine._streams_that_fit(llm, audio.flow, config) == 3
@@ -282,8 +280,7 @@ async def test_capacity_is_lowered_where_warm_up_left_too_little_memory(
     flow_state = 768 * per_frame  # 15 s in whole pages; the KV rows are already allocated
     total = 10**12
     monkeypatch.setattr("torch.cuda.mem_get_info",
-                        lambda device=None: (int(built.working_share * total) + flow_state
-                                             + 10, total))
+                        lambda device=None: (15 * 10**10 + flow_state + 10, total))
     monkeypatch.setattr("torch.cuda.memory_reserved", lambda device=None: 5 * flow_state)
     monkeypatch.setattr("torch.cuda.memory_allocated", lambda device=None: 4 * flow_state)
     built._fit_streams_after_warm_up(scheduler)

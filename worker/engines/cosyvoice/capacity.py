@@ -40,11 +40,10 @@ class StreamCost:
         return self.kv_row_bytes + frames * self.frame_quantum * self.flow_frame_bytes
 
 
-def streams_that_fit(free_bytes: int, total_bytes: int, cost: StreamCost, limit: int,
-                     working_share: float = WORKING_SHARE) -> int:
+def streams_that_fit(free_bytes: int, total_bytes: int, cost: StreamCost, limit: int) -> int:
     """Streams whose KV rows and budgeted flow states fit in `free_bytes`, leaving the working
     share of `total_bytes`; at least 1 and at most `limit`."""
-    usable = free_bytes - working_share * total_bytes
+    usable = free_bytes - WORKING_SHARE * total_bytes
     return max(1, min(limit, int(usable // cost.bytes())))
 
 

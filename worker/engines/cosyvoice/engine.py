@@ -37,7 +37,6 @@ from worker.engines.cosyvoice.batch_decode import (
 )
 from worker.engines.cosyvoice.capacity import (
     STREAM_BUDGET_S,
-    WORKING_SHARE,
     StreamCost,
     flow_frame_bytes,
     prompt_cache_bytes,
@@ -112,8 +111,6 @@ class SpeechEngine:
 
     utterance_type: type[Utterance] = Utterance
     speed_range: tuple[float, float] = (0.5, 2.0)
-    working_share: float = WORKING_SHARE
-    """Share of the device kept for the working tensors of batched calls (`capacity`)."""
 
     def __init__(
         self,
@@ -224,7 +221,7 @@ class SpeechEngine:
         self._stream_cost, self._stream_reserve = cost, reserved_bytes
         free, total = torch.cuda.mem_get_info(self.device)
         free = max(0, free - prompt_cache_bytes(reserved_bytes, total))
-        streams = streams_that_fit(free, total, cost, self.max_streams, self.working_share)
+        streams = streams_that_fit(free, total, cost, self.max_streams)
         logger.info("Capacity %d streams: %.0f MB each (KV row and %.0f s of flow state), "
                     "%.1f of %.1f GiB free", streams, cost.bytes() / 1e6, STREAM_BUDGET_S,
                     free / 2**30, total / 2**30)
@@ -290,8 +287,7 @@ class SpeechEngine:
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         free = max(0, free - prompt_cache_bytes(self._stream_reserve, total))
         flow_states = replace(self._stream_cost, kv_row_bytes=0)
-        streams = streams_that_fit(free, total, flow_states, self.max_streams,
-                                   self.working_share)
+        streams = streams_that_fit(free, total, flow_states, self.max_streams)
         if streams < self.max_streams:
             logger.warning("Capacity lowered from %d to %d streams: %.1f GiB usable once warm",
                            self.max_streams, streams, free / 2**30)

@@ -46,9 +46,6 @@ class CosyVoice3Engine(SpeechEngine):
 
     utterance_type = V3Utterance
     speed_range = (1.0, 1.0)
-    # Measured on an H200 (bf16): 80 streams planned on 15% ran out of memory in 64-row calls,
-    # with the working tensors at about 15 GiB past the streams' own states.
-    working_share = 0.25
 
     def __init__(self, model_dir: str | Path, **options: Any) -> None:
         super().__init__(model_dir, **options)
