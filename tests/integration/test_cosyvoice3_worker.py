@@ -267,7 +267,8 @@ async def test_capacity_is_lowered_where_warm_up_left_too_little_memory(
 ) -> None:
     """Sized at load, the capacity is checked again once warm-up has allocated its graphs and
     buffers: streams whose flow states no longer fit are taken off what the engine states and
-    admits, and it serves on within the rest."""
+    admits, and it serves on within the rest. A request holds its place until all its audio is
+    spoken, not only while it decodes: its flow state lives that long."""
     built = create_engine("cosyvoice", model_dir=str(model_dir), max_streams=8)
     assert isinstance(built, CosyVoice3Engine)
     built.load()
@@ -289,6 +290,15 @@ async def test_capacity_is_lowered_where_warm_up_left_too_little_memory(
     built._fit_streams_after_warm_up(scheduler)
     assert built.max_streams == 2  # never raised past what load allocated rows for
     scheduler.limit_rows(1)
+    in_flight: list[int] = []  # after each admission: admitted jobs not yet all spoken
+    admit = scheduler._admit
+
+    def admit_and_count() -> Any:
+        admitted = admit()
+        in_flight.append(sum(j.admitted and j.live for j in scheduler._speaking))
+        return admitted
+
+    monkeypatch.setattr(scheduler, "_admit", admit_and_count)
     scheduler.start()
     try:
         async def speak(seed: int) -> np.ndarray:
@@ -299,5 +309,7 @@ async def test_capacity_is_lowered_where_warm_up_left_too_little_memory(
         spoken = await asyncio.gather(speak(1), speak(2))
         assert all(s.size > 0 and float(np.abs(s).max()) > 1e-4 for s in spoken)
         assert scheduler._free_slots == [0]
+        # a job decoded but still speaking keeps its place: the next waits for its audio
+        assert max(in_flight) == 1
     finally:
         scheduler.stop()

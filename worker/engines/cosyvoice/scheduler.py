@@ -81,6 +81,8 @@ class Job:
     speaking: int = 0
     """Index of the utterance the audio stage works on."""
     row: Row | None = None
+    admitted: bool = False
+    """Given a row once; it holds its audio stage's state until it is all spoken."""
     audio_s: float = 0.0
     first_audio_at: float | None = None
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
@@ -144,7 +146,8 @@ class Scheduler:
 
     @property
     def capacity(self) -> int:
-        """Requests decoded at once: the decoder's rows, or fewer (`limit_rows`)."""
+        """Requests served at once, decoding or still speaking: the decoder's rows, or fewer
+        (`limit_rows`)."""
         return self._rows
 
     def limit_rows(self, rows: int) -> None:
@@ -210,7 +213,8 @@ class Scheduler:
         with self._device_stream(high_priority=self.decode_priority):
             while True:
                 with self._lock:
-                    while not self._stopping and not self._waiting and not self._decoding:
+                    while not (self._stopping or self._decoding
+                               or (self._waiting and self._room() > 0)):
                         self._lock.wait()
                     if self._stopping:
                         return
@@ -237,12 +241,23 @@ class Scheduler:
         for job in [j for j in self._decoding if not j.live]:
             self._release(job)
 
+    def _room(self) -> int:
+        """Jobs that may be admitted now (under the lock): free rows, and no more than the
+        capacity in flight, counting the jobs whose rows are free but whose audio is not all
+        spoken (their audio stage's state is as large as a new job's will be)."""
+        in_flight = sum(1 for job in self._speaking if job.admitted and job.live)
+        return min(len(self._free_slots), self._rows - in_flight)
+
     def _admit(self) -> list[Job]:
-        """Move waiting jobs into free rows, within the prefill budget (under the lock)."""
+        """Move waiting jobs into free rows, within the room and the prefill budget (under the
+        lock)."""
         admitted: list[Job] = []
         budget = self.prefill_budget
-        while self._waiting and self._free_slots and (budget > 0 or not admitted):
+        room = self._room()
+        while self._waiting and room > 0 and (budget > 0 or not admitted):
+            room -= 1
             job = self._waiting.popleft()
+            job.admitted = True
             utt = job.utterances[0]
             budget -= len(utt.text_ids) + utt.llm_prompt_tokens.size(1) + 2
             job.row = Row(slot=self._free_slots.pop(0), seed=0, min_len=0, max_len=0)
