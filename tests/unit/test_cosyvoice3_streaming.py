@@ -278,7 +278,7 @@ def test_flow_state_size_is_what_it_claims(flow: CosyVoice3Flow) -> None:
     per_frame = 10 * dit.depth * 2 * 2 * dit.heads * dit.dim_head * 4
     assert stream.capacity >= stream.frames == 100  # prompt frames included
     assert stream.capacity % v3_flow.PAGE_FRAMES == 0
-    assert stream.nbytes() >= per_frame * stream.frames
+    assert stream.nbytes >= per_frame * stream.frames
 
 
 def test_rotary_phases_stay_exact_in_bfloat16(model_dir: Path) -> None:
@@ -298,3 +298,58 @@ def test_rotary_phases_stay_exact_in_bfloat16(model_dir: Path) -> None:
     reference = reference.repeat_interleave(2, dim=-1)
     torch.testing.assert_close(cos.double(), reference.cos(), atol=1e-4, rtol=0)
     torch.testing.assert_close(sin.double(), reference.sin(), atol=1e-4, rtol=0)
+
+
+def _stream(flow: CosyVoice3Flow, stream: FlowStream, req: Request) -> torch.Tensor:
+    chunks = _chunks(req)
+    return torch.cat([flow.advance([stream], [chunk], [k == len(chunks) - 1])[0]
+                      for k, chunk in enumerate(chunks)], dim=1)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("prompt_tokens", [28, 77])  # 50 and 100 frames, not 150
+def test_a_stream_seeded_from_its_prompts_prefix_streams_what_one_solving_it_does(
+    flow: CosyVoice3Flow, prompt_tokens: int, graphs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The frames of a prompt its look-ahead cannot reach, down to a chunk line, are solved
+    once; a stream started from them streams the frames of one that solves its whole prompt,
+    and so does the stream that solved them (with graph buckets too, run eagerly here)."""
+    if graphs:
+        monkeypatch.setattr(flow, "step_graphs", DiTStepGraphs(
+            flow.estimator, torch.device("cpu"), torch.float32, rows=(1, 2), frame_step=64))
+    gen = torch.Generator().manual_seed(prompt_tokens)
+    req = (torch.randint(0, 6561, (prompt_tokens,), generator=gen),
+           torch.randint(0, 6561, (90,), generator=gen),
+           torch.randn(2 * prompt_tokens, 80, generator=gen), torch.randn(192, generator=gen))
+    prompt, _, mel, emb = req
+    want = _stream(flow, flow.start(prompt, mel, emb), req)
+    solver = flow.start(prompt, mel, emb)
+    (prefix,) = flow.solve_prefixes([solver])
+    assert prefix is not None
+    chunk = flow.cfg.dit.static_chunk_size
+    assert prefix.frames == solver.frames == (prompt_tokens - LOOK) * 2 // chunk * chunk > 0
+    seeded = flow.start(prompt, mel, emb)
+    flow.seed(seeded, prefix)
+    for stream in (solver, seeded):
+        got = _stream(flow, stream, req)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= FLOW_TOL
+    short = flow.start(prompt[:LOOK + 10], mel[: 2 * (LOOK + 10)], emb)
+    assert flow.solve_prefixes([short]) == [None]  # 20 free frames: no chunk line reached
+    assert short.frames == 0
+
+
+def test_bucket_shapes_for_first_later_and_prefixed_chunks(flow: CosyVoice3Flow) -> None:
+    graphs = DiTStepGraphs(flow.estimator, torch.device("cpu"), torch.float32, rows=(1, 2, 4))
+
+    def shape(rows: int, frames: int, past: int) -> tuple[int, int, int] | None:
+        bucket = graphs.bucket_for(rows, frames, past)
+        return None if bucket is None else (bucket.rows, bucket.frames, bucket.past)
+
+    assert shape(3, 206, 0) == (4, 256, 0)  # a first chunk with its whole prompt
+    assert shape(3, 106, 100) == (4, 128, 128)  # a first chunk after its prompt's prefix
+    assert shape(1, 50, 700) == (1, 64, 768)  # a later chunk
+    assert shape(2, 150, 200) == (2, 256, 256)
+    assert shape(3, 300, 100) is None  # more new frames than any prefixed bucket
+    assert shape(3, 100, 300) is None  # a prefix longer than any bucket's
+    assert shape(5, 50, 100) is None  # more rows than the largest bucket

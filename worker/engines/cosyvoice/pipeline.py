@@ -107,7 +107,7 @@ class AudioStage:
         """Set (and captured) by the engine on a GPU: the vocoder as graphs for the chunk
         shapes streaming repeats (`streamed_shapes`)."""
         self.window = torch.from_numpy(np.hamming(2 * self.source_cache_len).astype(np.float32))
-        self.prompt_states = PromptStates(prompt_state_bytes)
+        self.prompt_states: PromptStates[FlowState] = PromptStates(prompt_state_bytes)
         """First chunks start from their prompt's state, kept per prompt (`prompt_states.py`);
         a budget of 0 solves every prompt with its first chunk."""
 

@@ -13,10 +13,17 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
-from worker.engines.cosyvoice.flow_state import FlowState
+
+class PromptState(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+S = TypeVar("S", bound=PromptState)
 
 
 def prompt_key(prompt_tokens: torch.Tensor, prompt_mel: torch.Tensor,
@@ -30,12 +37,13 @@ def prompt_key(prompt_tokens: torch.Tensor, prompt_mel: torch.Tensor,
     return digest.hexdigest()
 
 
-class PromptStates:
-    """Prompt states by `prompt_key`, within `max_bytes` (0 keeps none)."""
+class PromptStates(Generic[S]):
+    """Prompt states by `prompt_key`, within `max_bytes` (0 keeps none): CosyVoice2's
+    `FlowState`, CosyVoice3's `PromptPrefix`."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._states: OrderedDict[str, FlowState] = OrderedDict()
+        self._states: OrderedDict[str, S] = OrderedDict()
         self._bytes = 0
         self.computed = 0
         """Prompts computed so far (tests and benchmarks)."""
@@ -45,7 +53,7 @@ class PromptStates:
         return self._bytes
 
     def get(self, keys: list[str],
-            compute: Callable[[list[int]], list[FlowState | None]]) -> list[FlowState | None]:
+            compute: Callable[[list[int]], list[S | None]]) -> list[S | None]:
         """The state of each key; those not kept are computed together by `compute` (given
         their positions in `keys`, one per distinct key) and kept if they fit (a prompt with no
         state, too short to hold one, is cheap to ask again and is not kept)."""
@@ -61,11 +69,11 @@ class PromptStates:
                 self._keep(key, state)
         return found
 
-    def _touch(self, key: str) -> FlowState:
+    def _touch(self, key: str) -> S:
         self._states.move_to_end(key)
         return self._states[key]
 
-    def _keep(self, key: str, state: FlowState) -> None:
+    def _keep(self, key: str, state: S) -> None:
         if state.nbytes > self.max_bytes:
             return
         while self._states and self._bytes + state.nbytes > self.max_bytes:

@@ -90,6 +90,7 @@ class FlowStream:
     """Frames returned so far (prompt included), at or past `frames`."""
     finished: bool = False
 
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.pages, self.tails))
 
@@ -121,6 +122,23 @@ class FlowStream:
             take = min(n - done, PAGE_FRAMES - offset)
             self.pages[page][step, ..., offset: offset + take, :] = new[..., done: done + take, :]
             done += take
+
+
+@dataclass(eq=False)
+class PromptPrefix:
+    """A prompt's flow state over its first `frames` frames, up to the last chunk line its
+    look-ahead cannot reach: every request with that prompt computes it first, the same.
+    `kv` [steps, layers, 2 (k, v), 2 (guided, unguided), heads, frames, dim_head] and `tails`
+    [steps, 2 convs, 2, dim, 30] as a stream holds them."""
+
+    frames: int
+    kv: torch.Tensor
+    tails: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size() + \
+            self.tails.numel() * self.tails.element_size()
 
 
 class CosyVoice3Flow(nn.Module):
@@ -156,6 +174,47 @@ class CosyVoice3Flow(nn.Module):
         tails = w.new_zeros(STEPS, 2, 2, dit.dim, POS_KERNEL - 1)
         return FlowStream(prompt_tokens.long().to(w.device).view(-1), prompt_mel.to(w),
                           speaker[0], 0, 0, page_shape, tails)
+
+    def prefix_frames(self, prompt_tokens: int) -> int:
+        """Frames of a prompt of this many tokens that depend on the prompt alone: those of its
+        tokens before the last `pre_lookahead_len` (whose features read the request's first
+        tokens), down to a chunk line (a frame sees every frame up to its chunk's end)."""
+        chunk = self.cfg.dit.static_chunk_size
+        free = (prompt_tokens - self.cfg.pre_lookahead_len) * self.cfg.token_mel_ratio
+        return max(0, free // chunk * chunk)
+
+    @torch.inference_mode()
+    def solve_prefixes(self, streams: list[FlowStream]) -> list[PromptPrefix | None]:
+        """Advance new streams over their prompts' prefixes (`prefix_frames`), in one batch,
+        and return each prefix's state (None where the prompt is too short to have one)."""
+        if any(s.frames for s in streams):
+            raise ValueError("a prompt's prefix is solved on a new stream")
+        ratio = self.cfg.token_mel_ratio
+        ends = [self.prefix_frames(s.tokens.numel()) for s in streams]
+        rows = [i for i, end in enumerate(ends) if end > 0]
+        if rows:
+            self._solve([streams[i] for i in rows],
+                        [self._features(streams[i], ends[i] // ratio, False) for i in rows],
+                        [False] * len(rows), True)
+        prefixes: list[PromptPrefix | None] = [None] * len(streams)
+        for i in rows:
+            s = streams[i]
+            kv = s.tails.new_empty(*s.page_shape[:5], s.frames, s.page_shape[6])
+            for step in range(STEPS):
+                s.copy_past(step, kv[step])
+            prefixes[i] = PromptPrefix(s.frames, kv, s.tails.clone())
+        return prefixes
+
+    def seed(self, stream: FlowStream, prefix: PromptPrefix) -> None:
+        """Start a new stream from its prompt's prefix, as if it had solved it itself."""
+        if stream.frames:
+            raise ValueError("a prompt's prefix seeds a new stream")
+        stream.reserve(prefix.frames)
+        for step in range(STEPS):
+            stream.write(step, prefix.kv[step])
+        stream.tails = prefix.tails.clone()
+        stream.frames = stream.emitted = prefix.frames
+        stream.done_tokens = prefix.frames // self.cfg.token_mel_ratio
 
     def _features(self, stream: FlowStream, end: int, final: bool) -> torch.Tensor:
         """Token features of tokens [done, end) as mel-rate rows [ratio * (end - done), 80]."""

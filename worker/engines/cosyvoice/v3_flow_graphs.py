@@ -66,13 +66,16 @@ class _Bucket:
 
 class DiTStepGraphs:
     """Graphs of one estimator step for batches of `rows` sizes: first chunks (no earlier
-    frames, up to `first_frames` new ones in `frame_step` steps) and later chunks (up to
-    `later_frames` new frames after up to `max_past` earlier ones, in `frame_step` steps)."""
+    frames, up to `first_frames` new ones in `frame_step` steps), first chunks after a prompt's
+    prefix (more than `later_frames` and up to `prefixed_frames` new frames after up to
+    `max_prefix` earlier ones) and later chunks (up to `later_frames` new frames after up to
+    `max_past` earlier ones), in `frame_step` steps."""
 
     def __init__(
         self, estimator: DiT, device: torch.device, dtype: torch.dtype,
         rows: tuple[int, ...] = (1, 2, 4, 8, 16), frame_step: int = 128,
         first_frames: int = 512, later_frames: int = 64, max_past: int = 768,
+        prefixed_frames: int = 256, max_prefix: int = 256,
     ) -> None:
         self.estimator = estimator
         self.rows = tuple(sorted(rows))
@@ -84,6 +87,9 @@ class DiTStepGraphs:
                  for f in range(frame_step, first_frames + 1, frame_step)]
         sizes += [(r, later_frames, p) for r in self.rows
                   for p in range(frame_step, max_past + 1, frame_step)]
+        sizes += [(r, f, p) for r in self.rows
+                  for f in range(frame_step, prefixed_frames + 1, frame_step) if f > later_frames
+                  for p in range(frame_step, max_prefix + 1, frame_step)]
         widest = max(r * (p + f) for r, f, p in sizes)
         past_kv = torch.zeros(layers * 2 * 2 * widest * heads * dim_head, device=device,
                               dtype=dtype)
@@ -121,10 +127,12 @@ class DiTStepGraphs:
         capture_all(self._buckets.values(), self._run, device)
 
     def bucket_for(self, rows: int, frames: int, past: int) -> _Bucket | None:
-        p = -(-past // self.frame_step) * self.frame_step
+        step = self.frame_step
+        p = -(-past // step) * step
         r = next((r for r in self.rows if r >= rows), None)
-        f = self.later_frames if p > 0 else -(-frames // self.frame_step) * self.frame_step
-        return self._buckets.get((r, f, p)) if r is not None and frames <= f else None
+        later = p > 0 and frames <= self.later_frames
+        f = self.later_frames if later else -(-frames // step) * step
+        return self._buckets.get((r, f, p)) if r is not None else None
 
     def usable_bucket(self, rows: int, frames: int, past: int, on_cuda: bool
                       ) -> _Bucket | None:

@@ -4,10 +4,11 @@ The scheduler treats it as it treats CosyVoice2's `AudioStage`: `next_chunk` say
 utterance has a chunk ready, `run` turns the chunks of many utterances into audio at once, and
 `finished` says when an utterance is all spoken. Both stages here are incremental from the start:
 each utterance keeps its flow state (per-step keys and values, convolution tails) and its
-vocoder state, so a chunk costs its own frames. Silent tokens beyond five in a row are dropped
-on their way to the flow, as upstream does; the LLM itself saw them all. Both noises are fixed
-(the flow's drawn with seed 0, the vocoder's a buffer indexed by each request's own sample
-positions), so a request's audio depends on its tokens alone.
+vocoder state, so a chunk costs its own frames, and a new stream starts from its prompt's
+prefix, solved once per prompt and kept (`prompt_states`). Silent tokens beyond five in a row
+are dropped on their way to the flow, as upstream does; the LLM itself saw them all. Both
+noises are fixed (the flow's drawn with seed 0, the vocoder's a buffer indexed by each request's
+own sample positions), so a request's audio depends on its tokens alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from worker.engines.cosyvoice import v3_hift_stream
 from worker.engines.cosyvoice.batching import each_fails_alone
 from worker.engines.cosyvoice.pipeline import Chunk, Utterance, next_chunk
-from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream
+from worker.engines.cosyvoice.prompt_states import PromptStates, prompt_key
+from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, PromptPrefix
 from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise
 from worker.engines.cosyvoice.v3_hift_stream import HiFTStream
 from worker.engines.cosyvoice.v3_llm import filter_silent
@@ -41,13 +43,16 @@ class V3Utterance(Utterance):
 
 class V3AudioStage:
     def __init__(self, flow: CosyVoice3Flow, hift: CausalHiFT, noise: HiFTNoise,
-                 device: torch.device) -> None:
+                 device: torch.device, prompt_state_bytes: int = 0) -> None:
         self.flow = flow
         self.hift = hift
         self.noise = noise
         self.device = device
         self.lookahead = flow.cfg.pre_lookahead_len
         self.sample_rate = hift.cfg.sampling_rate
+        self.prompt_states: PromptStates[PromptPrefix] = PromptStates(prompt_state_bytes)
+        """New streams start from their prompt's prefix (`CosyVoice3Flow.solve_prefixes`),
+        kept per prompt; a budget of 0 solves every prompt with its first chunk."""
 
     def _filter(self, utt: V3Utterance) -> None:
         new = utt.tokens[utt.filtered : len(utt.tokens)]
@@ -74,6 +79,25 @@ class V3AudioStage:
         a call that fails, at any point, leaves every request's state as it was.
         """
         return each_fails_alone(self._speak, chunks)
+
+    def _start_from_prefixes(self, utts: list[V3Utterance]) -> None:
+        """Streams not yet started take their prompt's prefix: kept, or solved now (once per
+        prompt in the call, by the first stream that needs it) and kept."""
+        fresh = [u for u in utts if u.flow_stream is not None and u.flow_stream.frames == 0]
+        if not fresh or self.prompt_states.max_bytes <= 0:
+            return
+        keys = [prompt_key(u.flow_prompt_tokens, u.prompt_mel, u.embedding) for u in fresh]
+        solved: set[int] = set()
+
+        def solve(positions: list[int]) -> list[PromptPrefix | None]:
+            solved.update(positions)
+            return self.flow.solve_prefixes([s for p in positions
+                                             if (s := fresh[p].flow_stream) is not None])
+
+        for i, prefix in enumerate(self.prompt_states.get(keys, solve)):
+            stream = fresh[i].flow_stream
+            if prefix is not None and i not in solved and stream is not None:
+                self.flow.seed(stream, prefix)
 
     def _advance(self, chunks: list[Chunk], utts: list[V3Utterance]) -> list[torch.Tensor]:
         streams = [u.flow_stream for u in utts]
@@ -104,6 +128,7 @@ class V3AudioStage:
         # writes keys and values only past a stream's frames), so shallow copies restore them.
         saved = [(copy.copy(u.flow_stream), copy.copy(u.hift_stream)) for u in utts]
         try:
+            self._start_from_prefixes(utts)
             audio = self._advance(chunks, utts)
         except BaseException:
             for utt, (flow_stream, hift_stream) in zip(utts, saved, strict=True):
