@@ -353,3 +353,44 @@ def test_bucket_shapes_for_first_later_and_prefixed_chunks(flow: CosyVoice3Flow)
     assert shape(3, 300, 100) is None  # more new frames than any prefixed bucket
     assert shape(3, 100, 300) is None  # a prefix longer than any bucket's
     assert shape(5, 50, 100) is None  # more rows than the largest bucket
+
+
+def test_a_seeded_first_chunk_is_solved_apart_from_later_chunks(flow: CosyVoice3Flow) -> None:
+    """A stream started from its prompt's prefix has earlier frames, yet its first chunk is
+    still solved apart from streams under way (padded with them, each would pay the other's
+    frames or history), and both get their solo frames."""
+    gen = torch.Generator().manual_seed(9)
+    reqs = [(torch.randint(0, 6561, (p,), generator=gen),
+             torch.randint(0, 6561, (90,), generator=gen),
+             torch.randn(2 * p, 80, generator=gen), torch.randn(192, generator=gen))
+            for p in (77, 40)]
+    want = [_stream(flow, flow.start(r[0], r[2], r[3]), r) for r in reqs]
+    under_way = flow.start(reqs[1][0], reqs[1][2], reqs[1][3])
+    chunks = _chunks(reqs[1])
+    got_later = [flow.advance([under_way], [c], [False])[0] for c in chunks[:2]]
+    seeded = flow.start(reqs[0][0], reqs[0][2], reqs[0][3])
+    (prefix,) = flow.solve_prefixes([flow.start(reqs[0][0], reqs[0][2], reqs[0][3])])
+    assert prefix is not None
+    flow.seed(seeded, prefix)
+    solves: list[list[int]] = []
+    solve = flow._solve
+
+    def recorded(streams: list[FlowStream], *args: Any) -> Any:
+        solves.append([s.frames for s in streams])
+        return solve(streams, *args)
+
+    flow._solve = recorded  # type: ignore[method-assign]
+    try:
+        first_chunks = _chunks(reqs[0])
+        together = flow.advance([seeded, under_way], [first_chunks[0], chunks[2]],
+                                [False, len(chunks) == 3])
+    finally:
+        del flow._solve
+    assert solves[0] == [prefix.frames]  # the seeded first chunk alone
+    assert [len(streams) for streams in solves] == [1, 1]
+    rest = [flow.advance([seeded], [c], [k == len(first_chunks) - 1])[0]
+            for k, c in enumerate(first_chunks[1:], start=1)]
+    got = torch.cat([together[0], *rest], dim=1)
+    assert (got - want[0]).abs().max() <= FLOW_TOL
+    later = torch.cat([*got_later, together[1]], dim=1)
+    assert (later - want[1][:, : later.size(1)]).abs().max() <= FLOW_TOL

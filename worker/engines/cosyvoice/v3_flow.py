@@ -285,14 +285,15 @@ class CosyVoice3Flow(nn.Module):
         excluded). A non-final call holds back the last `pre_lookahead_len` tokens as
         look-ahead; the frames it computes are those after the last grid line it kept.
 
-        First chunks (no earlier frames: the prompt and the chunk) and later chunks (a chunk
-        after many earlier frames) are solved apart: in one call every later chunk would be
-        padded to a first chunk's frames, and every first chunk to the longest history."""
+        First chunks (the prompt, or what its prefix left of it, and the chunk: nothing
+        returned yet) and later chunks (a chunk after many earlier frames) are solved apart: in
+        one call every later chunk would be padded to a first chunk's frames, and every first
+        chunk to the longest history."""
+        first = [i for i, s in enumerate(streams) if s.emitted <= s.prompt_mel.size(0)]
+        later = [i for i, s in enumerate(streams) if s.emitted > s.prompt_mel.size(0)]
         mus = [self._prepare(s, tok, fin, True)
                for s, tok, fin in zip(streams, new_tokens, final, strict=True)]
         mels: dict[int, torch.Tensor] = {}
-        first = [i for i, s in enumerate(streams) if s.frames == 0]
-        later = [i for i, s in enumerate(streams) if s.frames > 0]
         for group in (g for g in (first, later) if g):
             mels.update(zip(group, self._solve([streams[i] for i in group],
                                                [mus[i] for i in group],
