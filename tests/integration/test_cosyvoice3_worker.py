@@ -29,6 +29,7 @@ from worker.engines.cosyvoice.capacity import StreamCost
 from worker.engines.cosyvoice.config import ModelDirError
 from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.frontend import VoicePrompt
+from worker.engines.cosyvoice.scheduler import DONE
 from worker.engines.cosyvoice.v3_config import check_v3_model_dir
 from worker.engines.cosyvoice.v3_engine import CosyVoice3Engine
 from worker.engines.cosyvoice.v3_llm import CosyVoice3LM
@@ -303,9 +304,16 @@ async def test_capacity_is_lowered_where_warm_up_left_too_little_memory(
     scheduler.start()
     try:
         async def speak(seed: int) -> np.ndarray:
+            """The job's audio, read to its end without cancelling it: a job all spoken must
+            itself wake the decoding loop that waits for its place."""
             request = EngineRequest(text="Good morning.", voice="english_male", speed=1.0,
                                     seed=seed)
-            return np.concatenate([c async for c in built.stream(request)])
+            job = scheduler.submit(built.plan(request), None)
+            chunks = []
+            while (item := await asyncio.wait_for(job.queue.get(), 60)) is not DONE:
+                assert isinstance(item, np.ndarray)
+                chunks.append(item)
+            return np.concatenate(chunks)
 
         spoken = await asyncio.gather(speak(1), speak(2))
         assert all(s.size > 0 and float(np.abs(s).max()) > 1e-4 for s in spoken)

@@ -389,6 +389,7 @@ class Scheduler:
         if not job.finished:  # every utterance is decoded and spoken
             job.finished = True
             job.send(DONE)
+            self._lock.notify_all()  # its place is free: the decoding loop may admit another
         return None
 
     def _speak(self, ready: list[tuple[Job, Chunk]]) -> None:
