@@ -671,3 +671,44 @@ def test_bucketed_streamed_flow_gives_each_row_its_own_result(engine: CosyVoiceE
         flow.solver_graphs, flow.encoder_graphs = None, None
     assert any(used)
     assert any(encoded)
+
+
+@pytest.mark.parametrize("where", ["flow", "vocoder"])
+async def test_a_batched_call_that_fails_late_is_retried_row_by_row(
+    engine: CosyVoiceEngine, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A call of several chunks that fails late (as one too large for the GPU's memory would:
+    in the flow's last Euler steps, or in the vocoder once the flow has advanced every row) is
+    retried chunk by chunk, and every request gets its solo audio."""
+    scheduler = engine._require()[0]
+    requests = _requests(3)
+    alone = [await _run(scheduler, engine.plan(r)) for r in requests]
+    failed = []
+    audio = scheduler.audio
+    if where == "flow":
+        solver = audio.flow.solver
+        estimator = solver.estimator
+
+        def late_failing(x: torch.Tensor, *args: Any) -> torch.Tensor:
+            if x.size(0) > 2 and float(args[2][0]) > 0.5:
+                failed.append(x.size(0) // 2)
+                raise torch.OutOfMemoryError("too many rows")
+            return estimator(x, *args)
+
+        monkeypatch.setattr(solver, "estimator", late_failing)
+    else:
+        vocode = audio.hift.vocode
+
+        def failing_vocode(mel: torch.Tensor, *args: Any) -> Any:
+            spoken = vocode(mel, *args)
+            if mel.size(0) > 1:
+                failed.append(mel.size(0))
+                raise torch.OutOfMemoryError("too many rows")
+            return spoken
+
+        monkeypatch.setattr(audio.hift, "vocode", failing_vocode)
+    together = await asyncio.gather(*(_run(scheduler, engine.plan(r)) for r in requests))
+    assert failed, "no call held more than one chunk"
+    for spoken, solo in zip(together, alone, strict=True):
+        assert spoken.shape == solo.shape
+        np.testing.assert_allclose(spoken, solo, atol=AUDIO_TOLERANCE)

@@ -130,7 +130,8 @@ class AudioStage:
     def run(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]:
         """Audio for every chunk (float32, in order), or the exception that chunk alone raised.
 
-        A failure of the batched call is retried row by row, so one bad row fails alone.
+        A failure of a batched flow or vocoder call is retried row by row, so one bad row fails
+        alone (a vocoder call changes a row's state only once it has its audio).
         """
         mels = each_fails_alone(self._mels, chunks)
         audio: list[np.ndarray | Exception] = list(mels)  # type: ignore[arg-type]
@@ -147,12 +148,11 @@ class AudioStage:
                 mel = torch.cat([utt.mel_cache, mel], dim=1)
             prepared[i] = mel
             groups[(mel.size(1), utt.source_cache is not None)].append(i)
+        def vocode(members: list[int]) -> list[np.ndarray | Exception]:
+            return self._vocode([chunks[i] for i in members], [prepared[i] for i in members])
+
         for members in groups.values():
-            try:
-                outputs = self._vocode([chunks[i] for i in members], [prepared[i] for i in members])
-            except Exception as e:
-                outputs = [e] * len(members)
-            for i, out in zip(members, outputs, strict=True):
+            for i, out in zip(members, each_fails_alone(vocode, members), strict=True):
                 audio[i] = out
         return audio
 
