@@ -40,8 +40,8 @@ PAGE_FRAMES = 256
 """Frames of a stream's keys and values per page (0.46 GB on the released model, bf16). States
 grow a page at a time and every page is the same size, so the caching allocator hands a
 finished stream's pages to the next as they are: states that grew by reallocation, each to its
-own size, copied everything at each growth and left blocks of every size behind (18 GB reserved
-but unusable at 64 streams on an H200, and out of memory)."""
+own size, copied everything at each growth and left blocks of every size behind (13-18 GB
+reserved but unusable when 64-80 streams ran out of memory on an H200; 3.5 GB in pages)."""
 
 
 def fixed_noise(channels: int = 80, frames: int = NOISE_FRAMES) -> torch.Tensor:
