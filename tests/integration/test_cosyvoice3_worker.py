@@ -25,7 +25,7 @@ from tests.support.audio import decode
 from tests.support.processes import RunningProcess, free_port, python_service
 from worker.engines import create_engine
 from worker.engines.base import EngineRequest
-from worker.engines.cosyvoice.capacity import StreamCost
+from worker.engines.cosyvoice.capacity import StreamCost, prompt_cache_bytes
 from worker.engines.cosyvoice.config import ModelDirError
 from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.frontend import VoicePrompt
@@ -282,8 +282,9 @@ async def test_capacity_is_lowered_where_warm_up_left_too_little_memory(
                                     frames_per_second=50, frame_quantum=256)
     flow_state = 768 * per_frame  # 15 s in whole pages; the KV rows are already allocated
     total = 10**12
+    kept_back = 15 * 10**10 + prompt_cache_bytes(built.prompt_cache_bytes, total)  # 15%, cache
     monkeypatch.setattr("torch.cuda.mem_get_info",
-                        lambda device=None: (15 * 10**10 + flow_state + 10, total))
+                        lambda device=None: (kept_back + flow_state + 10, total))
     monkeypatch.setattr("torch.cuda.memory_reserved", lambda device=None: 5 * flow_state)
     monkeypatch.setattr("torch.cuda.memory_allocated", lambda device=None: 4 * flow_state)
     built._fit_streams_after_warm_up(scheduler)

@@ -170,7 +170,6 @@ class SpeechEngine:
         self.prompt_cache_bytes = prompt_cache_mb * 2**20
         self._stream_cost: StreamCost | None = None
         """What a stream costs, when the capacity was sized to the device's memory."""
-        self._stream_reserve = 0
         self._scheduler: Scheduler | None = None
         self._audio: AudioStages | None = None
         self._llm: PromptedModel | None = None
@@ -207,25 +206,31 @@ class SpeechEngine:
         self._version = content_version(self.model_dir, files)
 
     def _streams_in_memory(self, llm: SpeechModel, frame_bytes: int, frames_per_second: int,
-                           reserved_bytes: int = 0, frame_quantum: int = 1) -> int:
+                           frame_quantum: int = 1) -> int:
         """`DEFAULT_STREAMS` on this device, or fewer when their memory would not fit: each
         stream's KV row and `STREAM_BUDGET_S` of flow state at `frame_bytes` per mel frame
         (allocated `frame_quantum` frames at a time), in what is free less the prompt cache's
-        `reserved_bytes` (`prompt_cache_bytes`)."""
+        budget (`prompt_cache_bytes`)."""
         cost = StreamCost(
             kv_row_bytes=SlotPool.row_bytes(llm.backbone, self.max_positions),
             flow_frame_bytes=frame_bytes,
             frames_per_second=frames_per_second,
             frame_quantum=frame_quantum,
         )
-        self._stream_cost, self._stream_reserve = cost, reserved_bytes
+        self._stream_cost = cost
         free, total = torch.cuda.mem_get_info(self.device)
-        free = max(0, free - prompt_cache_bytes(reserved_bytes, total))
+        free = max(0, free - prompt_cache_bytes(self.prompt_cache_bytes, total))
         streams = streams_that_fit(free, total, cost, self.max_streams)
         logger.info("Capacity %d streams: %.0f MB each (KV row and %.0f s of flow state), "
                     "%.1f of %.1f GiB free", streams, cost.bytes() / 1e6, STREAM_BUDGET_S,
                     free / 2**30, total / 2**30)
         return streams
+
+    def _bound_prompt_cache(self) -> None:
+        """On a GPU, the prompt cache's budget within its share of the device."""
+        if self.device.type == "cuda":
+            total = torch.cuda.mem_get_info(self.device)[1]
+            self.prompt_cache_bytes = prompt_cache_bytes(self.prompt_cache_bytes, total)
 
     @staticmethod
     def _read_speakers(path: Path) -> dict[str, torch.Tensor]:
@@ -285,7 +290,7 @@ class SpeechEngine:
         assert self._stream_cost is not None
         free, total = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        free = max(0, free - prompt_cache_bytes(self._stream_reserve, total))
+        free = max(0, free - prompt_cache_bytes(self.prompt_cache_bytes, total))
         flow_states = replace(self._stream_cost, kv_row_bytes=0)
         streams = streams_that_fit(free, total, flow_states, self.max_streams)
         if streams < self.max_streams:
@@ -514,9 +519,7 @@ class CosyVoiceEngine(SpeechEngine):
                 rows=tuple(buckets(self.encoder_graph_rows)))
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
-        if self.device.type == "cuda":
-            total = torch.cuda.mem_get_info(self.device)[1]
-            self.prompt_cache_bytes = prompt_cache_bytes(self.prompt_cache_bytes, total)
+        self._bound_prompt_cache()
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps,
                            prompt_state_bytes=self.prompt_cache_bytes)
         if self.vocoder_graphs and self.cuda_graph and self.device.type == "cuda":
@@ -530,8 +533,7 @@ class CosyVoiceEngine(SpeechEngine):
                                        estimator.cfg.channels[0],
                                        torch.finfo(self.dtype).bits // 8)
         return self._streams_in_memory(llm, frame_bytes,
-                                       config.mel.sampling_rate // config.mel.hop_size,
-                                       reserved_bytes=self.prompt_cache_bytes)
+                                       config.mel.sampling_rate // config.mel.hop_size)
 
     def _capture_graphs(self) -> None:
         """The flow's solver and encoder graphs and the vocoder's; a capture that fails leaves

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from worker.engines.cosyvoice.batch_decode import buckets
-from worker.engines.cosyvoice.capacity import prompt_cache_bytes
 from worker.engines.cosyvoice.engine import SPEAKERS_FILE, SpeechEngine
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend
 from worker.engines.cosyvoice.graphs import attention_without_cudnn
@@ -89,9 +88,7 @@ class CosyVoice3Engine(SpeechEngine):
                                              rows=tuple(buckets(self.max_audio_rows)))
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
-        if self.device.type == "cuda":
-            total = torch.cuda.mem_get_info(self.device)[1]
-            self.prompt_cache_bytes = prompt_cache_bytes(self.prompt_cache_bytes, total)
+        self._bound_prompt_cache()
         audio = V3AudioStage(flow, hift, self._vocoder_noise(config), self.device,
                              prompt_state_bytes=self.prompt_cache_bytes)
         files = REQUIRED_FILES + ((SPEAKERS_FILE,) if self._speakers else ())
@@ -118,7 +115,6 @@ class CosyVoice3Engine(SpeechEngine):
         (`_flow_frame_bytes` per mel frame) would not fit."""
         return self._streams_in_memory(llm, self._flow_frame_bytes(flow),
                                        config.mel.sampling_rate // config.mel.hop_size,
-                                       reserved_bytes=self.prompt_cache_bytes,
                                        frame_quantum=PAGE_FRAMES)
 
     @staticmethod
