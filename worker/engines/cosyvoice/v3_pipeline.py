@@ -83,20 +83,19 @@ class V3AudioStage:
     def _start_from_prefixes(self, utts: list[V3Utterance]) -> None:
         """Streams not yet started take their prompt's prefix: kept, or solved now (once per
         prompt in the call, by the first stream that needs it) and kept."""
-        fresh = [u for u in utts if u.flow_stream is not None and u.flow_stream.frames == 0]
+        fresh = [(u, s) for u in utts if (s := u.flow_stream) is not None and s.frames == 0]
         if not fresh or self.prompt_states.max_bytes <= 0:
             return
-        keys = [prompt_key(u.flow_prompt_tokens, u.prompt_mel, u.embedding) for u in fresh]
+        keys = [prompt_key(u.flow_prompt_tokens, u.prompt_mel, u.embedding) for u, _ in fresh]
         solved: set[int] = set()
 
         def solve(positions: list[int]) -> list[PromptPrefix | None]:
             solved.update(positions)
-            return self.flow.solve_prefixes([s for p in positions
-                                             if (s := fresh[p].flow_stream) is not None])
+            return self.flow.solve_prefixes([fresh[p][1] for p in positions])
 
-        for i, prefix in enumerate(self.prompt_states.get(keys, solve)):
-            stream = fresh[i].flow_stream
-            if prefix is not None and i not in solved and stream is not None:
+        for i, ((_, stream), prefix) in enumerate(
+                zip(fresh, self.prompt_states.get(keys, solve), strict=True)):
+            if prefix is not None and i not in solved:
                 self.flow.seed(stream, prefix)
 
     def _advance(self, chunks: list[Chunk], utts: list[V3Utterance]) -> list[torch.Tensor]:
