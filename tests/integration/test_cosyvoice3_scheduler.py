@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from testbed.cosyvoice3_models import build_model_dir
+from tests.support.faults import out_of_memory_when_batched
 from worker.engines.cosyvoice import v3_pipeline
 from worker.engines.cosyvoice.batch_decode import BatchDecoder
 from worker.engines.cosyvoice.prompt_states import PromptStates
@@ -132,30 +133,16 @@ async def test_a_batched_call_that_fails_part_way_leaves_every_request_as_it_was
     audio = scheduler.audio
     assert isinstance(audio, V3AudioStage)
     alone = [await _speak(scheduler, _utterance(seed)) for seed in range(3)]
-    failed = []
-    if where == "flow":
+    failed: list[int] = []
+    if where == "flow":  # the estimator's arguments: x [2B, ...], mu, cond, spks, t [2B], ...
         estimator = audio.flow.estimator
-        original_forward = estimator.forward
-
-        def forward(x: torch.Tensor, *args: Any) -> torch.Tensor:
-            t = args[3]
-            if x.size(0) > 2 and float(t[0]) > 0.5:
-                failed.append(x.size(0) // 2)
-                raise torch.OutOfMemoryError("too many rows")
-            return original_forward(x, *args)
-
-        monkeypatch.setattr(estimator, "forward", forward)
+        monkeypatch.setattr(estimator, "forward", out_of_memory_when_batched(
+            estimator.forward, lambda x, *a: x.size(0) // 2 if float(a[3][0]) > 0.5 else 1,
+            failed))
     else:
-        original_advance = v3_pipeline.v3_hift_stream.advance
-
-        def advance(hift: Any, streams: list[Any], *args: Any) -> list[torch.Tensor]:
-            samples = original_advance(hift, streams, *args)
-            if len(streams) > 1:
-                failed.append(len(streams))
-                raise torch.OutOfMemoryError("too many rows")
-            return samples
-
-        monkeypatch.setattr(v3_pipeline.v3_hift_stream, "advance", advance)
+        monkeypatch.setattr(v3_pipeline.v3_hift_stream, "advance", out_of_memory_when_batched(
+            v3_pipeline.v3_hift_stream.advance, lambda hift, streams, *a: len(streams), failed,
+            after_running=True))
     together = await asyncio.gather(*(_speak(scheduler, _utterance(s)) for s in range(3)))
     assert failed, "no call held more than one chunk"
     for (tokens, spoken), (solo_tokens, solo_audio) in zip(together, alone, strict=True):

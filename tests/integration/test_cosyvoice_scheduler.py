@@ -16,6 +16,7 @@ import torch
 
 from contract.errors import ErrorCode, ServiceError
 from testbed.cosyvoice_models import build_model_dir
+from tests.support.faults import out_of_memory_when_batched
 from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
 from worker.engines.cosyvoice.config import check_model_dir
@@ -683,30 +684,16 @@ async def test_a_batched_call_that_fails_late_is_retried_row_by_row(
     scheduler = engine._require()[0]
     requests = _requests(3)
     alone = [await _run(scheduler, engine.plan(r)) for r in requests]
-    failed = []
+    failed: list[int] = []
     audio = scheduler.audio
-    if where == "flow":
+    if where == "flow":  # the estimator's arguments: x [2B, ...], mask, mu, t [2B], ...
         solver = audio.flow.solver
-        estimator = solver.estimator
-
-        def late_failing(x: torch.Tensor, *args: Any) -> torch.Tensor:
-            if x.size(0) > 2 and float(args[2][0]) > 0.5:
-                failed.append(x.size(0) // 2)
-                raise torch.OutOfMemoryError("too many rows")
-            return estimator(x, *args)
-
-        monkeypatch.setattr(solver, "estimator", late_failing)
+        monkeypatch.setattr(solver, "estimator", out_of_memory_when_batched(
+            solver.estimator, lambda x, *a: x.size(0) // 2 if float(a[2][0]) > 0.5 else 1,
+            failed))
     else:
-        vocode = audio.hift.vocode
-
-        def failing_vocode(mel: torch.Tensor, *args: Any) -> Any:
-            spoken = vocode(mel, *args)
-            if mel.size(0) > 1:
-                failed.append(mel.size(0))
-                raise torch.OutOfMemoryError("too many rows")
-            return spoken
-
-        monkeypatch.setattr(audio.hift, "vocode", failing_vocode)
+        monkeypatch.setattr(audio.hift, "vocode", out_of_memory_when_batched(
+            audio.hift.vocode, lambda mel, *a: mel.size(0), failed, after_running=True))
     together = await asyncio.gather(*(_run(scheduler, engine.plan(r)) for r in requests))
     assert failed, "no call held more than one chunk"
     for spoken, solo in zip(together, alone, strict=True):
