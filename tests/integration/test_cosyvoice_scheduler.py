@@ -26,7 +26,12 @@ from worker.engines.cosyvoice.flow import FlowRow
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
 from worker.engines.cosyvoice.hift import samples_per_frame
 from worker.engines.cosyvoice.hift_graphs import VocoderGraphs
-from worker.engines.cosyvoice.pipeline import MEL_CACHE_FRAMES, Utterance
+from worker.engines.cosyvoice.pipeline import (
+    MEL_CACHE_FRAMES,
+    TOKEN_HOP,
+    Utterance,
+    next_chunk,
+)
 from worker.engines.cosyvoice.scheduler import DONE, Scheduler
 from worker.logging_setup import RequestIdFilter, request_id_var
 
@@ -349,6 +354,31 @@ async def test_a_shorter_first_chunk_comes_first_and_the_rest_follows(
         CosyVoiceEngine(engine.model_dir, first_chunk_tokens=30)
 
 
+async def test_later_chunks_take_two_hops_once_the_listener_has_audio(
+    engine: CosyVoiceEngine,
+) -> None:
+    """By default a request's first two chunks are one hop of the grid each, as released, and
+    every later one two hops (one flow call, one vocoder call for twice the audio);
+    `later_chunk_hops=1` streams every later chunk one hop. The same length either way."""
+    tokens = 160  # a built-in speaker has no prompt: hops of 25, 25, 50, 50 and 10 left
+    engines = {hops: CosyVoiceEngine(engine.model_dir, max_streams=2, later_chunk_hops=hops,
+                                     fixed_speech_tokens=tokens) for hops in (1, 2)}
+    request = EngineRequest(text=TEXTS[1], voice="english_male", speed=1.0, seed=5)
+    chunks = {}
+    for hops, each in engines.items():
+        each.load()
+        chunks[hops] = [np.asarray(c) async for c in each.stream(request)]
+    audio = engine._require()[0].audio
+    hop = TOKEN_HOP * audio.ratio * samples_per_frame(audio.hift.cfg)
+    assert [len(c) for c in chunks[2][1:-1]] == [hop, 2 * hop, 2 * hop]
+    assert [len(c) for c in chunks[1][1:-1]] == [hop] * 5
+    assert sum(map(len, chunks[1])) == sum(map(len, chunks[2]))
+    for each in chunks.values():
+        assert float(np.abs(np.concatenate(each)).max()) > 1e-3
+    with pytest.raises(ValueError, match="later_chunk_hops"):
+        CosyVoiceEngine(engine.model_dir, later_chunk_hops=3)
+
+
 def test_batched_flow_rows_match_each_row_alone(engine: CosyVoiceEngine) -> None:
     flow = engine._require()[0].audio.flow
     gen = torch.Generator().manual_seed(5)
@@ -403,32 +433,34 @@ def test_bucketed_vocoder_gives_each_row_its_own_result(engine: CosyVoiceEngine,
 
 def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
                       first_chunk: int | None = None, joins: tuple[int, ...] = (),
-                      from_prompts: bool = False) -> float:
-    """Stream every utterance chunk by chunk (the engine's hops), all in one batch while they
-    last, utterance i joining at call `joins[i]` (default: all at the first), first chunks
+                      from_prompts: bool = False, later_hops: tuple[int, ...] = ()) -> float:
+    """Stream every utterance chunk by chunk (the engine's chunks, every token decoded, later
+    chunks of up to `later_hops[i]` hops; default one), all in one batch while they last,
+    utterance i joining at call `joins[i]` (default: all at the first), first chunks
     `from_prompts` states where they have one; return the largest difference from recomputing
     each chunk alone over everything so far."""
     look = flow.cfg.pre_lookahead_len
     for i, u in enumerate(utterances):
-        u.update(offset=0, state=None, done=False, joins=joins[i] if joins else 0)
+        u.update(offset=0, state=None, done=False, joins=joins[i] if joins else 0,
+                 later_hops=later_hops[i] if later_hops else 1)
     worst = 0.0
     call = 0
     while not all(u["done"] for u in utterances):
         live = [u for u in utterances if not u["done"] and u["joins"] <= call]
         call += 1
-        rows, hops = [], []
+        rows, ends = [], []
         for u in live:
-            hop = Utterance(
+            tokens = u["tokens"].tolist()
+            chunk = next_chunk(Utterance(
                 text_ids=[], tts_token_count=0, llm_prompt_tokens=u["prompt_tokens"][None],
                 flow_prompt_tokens=u["prompt_tokens"][None], prompt_mel=u["prompt_mel"][None],
                 embedding=u["embedding"][None], seed=0, first_chunk=first_chunk,
-                offset=u["offset"],
-            ).hop()
-            finalize = u["offset"] + hop + look > u["tokens"].numel()
-            upto = u["tokens"].numel() if finalize else u["offset"] + hop + look
-            rows.append(FlowRow(u["tokens"][:upto], u["prompt_tokens"], u["prompt_mel"],
-                                u["embedding"], finalize, True))
-            hops.append(hop)
+                later_hops=u["later_hops"], offset=u["offset"],
+            ), True, tokens, look)
+            assert chunk is not None
+            rows.append(FlowRow(u["tokens"][: len(chunk.tokens)], u["prompt_tokens"],
+                                u["prompt_mel"], u["embedding"], chunk.finalize, True))
+            ends.append(chunk.end)
         states = [u["state"] for u in live]
         if from_prompts:
             first = [i for i, u in enumerate(live) if u["offset"] == 0]
@@ -436,12 +468,12 @@ def _stream_alongside(flow: Any, utterances: list[dict[str, Any]],
                                 strict=True):
                 states[i] = state
         mels, states = flow.stream_batch(rows, states, emitted=[2 * u["offset"] for u in live])
-        for u, row, hop, mel, state in zip(live, rows, hops, mels, states, strict=True):
+        for u, row, end, mel, state in zip(live, rows, ends, mels, states, strict=True):
             alone = flow.mel_batch([row])[0][:, 2 * u["offset"] :]
             assert mel.shape == alone.shape
             difference = (mel - alone).abs().nan_to_num(nan=float("inf"))  # max() skips NaN
             worst = max(worst, difference.max().item())
-            u.update(state=state, offset=u["offset"] + hop, done=row.finalize)
+            u.update(state=state, offset=end, done=row.finalize)
     return worst
 
 
@@ -499,15 +531,48 @@ def test_first_chunks_from_their_prompts_state_stream_the_same_frames(
         torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
 
 
+def test_later_chunks_of_two_hops_stream_the_same_frames(engine: CosyVoiceEngine) -> None:
+    """Later chunks of two hops, beside streams of one (in one call on the graphs: the narrower
+    rows padded to the wider width), and after short first chunks or prompts' states: every
+    chunk equals the chunk recomputed alone."""
+    flow = engine._require()[0].audio.flow
+    shapes = ((9, 140), (0, 120), (30, 110), (60, 130))
+    hops = (2, 1, 2, 2)
+    assert _stream_alongside(flow, _utterances(16, shapes), later_hops=hops) < 1e-4
+    assert _stream_alongside(flow, _utterances(17, shapes), first_chunk=7,
+                             from_prompts=True, later_hops=hops) < 1e-4
+    graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
+                          rows=(1, 4), frame_step=64, max_frames=256, later_frames=(64, 128),
+                          wide_rows=(), max_past=384)
+    rows_new: list[list[int]] = []  # per call after earlier frames, each row's new frames
+    solve = graphs.solve
+
+    def recorded(noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor,
+                 spks: torch.Tensor, cond: torch.Tensor, bias: torch.Tensor, *args: Any) -> Any:
+        if bias.size(2) > noise.size(2):
+            rows_new.append([int(n) for n in mask.sum(dim=(1, 2))])
+        return solve(noise, mask, mu, spks, cond, bias, *args)
+
+    graphs.solve = recorded  # type: ignore[method-assign]
+    served = _count_calls(graphs, "solve")
+    flow.solver_graphs = graphs
+    try:
+        assert _stream_alongside(flow, _utterances(16, shapes), later_hops=hops) < 1e-4
+    finally:
+        flow.solver_graphs = None
+    assert all(served), served
+    assert any(max(new) == 100 and min(new) == 50 for new in rows_new), rows_new
+
+
 def test_first_chunks_from_prompt_states_stay_on_the_graphs(engine: CosyVoiceEngine) -> None:
     """First chunks from a prompt's state have more new frames than later chunks: they are
     solved in calls of their own, each fitting a bucket of the wider new-frame width."""
     flow = engine._require()[0].audio.flow
     graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
                           rows=(1, 4), frame_step=64, max_frames=256, later_frames=(64, 128),
-                          wide_rows=(), max_past=256, prompt_past=192)
+                          wide_rows=(), max_past=256)
     assert graphs.bucket_for(3, 100, past=150, steps=10) is not None
-    assert graphs.bucket_for(3, 100, past=200, steps=10) is None
+    assert graphs.bucket_for(3, 100, past=300, steps=10) is None
     assert graphs.later_width(40) == 64
     assert graphs.later_width(100) == 128
     widths: list[tuple[int, int]] = []  # (new frames, earlier frames) of each call

@@ -62,21 +62,26 @@ def _whole(flow: CosyVoice3Flow, req: Request) -> torch.Tensor:
     return flow.whole([prompt], [tokens], [mel], [emb], streaming=True)[0]
 
 
-def _chunks(req: Request) -> list[torch.Tensor]:
-    """Upstream's token schedule: the first chunk fills the prompt's last 25-token block."""
+def _chunks(req: Request, later_hops: int = 1) -> list[torch.Tensor]:
+    """Upstream's token schedule: the first chunk fills the prompt's last 25-token block; with
+    `later_hops`, the engine's: chunks after the second take that many hops."""
     prompt, tokens = req[0], req[1]
     first = (-prompt.numel()) % HOP + HOP + LOOK
-    cuts = [0, first, *range(first + HOP, tokens.numel(), HOP)]
+    cuts = [0, first, *range(first + HOP, first + 2 * HOP, HOP),
+            *range(first + HOP + later_hops * HOP, tokens.numel(), later_hops * HOP)]
+    cuts = [c for c in cuts if c < tokens.numel()]
     return [tokens[a:b] for a, b in zip(cuts, [*cuts[1:], tokens.numel()], strict=True)]
 
 
-def _stream_together(flow: CosyVoice3Flow, reqs: list[Request], joins: tuple[int, ...] = ()
+def _stream_together(flow: CosyVoice3Flow, reqs: list[Request], joins: tuple[int, ...] = (),
+                     later_hops: tuple[int, ...] = ()
                      ) -> tuple[list[list[torch.Tensor]], list[FlowStream]]:
-    """Each request's streamed mel chunks (`_chunks`), all requests advanced in one batch,
-    request i joining at call `joins[i]` (default: all at the first)."""
+    """Each request's streamed mel chunks (`_chunks`, of `later_hops[i]`), all requests
+    advanced in one batch, request i joining at call `joins[i]` (default: all at the first)."""
     streams = [flow.start(p, m, e) for p, _, m, e in reqs]
     pieces: list[list[torch.Tensor]] = [[] for _ in reqs]
-    schedules = [_chunks(r) for r in reqs]
+    later_hops = later_hops or (1,) * len(reqs)
+    schedules = [_chunks(r, h) for r, h in zip(reqs, later_hops, strict=True)]
     joins = joins or (0,) * len(reqs)
     for call in range(max(len(s) + j for s, j in zip(schedules, joins, strict=True))):
         rows = [i for i, s in enumerate(schedules) if 0 <= call - joins[i] < len(s)]
@@ -140,7 +145,7 @@ def test_bucketed_steps_give_each_stream_its_own_frames(
 
     want = stream_all()
     graphs = DiTStepGraphs(flow.estimator, torch.device("cpu"), torch.float32, rows=(1, 2, 4),
-                           frame_step=64, first_frames=128, later_frames=64, max_past=192)
+                           frame_step=64, first_frames=128, later_frames=(64,), max_past=192)
     replays: list[tuple[int, int, int]] = []
     run = graphs._run
 
@@ -162,6 +167,34 @@ def test_bucketed_steps_give_each_stream_its_own_frames(
     for mine, theirs in zip(got, want, strict=True):
         assert mine.shape == theirs.shape
         assert (mine - theirs).abs().max() <= FLOW_TOL
+
+
+def test_later_chunks_of_two_hops_replay_the_wider_buckets(flow: CosyVoice3Flow) -> None:
+    """Streams whose later chunks take two hops, beside one of one hop: their calls replay
+    buckets of the wider width after earlier frames (run eagerly on the CPU), and every stream
+    gets the frames of its whole streaming pass."""
+    reqs = _requests()
+    hops = (2, 1, 2)
+    assert any(c.numel() == 2 * HOP for c in _chunks(reqs[0], 2))
+    graphs = DiTStepGraphs(flow.estimator, torch.device("cpu"), torch.float32, rows=(1, 2, 4),
+                           frame_step=64, first_frames=128, later_frames=(64, 128),
+                           max_past=320, max_prefix=64)
+    replays: list[tuple[int, int, int]] = []
+    run = graphs._run
+
+    def counted(bucket: Any) -> Any:
+        replays.append((bucket.rows, bucket.frames, bucket.past))
+        return run(bucket)
+
+    graphs._run = counted  # type: ignore[method-assign]
+    flow.step_graphs = graphs
+    try:
+        pieces, _ = _stream_together(flow, reqs, later_hops=hops)
+    finally:
+        flow.step_graphs = None
+    assert any(frames == 128 and past > 64 for _, frames, past in replays), replays
+    for req, got in zip(reqs, pieces, strict=True):
+        assert (torch.cat(got, dim=1) - _whole(flow, req)).abs().max() <= FLOW_TOL
 
 
 def test_flow_batch_rows_equal_each_row_alone(flow: CosyVoice3Flow) -> None:
@@ -351,7 +384,8 @@ def test_bucket_shapes_for_first_later_and_prefixed_chunks(flow: CosyVoice3Flow)
     assert shape(1, 50, 700) == (1, 64, 768)  # a later chunk
     assert shape(2, 150, 200) == (2, 256, 256)
     assert shape(3, 300, 100) is None  # more new frames than any prefixed bucket
-    assert shape(3, 100, 300) is None  # a prefix longer than any bucket's
+    assert shape(3, 100, 300) == (4, 128, 384)  # a later chunk of two hops
+    assert shape(3, 150, 300) is None  # more new frames after a longer history than any
     assert shape(5, 50, 100) is None  # more rows than the largest bucket
 
 

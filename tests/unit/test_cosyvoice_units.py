@@ -241,12 +241,27 @@ def test_dit_graphs_are_refused_for_cosyvoice2() -> None:
             create_engine(model_dir="/nonexistent", dit_graphs=value)
 
 
-def _utterance(prompt_tokens: int, first_chunk: int | None, offset: int = 0) -> Utterance:
+def _utterance(prompt_tokens: int, first_chunk: int | None, offset: int = 0,
+               later_hops: int = 1) -> Utterance:
     prompt = torch.zeros(1, prompt_tokens, dtype=torch.int32)
     return Utterance(text_ids=[], tts_token_count=0, llm_prompt_tokens=prompt,
                      flow_prompt_tokens=prompt, prompt_mel=torch.zeros(1, 2 * prompt_tokens, 80),
                      embedding=torch.zeros(1, 192), seed=0, first_chunk=first_chunk,
-                     offset=offset)
+                     offset=offset, later_hops=later_hops)
+
+
+@pytest.mark.parametrize(("prompt_tokens", "first_chunk", "hops"), [
+    (75, None, [25, 25, 50, 50]), (80, None, [45, 25, 50, 50]), (0, 7, [7, 18, 25, 50, 50]),
+    (51, 10, [10, 14, 25, 50])])
+def test_later_chunks_grow_to_two_hops_once_a_hop_past_the_first_is_spoken(
+        prompt_tokens: int, first_chunk: int | None, hops: list[int]) -> None:
+    """With `later_hops=2` chunks end on the grid as with one, and take two of its hops from
+    the first chunk that starts a whole hop or more after the first chunk's end."""
+    offset = 0
+    for want in hops:
+        assert _utterance(prompt_tokens, first_chunk, offset, later_hops=2).hop() == want
+        offset += want
+        assert (prompt_tokens + offset) % 25 == 0 or offset == first_chunk
 
 
 @pytest.mark.parametrize(("prompt_tokens", "released", "at_most_25", "at_most_10"),

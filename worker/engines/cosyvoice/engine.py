@@ -78,6 +78,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_STREAMS = {"cpu": 8, "cuda": 128}
 MIN_FIRST_CHUNK = 5
 """Tokens: below this, the vocoder's 8-frame overlap would hold back most of a first chunk."""
+MAX_LATER_HOPS = 2
+"""The solver's and vocoder's graphs hold later chunks of up to this many hops."""
 SPEAKERS_FILE = "spk2info.pt"
 WARM_UP_PROMPT_S = 2.0
 """A model without built-in speakers warms up cloning a synthetic recording this long."""
@@ -126,6 +128,7 @@ class SpeechEngine:
         flow_steps: int = 10,
         max_audio_rows: int = 64,
         first_chunk_tokens: int | None = None,
+        later_chunk_hops: int = 2,
         vocoder_graphs: bool = True,
         encoder_graph_rows: int | None = None,
         prefill_tokens: int = 2048,
@@ -139,6 +142,9 @@ class SpeechEngine:
                 MIN_FIRST_CHUNK <= first_chunk_tokens <= TOKEN_HOP):
             raise ValueError(f"first_chunk_tokens must be {MIN_FIRST_CHUNK}..{TOKEN_HOP}, "
                              f"not {first_chunk_tokens}")
+        if not 1 <= later_chunk_hops <= MAX_LATER_HOPS:
+            raise ValueError(f"later_chunk_hops must be 1..{MAX_LATER_HOPS}, "
+                             f"not {later_chunk_hops}")
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         turn_off_gemm_workspaces(self.device)
@@ -153,6 +159,7 @@ class SpeechEngine:
         self.flow_steps = flow_steps
         self.max_audio_rows = max_audio_rows
         self.first_chunk_tokens = first_chunk_tokens
+        self.later_chunk_hops = later_chunk_hops
         self.vocoder_graphs = vocoder_graphs
         if encoder_graph_rows is None:
             encoder_graph_rows = max_audio_rows
@@ -435,6 +442,7 @@ class SpeechEngine:
                     seed=piece_seed(request.seed, i),
                     speed=request.speed,
                     first_chunk=self.first_chunk_tokens,
+                    later_hops=self.later_chunk_hops,
                 )
             )
         return utterances
@@ -523,7 +531,8 @@ class CosyVoiceEngine(SpeechEngine):
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps,
                            prompt_state_bytes=self.prompt_cache_bytes)
         if self.vocoder_graphs and self.cuda_graph and self.device.type == "cuda":
-            audio.vocoder_graphs = VocoderGraphs(hift, self.device, audio.streamed_shapes())
+            audio.vocoder_graphs = VocoderGraphs(hift, self.device,
+                                                 audio.streamed_shapes(self.later_chunk_hops))
         self._serve(llm, sampling, audio, config.flow.output_size, frontend, REQUIRED_FILES)
 
     def _streams_that_fit(self, llm: SpeechLM, flow: FlowModel, config: ModelConfig) -> int:

@@ -227,22 +227,21 @@ class FlowModel(nn.Module):
                       ) -> list[list[int]]:
         """The rows of a streamed chunk, split into solver calls.
 
-        First chunks (no state: the prompt and many new frames) and later ones (few new frames
-        after many earlier ones) are solved apart: each kind has its own graphs, and a call that
-        mixed them would fit neither; with graphs, rows with earlier frames are split again by
-        the new frames' bucket width (first chunks from a prompt's state have more new frames
-        than later chunks). With graphs, each kind is cut, in order of earlier frames (so a call
-        pads little), into calls that fit a captured bucket; rows that fit none (a long prompt, a
-        long utterance) go in eager calls of at most `EAGER_ROWS`, which bounds the history
-        buffers an eager call allocates.
+        First chunks (no state: the prompt and many new frames) and chunks after earlier frames
+        (later chunks of one hop or two, first chunks from a prompt's state) are solved apart:
+        each kind has its own graphs, and a call that mixed them would fit neither. With graphs,
+        each kind is cut, in order of earlier frames (so a call pads little), into calls that fit
+        a captured bucket (rows of one hop share a call with rows of two, padded to the wider
+        width: one call costs less than two); rows that fit none (a long prompt, a long
+        utterance) go in eager calls of at most `EAGER_ROWS`, which bounds the history buffers an
+        eager call allocates.
         """
         past = [0 if s is None else s.frames for s in states]
         new = [f - p for f, p in zip(frames, past, strict=True)]
         graphs = self.solver_graphs
-        kinds: dict[tuple[bool, int], list[int]] = {}
+        kinds: dict[bool, list[int]] = {}
         for i, s in enumerate(states):
-            width = 0 if s is None or graphs is None else graphs.later_width(new[i])
-            kinds.setdefault((s is None, width), []).append(i)
+            kinds.setdefault(s is None, []).append(i)
         calls: list[list[int]] = []
         for key in sorted(kinds, reverse=True):
             kind = sorted(kinds[key], key=lambda i: (past[i], new[i]))

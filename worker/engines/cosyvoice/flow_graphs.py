@@ -5,10 +5,10 @@ the GPU. Captured once per bucket at warm-up, a call pads its inputs into the bu
 buffers (padding is masked, exactly as in a mixed-length batch) and replays the graph: one launch
 instead of thousands. Eagerly, the loop costs about 0.8 s of host time per call whatever the
 batch size, so graphs matter at every size that streams: first chunks (no earlier frames, prompt
-included: up to `max_frames` for small batches, `wide_frames` for large ones), later chunks (up
-to `later_frames[0]` new frames after up to `max_past` earlier ones) and first chunks started from
-a prompt's state (up to the wider `later_frames` after up to `prompt_past`), up to the largest
-batch. Other calls run eagerly.
+included: up to `max_frames` for small batches, `wide_frames` for large ones) and chunks after
+earlier frames (later chunks of one or two hops, first chunks started from a prompt's state: each
+of the `later_frames` widths after up to `max_past` earlier frames), up to the largest batch.
+Other calls run eagerly.
 Nothing is captured while serving.
 
 The history buffers (earlier frames in, new frames' records out, side by side as the keys'
@@ -63,19 +63,18 @@ class _Bucket:
 
 class SolverGraphs:
     """Graphs for first chunks (up to `max_frames` frames for batches up to `max(rows)`, up to
-    `wide_frames` for the batch sizes in `wide_rows`), later chunks (up to `later_frames[0]` new
-    frames after up to `max_past` earlier ones, every batch size) and first chunks from a
-    prompt's state (up to each wider `later_frames` after up to `prompt_past`, every batch size).
+    `wide_frames` for the batch sizes in `wide_rows`) and for chunks after earlier frames (up to
+    each of the `later_frames` widths after up to `max_past` earlier ones, every batch size).
 
     The shared history buffer holds 0.57 MB per frame (released model, bf16) for the largest
-    bucket's rows x (earlier + new frames): 64 x (768 + 64), about 30 GB at the defaults.
+    bucket's rows x (earlier + new frames): 64 x (768 + 128), about 33 GB at the defaults.
     """
 
     def __init__(
         self, solver: EulerSolver, dtype: torch.dtype, device: torch.device, steps: int,
         rows: tuple[int, ...] = (1, 2, 4, 8), frame_step: int = 128, max_frames: int = 1024,
         later_frames: tuple[int, ...] = (64, 128), wide_rows: tuple[int, ...] = (16, 32, 64),
-        wide_frames: int = 256, max_past: int = 768, prompt_past: int = 512,
+        wide_frames: int = 256, max_past: int = 768,
     ) -> None:
         self.solver = solver
         self.steps = steps
@@ -91,11 +90,8 @@ class SolverGraphs:
         sizes = [(r, f, 0) for r in rows for f in range(frame_step, max_frames + 1, frame_step)]
         sizes += [(r, f, 0) for r in wide_rows for f in range(frame_step, wide_frames + 1,
                                                              frame_step)]
-        narrowest, *wider = self.later_frames
-        sizes += [(r, narrowest, p) for r in self.rows
+        sizes += [(r, f, p) for f in self.later_frames for r in self.rows
                   for p in range(frame_step, max_past + 1, frame_step)]
-        sizes += [(r, f, p) for f in wider for r in self.rows
-                  for p in range(frame_step, prompt_past + 1, frame_step)]
         per_frame = steps * blocks * 2 * ch
         per_row = steps * len(convs) * 2 * max(convs) * 2
         context = torch.zeros(per_frame * max(r * (p + f) for r, f, p in sizes), device=device,

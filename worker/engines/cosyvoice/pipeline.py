@@ -49,6 +49,9 @@ class Utterance:
     seed: int
     speed: float = 1.0
     first_chunk: int | None = None
+    later_hops: int = 1
+    """Grid chunks (25 tokens each) in a later chunk once a hop past the first chunk is spoken:
+    fewer, larger audio calls."""
     tokens: list[int] = field(default_factory=list)
     decoded: bool = False
     offset: int = 0
@@ -60,12 +63,19 @@ class Utterance:
     def hop(self) -> int:
         """Tokens in the next chunk. The first is a hop plus enough to align prompt + chunk on
         the model's 25-token chunk grid (as released), or `first_chunk` tokens if given and
-        fewer; every later chunk ends on the grid."""
+        fewer; every later chunk ends on the grid: the next grid line while less than a hop
+        past the first chunk is spoken (the listener has little audio yet), then `later_hops`
+        lines on. A function of the offset alone, so a request's chunks, and its audio, do not
+        depend on what else is served."""
         p = self.flow_prompt_tokens.size(1)
+        aligned = TOKEN_HOP + (math.ceil(p / TOKEN_HOP) * TOKEN_HOP - p)
+        first = aligned if self.first_chunk is None else min(aligned, self.first_chunk)
         if self.offset == 0:
-            aligned = TOKEN_HOP + (math.ceil(p / TOKEN_HOP) * TOKEN_HOP - p)
-            return aligned if self.first_chunk is None else min(aligned, self.first_chunk)
-        return TOKEN_HOP - (p + self.offset) % TOKEN_HOP
+            return first
+        to_grid = TOKEN_HOP - (p + self.offset) % TOKEN_HOP
+        if self.offset < first + TOKEN_HOP:
+            return to_grid
+        return to_grid + TOKEN_HOP * (self.later_hops - 1)
 
 
 @dataclass(frozen=True)
@@ -82,11 +92,12 @@ class Chunk:
 def next_chunk(utt: Utterance, decoded: bool, tokens: list[int], lookahead: int
                ) -> Chunk | None:
     """The next chunk of `utt` over `tokens` (what its flow reads) if they allow one now:
-    a hop plus its look-ahead, or, once `decoded` (read before `tokens`), the rest."""
+    its hop plus its look-ahead, or, once `decoded` (read before `tokens`), the rest."""
     available = len(tokens)
-    upto = utt.offset + utt.hop() + lookahead
+    hop = utt.hop()
+    upto = utt.offset + hop + lookahead
     if available >= upto:
-        return Chunk(utt, tokens[:upto], False, utt.offset + utt.hop())
+        return Chunk(utt, tokens[:upto], False, utt.offset + hop)
     if decoded and available > utt.offset:
         return Chunk(utt, tokens[:available], True, available)
     return None
@@ -111,11 +122,13 @@ class AudioStage:
         """First chunks start from their prompt's state, kept per prompt (`prompt_states.py`);
         a budget of 0 solves every prompt with its first chunk."""
 
-    def streamed_shapes(self) -> tuple[tuple[int, int], ...]:
+    def streamed_shapes(self, later_hops: int = 1) -> tuple[tuple[int, int], ...]:
         """(mel frames, excitation samples carried over) of a first chunk of 25 tokens and of
-        every later full chunk."""
+        every later full chunk of 1 to `later_hops` hops."""
         frames = TOKEN_HOP * self.ratio
-        return ((frames, 0), (frames + MEL_CACHE_FRAMES, self.source_cache_len))
+        later = [(n * frames + MEL_CACHE_FRAMES, self.source_cache_len)
+                 for n in range(1, later_hops + 1)]
+        return ((frames, 0), *later)
 
     def finished(self, utt: Utterance) -> bool:
         """Every token decoded and spoken (or none produced)."""

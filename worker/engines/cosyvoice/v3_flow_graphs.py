@@ -66,29 +66,30 @@ class _Bucket:
 
 class DiTStepGraphs:
     """Graphs of one estimator step for batches of `rows` sizes: first chunks (no earlier
-    frames, up to `first_frames` new ones in `frame_step` steps), first chunks after a prompt's
-    prefix (more than `later_frames` and up to `prefixed_frames` new frames after up to
-    `max_prefix` earlier ones) and later chunks (up to `later_frames` new frames after up to
-    `max_past` earlier ones), in `frame_step` steps."""
+    frames, up to `first_frames` new ones in `frame_step` steps), later chunks (each of the
+    `later_frames` widths, for chunks of one hop or two, after up to `max_past` earlier frames)
+    and first chunks after a prompt's prefix (those widths, or up to `prefixed_frames` new frames
+    in `frame_step` steps, after up to `max_prefix` earlier ones)."""
 
     def __init__(
         self, estimator: DiT, device: torch.device, dtype: torch.dtype,
         rows: tuple[int, ...] = (1, 2, 4, 8, 16), frame_step: int = 128,
-        first_frames: int = 512, later_frames: int = 64, max_past: int = 768,
+        first_frames: int = 512, later_frames: tuple[int, ...] = (64, 128), max_past: int = 768,
         prefixed_frames: int = 256, max_prefix: int = 256,
     ) -> None:
         self.estimator = estimator
         self.rows = tuple(sorted(rows))
         self.frame_step = frame_step
-        self.later_frames = later_frames
+        self.later_frames = tuple(sorted(later_frames))
         cfg = estimator.cfg
         layers, heads, dim_head = cfg.depth, cfg.heads, cfg.dim_head
         sizes = [(r, f, 0) for r in self.rows
                  for f in range(frame_step, first_frames + 1, frame_step)]
-        sizes += [(r, later_frames, p) for r in self.rows
+        sizes += [(r, f, p) for r in self.rows for f in self.later_frames
                   for p in range(frame_step, max_past + 1, frame_step)]
         sizes += [(r, f, p) for r in self.rows
-                  for f in range(frame_step, prefixed_frames + 1, frame_step) if f > later_frames
+                  for f in range(frame_step, prefixed_frames + 1, frame_step)
+                  if f > self.later_frames[-1]
                   for p in range(frame_step, max_prefix + 1, frame_step)]
         widest = max(r * (p + f) for r, f, p in sizes)
         past_kv = torch.zeros(layers * 2 * 2 * widest * heads * dim_head, device=device,
@@ -130,8 +131,8 @@ class DiTStepGraphs:
         step = self.frame_step
         p = -(-past // step) * step
         r = next((r for r in self.rows if r >= rows), None)
-        later = p > 0 and frames <= self.later_frames
-        f = self.later_frames if later else -(-frames // step) * step
+        later = next((w for w in self.later_frames if w >= frames), None) if p > 0 else None
+        f = later or -(-frames // step) * step
         return self._buckets.get((r, f, p)) if r is not None else None
 
     def usable_bucket(self, rows: int, frames: int, past: int, on_cuda: bool
