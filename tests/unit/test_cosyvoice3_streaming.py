@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ HOP = 25
 LOOK = 3
 
 Request = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+T = TypeVar("T")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -132,6 +134,25 @@ def test_first_and_later_chunks_are_solved_apart(flow: CosyVoice3Flow) -> None:
         assert (torch.cat(got, dim=1) - _whole(flow, req)).abs().max() <= FLOW_TOL
 
 
+def _with_graphs(flow: CosyVoice3Flow, graphs: DiTStepGraphs, run: Callable[[], T]
+                 ) -> tuple[T, list[tuple[int, int, int]]]:
+    """`run()` with `graphs` on `flow`, and the (rows, frames, earlier frames) of each bucket
+    it replayed."""
+    replays: list[tuple[int, int, int]] = []
+    replay = graphs._run
+
+    def counted(bucket: Any) -> Any:
+        replays.append((bucket.rows, bucket.frames, bucket.past))
+        return replay(bucket)
+
+    graphs._run = counted  # type: ignore[method-assign]
+    flow.step_graphs = graphs
+    try:
+        return run(), replays
+    finally:
+        flow.step_graphs = None
+
+
 @pytest.mark.parametrize("page_frames", [256, 24])
 def test_bucketed_steps_give_each_stream_its_own_frames(
     flow: CosyVoice3Flow, page_frames: int, monkeypatch: pytest.MonkeyPatch
@@ -146,19 +167,7 @@ def test_bucketed_steps_give_each_stream_its_own_frames(
     want = stream_all()
     graphs = DiTStepGraphs(flow.estimator, torch.device("cpu"), torch.float32, rows=(1, 2, 4),
                            frame_step=64, first_frames=128, later_frames=(64,), max_past=192)
-    replays: list[tuple[int, int, int]] = []
-    run = graphs._run
-
-    def counted(bucket: Any) -> Any:
-        replays.append((bucket.rows, bucket.frames, bucket.past))
-        return run(bucket)
-
-    graphs._run = counted  # type: ignore[method-assign]
-    flow.step_graphs = graphs
-    try:
-        got = stream_all()
-    finally:
-        flow.step_graphs = None
+    got, replays = _with_graphs(flow, graphs, stream_all)
     pasts = {past for _, _, past in replays}
     assert 0 in pasts  # first chunks
     assert max(pasts) > 0  # later ones
@@ -179,19 +188,8 @@ def test_later_chunks_of_two_hops_replay_the_wider_buckets(flow: CosyVoice3Flow)
     graphs = DiTStepGraphs(flow.estimator, torch.device("cpu"), torch.float32, rows=(1, 2, 4),
                            frame_step=64, first_frames=128, later_frames=(64, 128),
                            max_past=320, max_prefix=64)
-    replays: list[tuple[int, int, int]] = []
-    run = graphs._run
-
-    def counted(bucket: Any) -> Any:
-        replays.append((bucket.rows, bucket.frames, bucket.past))
-        return run(bucket)
-
-    graphs._run = counted  # type: ignore[method-assign]
-    flow.step_graphs = graphs
-    try:
-        pieces, _ = _stream_together(flow, reqs, later_hops=hops)
-    finally:
-        flow.step_graphs = None
+    (pieces, _), replays = _with_graphs(
+        flow, graphs, lambda: _stream_together(flow, reqs, later_hops=hops))
     assert any(frames == 128 and past > 64 for _, frames, past in replays), replays
     for req, got in zip(reqs, pieces, strict=True):
         assert (torch.cat(got, dim=1) - _whole(flow, req)).abs().max() <= FLOW_TOL
