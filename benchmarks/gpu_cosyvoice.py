@@ -24,6 +24,12 @@ request, so the first level does not pay the first zero-shot request's one-time 
 
 `--engine-option NAME=JSON` passes an engine option to both modes (`first_chunk_tokens=10`,
 `flow_steps=5`; CosyVoice3 takes `flow_steps` 10 only) to measure it beside the defaults.
+`--plan-option NAME=V1,V2` runs every in-process level once per value of an option read when a
+request is planned (`later_chunk_hops=1,2`), one after the other in the same warm engine, and
+prints each value's throughput and first-audio p99 against the first's:
+
+    python benchmarks/gpu_cosyvoice.py --model-dir /tmp/cv_full --concurrency 1,16,64,128 \
+        --plan-option later_chunk_hops=1,2
 
 `--check` also verifies that requests batched together get the same speech as each alone (within
 the engine's stated tolerance) and exits 1 if they do not.
@@ -225,22 +231,68 @@ class StageTimer:
         return shown
 
 
-async def sweep_inproc(engine: SpeechEngine, levels: list[int],
-                       timeline: int = 0) -> list[dict[str, Any]]:
+async def sweep_inproc(engine: SpeechEngine, levels: list[int], timeline: int = 0,
+                       variants: list[tuple[str, dict[str, Any]]] | None = None
+                       ) -> list[dict[str, Any]]:
+    """Each level once per variant (a name, and plan-time options set on the warm engine
+    before it: `PLAN_OPTIONS`), the variants one after another at each level."""
     rows = []
     warm = EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=0)
     await stream_inproc(engine, warm)  # unmeasured, as through HTTP
     timer = StageTimer(engine, timeline)
     for c in levels:
-        peak_memory_gib(reset=True)
-        timer.start_level()
-        requests = [EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=i) for i in range(c)]
-        started = time.perf_counter()
-        stats = await asyncio.gather(*(stream_inproc(engine, r) for r in requests))
-        rows.append(summarize("inproc", c, list(stats), time.perf_counter() - started,
-                              peak_memory_gib()))
-        rows[-1]["stages"] = timer.report()
+        for name, settings in variants or [("inproc", {})]:
+            for option, value in settings.items():
+                setattr(engine, option, value)
+            peak_memory_gib(reset=True)
+            timer.start_level()
+            requests = [EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=i)
+                        for i in range(c)]
+            started = time.perf_counter()
+            stats = await asyncio.gather(*(stream_inproc(engine, r) for r in requests))
+            rows.append(summarize(name, c, list(stats), time.perf_counter() - started,
+                                  peak_memory_gib()))
+            rows[-1]["stages"] = timer.report()
     return rows
+
+
+PLAN_OPTIONS = ("later_chunk_hops", "first_chunk_tokens")
+"""Engine options read when a request is planned, so one warm engine serves each value."""
+
+
+def plan_variants(parser: argparse.ArgumentParser, args: argparse.Namespace
+                  ) -> list[tuple[str, dict[str, Any]]] | None:
+    """`--plan-option NAME=V1,V2,...` as variants of the in-process sweep, each value checked
+    by the engine's own validation."""
+    if args.plan_option is None:
+        return None
+    name, _, text = args.plan_option.partition("=")
+    if name not in PLAN_OPTIONS:
+        parser.error(f"--plan-option takes one of {', '.join(PLAN_OPTIONS)}, not {name!r}")
+    values = [json.loads(v) for v in text.split(",") if v]
+    if len(values) < 2:
+        parser.error("--plan-option needs two values or more to compare, e.g. "
+                     "later_chunk_hops=1,2")
+    for value in values:
+        try:
+            create_engine(model_dir=args.model_dir, **{name: value})
+        except ValueError as e:
+            parser.error(str(e))
+    return [(f"{name}={json.dumps(v)}", {name: v}) for v in values]
+
+
+def print_ratios(rows: list[dict[str, Any]], variants: list[tuple[str, dict[str, Any]]]) -> None:
+    """Each variant against the first at every level: throughput and first-audio p99."""
+    base = variants[0][0]
+    by_key = {(r["name"], r["concurrency"]): r for r in rows}
+    for name, _ in variants[1:]:
+        for (n, c), row in by_key.items():
+            first = by_key.get((base, c))
+            if n != name or first is None:
+                continue
+            print(f"{name} / {base}  c={c:<4} audio-s/s x"
+                  f"{row['audio_s_per_s'] / max(first['audio_s_per_s'], 1e-9):.2f}  "
+                  f"ttfa p99 x{row['ttfa_p99_ms'] / max(first['ttfa_p99_ms'], 1e-9):.2f}")
 
 
 def max_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -486,8 +538,13 @@ def main() -> int:
     parser.add_argument("--engine-option", type=engine_option, action="append", default=[],
                         help="NAME=JSON for the engine, in-process and in the worker, e.g. "
                              "first_chunk_tokens=10 or flow_steps=5")
+    parser.add_argument("--plan-option", default=None, metavar="NAME=V1,V2",
+                        help="in-process: each level once per value of an option read when a "
+                             f"request is planned ({', '.join(PLAN_OPTIONS)}), side by side "
+                             "in one warm engine, with ratios against the first value")
     args = parser.parse_args()
     args.engine_option = dict(args.engine_option)
+    variants = plan_variants(parser, args)
     if args.upstream and args.model != "cosyvoice2":
         parser.error("--upstream compares with upstream's CosyVoice2 (cosyvoice2-eu) only; "
                      f"no upstream package serves {args.model}")
@@ -523,7 +580,7 @@ def main() -> int:
     modes = args.modes.split(",")
     if "inproc" in modes:
         report["results"] += asyncio.run(sweep_inproc(engine, args.concurrency,
-                                                       args.timeline))
+                                                       args.timeline, variants))
     engine._require()[0].stop()
     text_ids, prompt_ids = frontend.encode(TEXT), frontend.encode(PROMPT_TEXT)
     del engine
@@ -545,6 +602,8 @@ def main() -> int:
               f"p99 {row['ttfa_p99_ms']:6.0f} ms  {row['audio_s_per_s']:7.1f} audio-s/s  "
               f"rtf max {row['rtf_max']:.2f}  gap max {row['worst_gap_max_ms']:6.0f} ms  "
               f"ok {row['ok']}/{row['ok'] + row['failed']}  peak {row['peak_gpu_gib']:.1f} GiB")
+    if variants:
+        print_ratios(report["results"], variants)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     return 0 if passed else 1

@@ -48,6 +48,24 @@ def test_the_stream_sweep_serves_every_stream_and_its_checks_pass(model: str,
     assert f"audio per request {TOKENS / 25:.1f} s" in printed
 
 
+def test_a_plan_option_is_swept_side_by_side_in_one_engine(tmp_path: Path) -> None:
+    """Each level runs once per value of `--plan-option`, in one warm engine: later chunks of
+    two hops take fewer audio calls for the same requests, and a ratio line compares them."""
+    model_dir = cosyvoice_models.build_model_dir(tmp_path / "tiny")
+    out = tmp_path / "results.json"
+    printed = _run("benchmarks/gpu_cosyvoice.py", "--model-dir", str(model_dir), "--device",
+                   "cpu", "--dtype", "float32", "--concurrency", "1,2", "--tokens", "130",
+                   "--plan-option", "later_chunk_hops=1,2", "--out", str(out))
+    results = json.loads(out.read_text())["results"]
+    names = ["later_chunk_hops=1", "later_chunk_hops=2"]
+    assert [(r["name"], r["concurrency"], r["ok"]) for r in results] == [
+        (names[0], 1, 1), (names[1], 1, 1), (names[0], 2, 2), (names[1], 2, 2)]
+    calls = {(r["name"], r["concurrency"]): r["stages"]["run"]["calls"] for r in results}
+    assert calls[(names[1], 1)] < calls[(names[0], 1)]
+    for c in (1, 2):
+        assert re.search(rf"{names[1]} / {names[0]}  c={c} +audio-s/s x\d+\.\d\d", printed)
+
+
 @pytest.mark.parametrize(("model", "parts"), [("cosyvoice2", ("encoder", "solver", "vocoder")),
                                              ("cosyvoice3", ("flow", "vocoder"))])
 def test_the_audio_stage_profile_counts_its_arithmetic(model: str, parts: tuple[str, ...],
