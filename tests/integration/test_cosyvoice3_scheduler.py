@@ -188,3 +188,54 @@ async def test_requests_of_one_voice_start_from_its_prompts_prefix(
         assert spoken.size == solo_audio.size > 0
         # tight: on this tiny model a prefix of zeros instead moves the audio by only 1.6e-4
         assert float(np.abs(spoken - solo_audio).max()) <= 1e-6
+
+
+async def test_later_chunks_of_two_hops_speak_what_chunks_of_one_do(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CosyVoice3's flow and causal vocoder stream what their whole passes give: a request whose
+    later chunks take two hops gets the audio it gets in chunks of one, from fewer calls."""
+    monkeypatch.setattr(scheduler, "limits", replace(scheduler.limits, fixed_tokens=130))
+    calls: list[int] = []
+    run = scheduler.audio.run
+
+    def counted(chunks: list[Any]) -> list[Any]:
+        calls.append(len(chunks))
+        return run(chunks)
+
+    monkeypatch.setattr(scheduler.audio, "run", counted)
+    spoken = {}
+    for hops in (1, 2):
+        calls.clear()
+        spoken[hops] = (await _speak(scheduler, replace(_utterance(3), later_hops=hops)),
+                        len(calls))
+    (one_tokens, one_audio), one_calls = spoken[1]
+    (two_tokens, two_audio), two_calls = spoken[2]
+    assert two_tokens == one_tokens
+    assert two_calls < one_calls
+    assert two_audio.size == one_audio.size > 0
+    assert float(np.abs(two_audio).max()) > 1e-4
+    assert float(np.abs(two_audio - one_audio).max()) <= AUDIO_TOLERANCE
+
+
+async def test_requests_admitted_steps_apart_get_first_audio_from_one_call(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefilled one per iteration, four requests reach their first chunks a decode step
+    apart; an audio call that waits a few steps for them serves them all at once."""
+    monkeypatch.setattr(scheduler, "prefill_budget", 1)
+    monkeypatch.setattr(scheduler, "gather_steps", 4)
+    first_chunks: list[int] = []
+    run = scheduler.audio.run
+
+    def recorded(chunks: list[Any]) -> list[Any]:
+        first_chunks.append(sum(1 for c in chunks if c.utterance.offset == 0))
+        return run(chunks)
+
+    monkeypatch.setattr(scheduler.audio, "run", recorded)
+    # seeds with one prompt length: first chunks of one length, due a step apart
+    spoken = await asyncio.gather(*(_speak(scheduler, _utterance(s)) for s in (0, 3, 6, 9)))
+    assert first_chunks[0] == 4, first_chunks
+    for tokens, audio in spoken:
+        assert len(tokens) == TOKENS
+        assert float(np.abs(audio).max()) > 1e-4

@@ -379,6 +379,38 @@ async def test_later_chunks_take_two_hops_once_the_listener_has_audio(
         CosyVoiceEngine(engine.model_dir, later_chunk_hops=3)
 
 
+async def test_requests_admitted_steps_apart_get_first_audio_from_one_call(
+    engine: CosyVoiceEngine,
+) -> None:
+    """Requests prefilled one per iteration reach their first chunk a decode step apart: the
+    audio call waits up to `first_chunk_gather_steps` steps for them and serves all their first
+    chunks at once (without waiting, the first call would serve those ready and the rest would
+    wait it out)."""
+    gathered = CosyVoiceEngine(engine.model_dir, max_streams=4, fixed_speech_tokens=40,
+                               first_chunk_gather_steps=4)
+    gathered.load()
+    scheduler = gathered._require()[0]
+    scheduler.prefill_budget = 1  # one prompt per iteration
+    scheduler.start()
+    first_chunks: list[int] = []
+    run = scheduler.audio.run
+
+    def recorded(chunks: list[Any]) -> list[Any]:
+        first_chunks.append(sum(1 for c in chunks if c.utterance.offset == 0))
+        return run(chunks)
+
+    scheduler.audio.run = recorded  # type: ignore[method-assign]
+    requests = [EngineRequest(text=TEXTS[i], voice="english_male", speed=1.0, seed=i)
+                for i in range(4)]
+    try:
+        audio = await asyncio.gather(*(_run(scheduler, gathered.plan(r)) for r in requests))
+    finally:
+        scheduler.stop()
+    for each in audio:
+        assert float(np.abs(each).max()) > 1e-3
+    assert first_chunks[0] == 4, first_chunks
+
+
 def test_batched_flow_rows_match_each_row_alone(engine: CosyVoiceEngine) -> None:
     flow = engine._require()[0].audio.flow
     gen = torch.Generator().manual_seed(5)

@@ -36,6 +36,7 @@ def create_engine(
     encoder_graph_rows: int | None = None,
     prefill_tokens: int = 2048,
     decode_priority: bool = False,
+    first_chunk_gather_steps: int = 4,
     dit_graphs: bool | None = None,
     prompt_cache_mb: int = 2048,
 ) -> SpeechEngine:
@@ -71,6 +72,7 @@ def create_engine(
         encoder_graph_rows=encoder_graph_rows,
         prefill_tokens=prefill_tokens,
         decode_priority=decode_priority,
+        first_chunk_gather_steps=first_chunk_gather_steps,
         dit_graphs=dit_graphs,
         prompt_cache_mb=prompt_cache_mb,
     )

@@ -133,6 +133,7 @@ class SpeechEngine:
         encoder_graph_rows: int | None = None,
         prefill_tokens: int = 2048,
         decode_priority: bool = False,
+        first_chunk_gather_steps: int = 4,
         dit_graphs: bool | None = None,
         prompt_cache_mb: int = 2048,
     ) -> None:
@@ -171,6 +172,10 @@ class SpeechEngine:
             raise ValueError(f"prefill_tokens must be positive, not {prefill_tokens}")
         self.prefill_tokens = prefill_tokens
         self.decode_priority = decode_priority
+        if first_chunk_gather_steps < 0:
+            raise ValueError("first_chunk_gather_steps must be 0 or more, "
+                             f"not {first_chunk_gather_steps}")
+        self.first_chunk_gather_steps = first_chunk_gather_steps
         self.dit_graphs = dit_graphs
         if prompt_cache_mb < 0:
             raise ValueError(f"prompt_cache_mb must be 0 or more, not {prompt_cache_mb}")
@@ -208,7 +213,7 @@ class SpeechEngine:
         self._scheduler = Scheduler(
             decoder, audio, self._embed, DecodeLimits(fixed_tokens=self.fixed_speech_tokens),
             max_audio_rows=self.max_audio_rows, prefill_budget=self.prefill_tokens,
-            decode_priority=self.decode_priority,
+            decode_priority=self.decode_priority, gather_steps=self.first_chunk_gather_steps,
         )
         self._version = content_version(self.model_dir, files)
 

@@ -103,6 +103,13 @@ def next_chunk(utt: Utterance, decoded: bool, tokens: list[int], lookahead: int
     return None
 
 
+def tokens_due(utt: Utterance, tokens: list[int], lookahead: int) -> int:
+    """Speech tokens `utt` still needs, past `tokens`, for its next chunk (0 once decoded)."""
+    if utt.decoded:
+        return 0
+    return max(0, utt.offset + utt.hop() + lookahead - len(tokens))
+
+
 class AudioStage:
     def __init__(self, flow: FlowModel, hift: HiFTGenerator, device: torch.device,
                  flow_steps: int = 10, prompt_state_bytes: int = 0) -> None:
@@ -138,6 +145,9 @@ class AudioStage:
         """The utterance's next chunk if its tokens allow one now, else None."""
         decoded = utt.decoded  # read before the tokens: once set, no token is added
         return next_chunk(utt, decoded, utt.tokens, self.lookahead)
+
+    def tokens_due(self, utt: Utterance) -> int:
+        return tokens_due(utt, utt.tokens, self.lookahead)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]:

@@ -6,7 +6,9 @@ Two loops run in their own threads, each on its own CUDA stream so their work ov
   the running streams), then advances every decoding row by one token in one batched step;
 - the audio loop takes the next ready chunk of every request (most urgent first: the request
   whose listener will run out of audio soonest), runs the flow over all of them in one call and
-  the vocoder per group of equal lengths, and hands each request its audio.
+  the vocoder per group of equal lengths, and hands each request its audio. A call waits a
+  few decode steps for first chunks about to be ready, so requests that arrive together get
+  their first audio from one call.
 
 A request is a `Job` (its utterances, and an asyncio queue its `stream()` reads). Cancelling a job
 removes it from both loops at their next iteration and frees its row. A failure that belongs to
@@ -37,6 +39,8 @@ from worker.engines.cosyvoice.pipeline import Chunk, Utterance
 
 logger = logging.getLogger(__name__)
 
+GATHER_TIMEOUT_S = 0.25
+"""The longest an audio call waits for first chunks about to be ready (decode steps stalled)."""
 DONE = object()
 """Put on a job's queue after its last audio chunk."""
 
@@ -61,6 +65,10 @@ class AudioStages(Protocol):
     sample_rate: int
 
     def next_chunk(self, utt: Utterance) -> Chunk | None: ...
+
+    def tokens_due(self, utt: Utterance) -> int:
+        """Speech tokens the utterance still needs for its next chunk (0 once decoded)."""
+        ...
 
     def run(self, chunks: list[Chunk]) -> list[np.ndarray | Exception]: ...
 
@@ -124,6 +132,7 @@ class Scheduler:
         max_audio_rows: int = 64,
         prefill_budget: int = 2048,
         decode_priority: bool = False,
+        gather_steps: int = 0,
     ) -> None:
         self.decoder = decoder
         self.audio = audio
@@ -132,6 +141,8 @@ class Scheduler:
         self.max_audio_rows = max_audio_rows
         self.prefill_budget = prefill_budget
         self.decode_priority = decode_priority
+        self.gather_steps = gather_steps
+        """Decode steps an audio call may wait for first chunks due within as many tokens."""
         self.eos = decoder.lm.eos
         self._lock = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -365,7 +376,31 @@ class Scheduler:
                         if ready:
                             break
                         self._lock.wait()
+                    ready = self._gather_first_chunks(ready)
                 self._speak(ready)
+
+    def _gather_first_chunks(self, ready: list[tuple[Job, Chunk]]) -> list[tuple[Job, Chunk]]:
+        """`ready`, joined by the first chunks due within the next `gather_steps` decode steps
+        (under the lock). Requests admitted together reach their first chunk a step or a few
+        apart (prefill waves, arrival); without waiting, those a step late would wait out a
+        whole audio call for the next."""
+        start = self.steps
+        waited_until = time.monotonic() + GATHER_TIMEOUT_S
+
+        def due() -> bool:
+            left = self.gather_steps - (self.steps - start)
+            taken = {id(job) for job, _ in ready}
+            return any(
+                job.live and job.first_audio_at is None and id(job) not in taken
+                and job.row is not None and job.speaking == job.decoding
+                and 0 < self.audio.tokens_due(job.utterances[job.speaking]) <= left
+                for job in self._speaking)
+
+        while (len(ready) < self.max_audio_rows and not self._stopping and due()
+               and time.monotonic() < waited_until):
+            self._lock.wait(GATHER_TIMEOUT_S)
+            ready = self._ready_chunks()
+        return ready
 
     def _ready_chunks(self) -> list[tuple[Job, Chunk]]:
         ready = []

@@ -21,7 +21,7 @@ import torch
 
 from worker.engines.cosyvoice import v3_hift_stream
 from worker.engines.cosyvoice.batching import each_fails_alone
-from worker.engines.cosyvoice.pipeline import Chunk, Utterance, next_chunk
+from worker.engines.cosyvoice.pipeline import Chunk, Utterance, next_chunk, tokens_due
 from worker.engines.cosyvoice.prompt_states import PromptStates, prompt_key
 from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, PromptPrefix
 from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise
@@ -65,6 +65,10 @@ class V3AudioStage:
         decoded = utt.decoded  # read before the tokens: once set, no token is added
         self._filter(utt)
         return next_chunk(utt, decoded, utt.flow_tokens, self.lookahead)
+
+    def tokens_due(self, utt: Utterance) -> int:
+        assert isinstance(utt, V3Utterance)
+        return tokens_due(utt, utt.flow_tokens, self.lookahead)
 
     def finished(self, utt: Utterance) -> bool:
         assert isinstance(utt, V3Utterance)
