@@ -233,6 +233,46 @@ def test_the_decoding_loop_gets_the_high_priority_stream_when_asked(
     assert made == priorities
 
 
+@pytest.mark.parametrize(("audio_left_s", "waits"), [(0.1, False), (5.0, True)])
+def test_an_audio_call_waits_for_due_first_chunks_unless_a_listener_is_about_to_run_out(
+    audio_left_s: float, waits: bool,
+) -> None:
+    """A call serving a stream under way looks for first chunks due within its gather steps
+    (and waits for them, here until its timeout: no decoding runs) only when that stream's
+    listener has more audio left than the wait could take."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from worker.engines.cosyvoice.batch_decode import Row
+    from worker.engines.cosyvoice.scheduler import Job, Scheduler
+
+    asked: list[Utterance] = []
+
+    def tokens_due(utt: Utterance) -> int:
+        asked.append(utt)
+        return 2
+
+    chunk = SimpleNamespace()
+    audio = SimpleNamespace(tokens_due=tokens_due, finished=lambda utt: False,
+                            next_chunk=lambda utt: chunk if utt.offset else None)
+    decoder = SimpleNamespace(device=torch.device("cpu"), lm=SimpleNamespace(eos=0), slots=2)
+    scheduler = Scheduler(decoder, audio, None, None, gather_steps=4)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    try:
+        under_way = Job([_utterance(0, None, offset=25)], loop, None,
+                        first_audio_at=time.monotonic() - 1.0, audio_s=1.0 + audio_left_s)
+        starting = Job([_utterance(0, None)], loop, None,
+                       row=Row(slot=1, seed=0, min_len=0, max_len=0))
+        scheduler._speaking = [under_way, starting]
+        ready = [(under_way, chunk)]
+        with scheduler._lock:
+            assert scheduler._gather_first_chunks(ready) == ready  # type: ignore[arg-type]
+    finally:
+        loop.close()
+    assert (asked == [starting.utterances[0]] * len(asked) and len(asked) > 0) == waits
+
+
 def test_dit_graphs_are_refused_for_cosyvoice2() -> None:
     from worker.engines.cosyvoice import create_engine
 

@@ -383,9 +383,14 @@ class Scheduler:
         """`ready`, joined by the first chunks due within the next `gather_steps` decode steps
         (under the lock). Requests admitted together reach their first chunk a step or a few
         apart (prefill waves, arrival); without waiting, those a step late would wait out a
-        whole audio call for the next."""
+        whole audio call for the next. A call never waits while a listener it serves has less
+        than `GATHER_TIMEOUT_S` of audio left to play."""
         start = self.steps
-        waited_until = time.monotonic() + GATHER_TIMEOUT_S
+        now = time.monotonic()
+        waited_until = now + GATHER_TIMEOUT_S
+        if any(job.first_audio_at is not None and job.urgency() < waited_until
+               for job, _ in ready):
+            return ready
 
         def due() -> bool:
             left = self.gather_steps - (self.steps - start)
