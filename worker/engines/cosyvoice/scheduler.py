@@ -386,8 +386,7 @@ class Scheduler:
         whole audio call for the next. A call never waits while a listener it serves has less
         than `GATHER_TIMEOUT_S` of audio left to play."""
         start = self.steps
-        now = time.monotonic()
-        waited_until = now + GATHER_TIMEOUT_S
+        waited_until = time.monotonic() + GATHER_TIMEOUT_S
         if any(job.first_audio_at is not None and job.urgency() < waited_until
                for job, _ in ready):
             return ready
