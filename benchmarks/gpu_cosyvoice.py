@@ -24,12 +24,13 @@ request, so the first level does not pay the first zero-shot request's one-time 
 
 `--engine-option NAME=JSON` passes an engine option to both modes (`first_chunk_tokens=10`,
 `flow_steps=5`; CosyVoice3 takes `flow_steps` 10 only) to measure it beside the defaults.
-`--plan-option NAME=V1,V2` runs every in-process level once per value of an option read when a
-request is planned (`later_chunk_hops=1,2`), one after the other in the same warm engine, and
-prints each value's throughput and first-audio p99 against the first's:
+`--live-option NAME=V1,V2` runs every in-process level once per value of an option a warm engine
+takes between levels (`later_chunk_hops=1,2`, read when a request is planned, or
+`first_chunk_gather_steps=0,4`, read by the scheduler's audio loop), one after the other in the
+same engine, and prints each value's throughput and first-audio p99 against the first's:
 
     python benchmarks/gpu_cosyvoice.py --model-dir /tmp/cv_full --concurrency 1,16,64,128 \
-        --plan-option later_chunk_hops=1,2
+        --live-option later_chunk_hops=1,2
 
 `--check` also verifies that requests batched together get the same speech as each alone (within
 the engine's stated tolerance) and exits 1 if they do not.
@@ -234,8 +235,8 @@ class StageTimer:
 async def sweep_inproc(engine: SpeechEngine, levels: list[int], timeline: int = 0,
                        variants: list[tuple[str, dict[str, Any]]] | None = None
                        ) -> list[dict[str, Any]]:
-    """Each level once per variant (a name, and plan-time options set on the warm engine
-    before it: `PLAN_OPTIONS`), the variants one after another at each level."""
+    """Each level once per variant (a name, and `LIVE_OPTIONS` set on the warm engine before
+    it), the variants one after another at each level."""
     rows = []
     warm = EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=0)
     await stream_inproc(engine, warm)  # unmeasured, as through HTTP
@@ -243,7 +244,7 @@ async def sweep_inproc(engine: SpeechEngine, levels: list[int], timeline: int = 
     for c in levels:
         for name, settings in variants or [("inproc", {})]:
             for option, value in settings.items():
-                setattr(engine, option, value)
+                LIVE_OPTIONS[option](engine, value)
             peak_memory_gib(reset=True)
             timer.start_level()
             requests = [EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=i)
@@ -256,22 +257,32 @@ async def sweep_inproc(engine: SpeechEngine, levels: list[int], timeline: int = 
     return rows
 
 
-PLAN_OPTIONS = ("later_chunk_hops", "first_chunk_tokens")
-"""Engine options read when a request is planned, so one warm engine serves each value."""
+def _set_gather_steps(engine: SpeechEngine, steps: int) -> None:
+    engine.first_chunk_gather_steps = steps
+    engine._require()[0].gather_steps = steps
 
 
-def plan_variants(parser: argparse.ArgumentParser, args: argparse.Namespace
+LIVE_OPTIONS: dict[str, Callable[[SpeechEngine, Any], None]] = {
+    "later_chunk_hops": lambda engine, v: setattr(engine, "later_chunk_hops", v),
+    "first_chunk_tokens": lambda engine, v: setattr(engine, "first_chunk_tokens", v),
+    "first_chunk_gather_steps": _set_gather_steps,
+}
+"""Engine options a warm engine takes between levels (read when a request is planned, or by
+the scheduler's loops), and how to set each."""
+
+
+def live_variants(parser: argparse.ArgumentParser, args: argparse.Namespace
                   ) -> list[tuple[str, dict[str, Any]]] | None:
-    """`--plan-option NAME=V1,V2,...` as variants of the in-process sweep, each value checked
+    """`--live-option NAME=V1,V2,...` as variants of the in-process sweep, each value checked
     by the engine's own validation."""
-    if args.plan_option is None:
+    if args.live_option is None:
         return None
-    name, _, text = args.plan_option.partition("=")
-    if name not in PLAN_OPTIONS:
-        parser.error(f"--plan-option takes one of {', '.join(PLAN_OPTIONS)}, not {name!r}")
+    name, _, text = args.live_option.partition("=")
+    if name not in LIVE_OPTIONS:
+        parser.error(f"--live-option takes one of {', '.join(LIVE_OPTIONS)}, not {name!r}")
     values = [json.loads(v) for v in text.split(",") if v]
     if len(values) < 2:
-        parser.error("--plan-option needs two values or more to compare, e.g. "
+        parser.error("--live-option needs two values or more to compare, e.g. "
                      "later_chunk_hops=1,2")
     for value in values:
         try:
@@ -538,13 +549,13 @@ def main() -> int:
     parser.add_argument("--engine-option", type=engine_option, action="append", default=[],
                         help="NAME=JSON for the engine, in-process and in the worker, e.g. "
                              "first_chunk_tokens=10 or flow_steps=5")
-    parser.add_argument("--plan-option", default=None, metavar="NAME=V1,V2",
-                        help="in-process: each level once per value of an option read when a "
-                             f"request is planned ({', '.join(PLAN_OPTIONS)}), side by side "
+    parser.add_argument("--live-option", default=None, metavar="NAME=V1,V2",
+                        help="in-process: each level once per value of an option a warm "
+                             f"engine takes ({', '.join(LIVE_OPTIONS)}), side by side "
                              "in one warm engine, with ratios against the first value")
     args = parser.parse_args()
     args.engine_option = dict(args.engine_option)
-    variants = plan_variants(parser, args)
+    variants = live_variants(parser, args)
     if args.upstream and args.model != "cosyvoice2":
         parser.error("--upstream compares with upstream's CosyVoice2 (cosyvoice2-eu) only; "
                      f"no upstream package serves {args.model}")

@@ -48,14 +48,14 @@ def test_the_stream_sweep_serves_every_stream_and_its_checks_pass(model: str,
     assert f"audio per request {TOKENS / 25:.1f} s" in printed
 
 
-def test_a_plan_option_is_swept_side_by_side_in_one_engine(tmp_path: Path) -> None:
-    """Each level runs once per value of `--plan-option`, in one warm engine: later chunks of
+def test_a_live_option_is_swept_side_by_side_in_one_engine(tmp_path: Path) -> None:
+    """Each level runs once per value of `--live-option`, in one warm engine: later chunks of
     two hops take fewer audio calls for the same requests, and a ratio line compares them."""
     model_dir = cosyvoice_models.build_model_dir(tmp_path / "tiny")
     out = tmp_path / "results.json"
     printed = _run("benchmarks/gpu_cosyvoice.py", "--model-dir", str(model_dir), "--device",
                    "cpu", "--dtype", "float32", "--concurrency", "1,2", "--tokens", "130",
-                   "--plan-option", "later_chunk_hops=1,2", "--out", str(out))
+                   "--live-option", "later_chunk_hops=1,2", "--out", str(out))
     results = json.loads(out.read_text())["results"]
     names = ["later_chunk_hops=1", "later_chunk_hops=2"]
     assert [(r["name"], r["concurrency"], r["ok"]) for r in results] == [
