@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from testbed.cosyvoice3_models import build_model_dir
+from tests.support.audio_calls import first_chunks_per_call
 from tests.support.faults import out_of_memory_when_batched
 from worker.engines.cosyvoice import v3_pipeline
 from worker.engines.cosyvoice.batch_decode import BatchDecoder
@@ -196,14 +197,7 @@ async def test_later_chunks_of_two_hops_speak_what_chunks_of_one_do(
     """CosyVoice3's flow and causal vocoder stream what their whole passes give: a request whose
     later chunks take two hops gets the audio it gets in chunks of one, from fewer calls."""
     monkeypatch.setattr(scheduler, "limits", replace(scheduler.limits, fixed_tokens=130))
-    calls: list[int] = []
-    run = scheduler.audio.run
-
-    def counted(chunks: list[Any]) -> list[Any]:
-        calls.append(len(chunks))
-        return run(chunks)
-
-    monkeypatch.setattr(scheduler.audio, "run", counted)
+    calls = first_chunks_per_call(monkeypatch, scheduler.audio)
     spoken = {}
     for hops in (1, 2):
         calls.clear()
@@ -225,14 +219,7 @@ async def test_requests_admitted_steps_apart_get_first_audio_from_one_call(
     apart; an audio call that waits a few steps for them serves them all at once."""
     monkeypatch.setattr(scheduler, "prefill_budget", 1)
     monkeypatch.setattr(scheduler, "gather_steps", 4)
-    first_chunks: list[int] = []
-    run = scheduler.audio.run
-
-    def recorded(chunks: list[Any]) -> list[Any]:
-        first_chunks.append(sum(1 for c in chunks if c.utterance.offset == 0))
-        return run(chunks)
-
-    monkeypatch.setattr(scheduler.audio, "run", recorded)
+    first_chunks = first_chunks_per_call(monkeypatch, scheduler.audio)
     # seeds with one prompt length: first chunks of one length, due a step apart
     spoken = await asyncio.gather(*(_speak(scheduler, _utterance(s)) for s in (0, 3, 6, 9)))
     assert first_chunks[0] == 4, first_chunks

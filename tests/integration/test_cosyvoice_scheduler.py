@@ -16,6 +16,7 @@ import torch
 
 from contract.errors import ErrorCode, ServiceError
 from testbed.cosyvoice_models import build_model_dir
+from tests.support.audio_calls import first_chunks_per_call
 from tests.support.faults import out_of_memory_when_batched
 from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
@@ -380,7 +381,7 @@ async def test_later_chunks_take_two_hops_once_the_listener_has_audio(
 
 
 async def test_requests_admitted_steps_apart_get_first_audio_from_one_call(
-    engine: CosyVoiceEngine,
+    engine: CosyVoiceEngine, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Requests prefilled one per iteration reach their first chunk a decode step apart: the
     audio call waits up to `first_chunk_gather_steps` steps for them and serves all their first
@@ -392,14 +393,7 @@ async def test_requests_admitted_steps_apart_get_first_audio_from_one_call(
     scheduler = gathered._require()[0]
     scheduler.prefill_budget = 1  # one prompt per iteration
     scheduler.start()
-    first_chunks: list[int] = []
-    run = scheduler.audio.run
-
-    def recorded(chunks: list[Any]) -> list[Any]:
-        first_chunks.append(sum(1 for c in chunks if c.utterance.offset == 0))
-        return run(chunks)
-
-    scheduler.audio.run = recorded  # type: ignore[method-assign]
+    first_chunks = first_chunks_per_call(monkeypatch, scheduler.audio)
     requests = [EngineRequest(text=TEXTS[i], voice="english_male", speed=1.0, seed=i)
                 for i in range(4)]
     try:
