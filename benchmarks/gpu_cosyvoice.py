@@ -27,10 +27,11 @@ request, so the first level does not pay the first zero-shot request's one-time 
 `--live-option NAME=V1,V2` runs every in-process level once per value of an option a warm engine
 takes between levels (`later_chunk_hops=1,2`, read when a request is planned, or
 `first_chunk_gather_steps=0,4`, read by the scheduler's audio loop), one after the other in the
-same engine, and prints each value's throughput and first-audio p99 against the first's:
+same engine, and prints each value's throughput and first-audio p99 against the first's.
+Repeated, it sweeps several options in the one warm-up, each with the others at their defaults:
 
     python benchmarks/gpu_cosyvoice.py --model-dir /tmp/cv_full --concurrency 1,16,64,128 \
-        --live-option later_chunk_hops=1,2
+        --live-option later_chunk_hops=1,2 --live-option first_chunk_gather_steps=0,4
 
 `--check` also verifies that requests batched together get the same speech as each alone (within
 the engine's stated tolerance) and exits 1 if they do not.
@@ -273,30 +274,45 @@ the scheduler's loops), and how to set each."""
 
 def live_variants(parser: argparse.ArgumentParser, args: argparse.Namespace
                   ) -> list[tuple[str, dict[str, Any]]] | None:
-    """`--live-option NAME=V1,V2,...` as variants of the in-process sweep, each value checked
-    by the engine's own validation."""
-    if args.live_option is None:
+    """Each `--live-option NAME=V1,V2,...` as variants of the in-process sweep, each value
+    checked by the engine's own validation. A variant sets every option named to its default
+    but its own, so one option's values run side by side with the others as configured."""
+    if not args.live_option:
         return None
-    name, _, text = args.live_option.partition("=")
-    if name not in LIVE_OPTIONS:
-        parser.error(f"--live-option takes one of {', '.join(LIVE_OPTIONS)}, not {name!r}")
-    values = [json.loads(v) for v in text.split(",") if v]
-    if len(values) < 2:
-        parser.error("--live-option needs two values or more to compare, e.g. "
-                     "later_chunk_hops=1,2")
-    for value in values:
-        try:
-            create_engine(model_dir=args.model_dir, **{name: value})
-        except ValueError as e:
-            parser.error(str(e))
-    return [(f"{name}={json.dumps(v)}", {name: v}) for v in values]
+    parsed: dict[str, list[Any]] = {}
+    for option in args.live_option:
+        name, _, text = option.partition("=")
+        if name not in LIVE_OPTIONS:
+            parser.error(f"--live-option takes one of {', '.join(LIVE_OPTIONS)}, not {name!r}")
+        if name in parsed:
+            parser.error(f"--live-option {name} is given twice")
+        parsed[name] = [json.loads(v) for v in text.split(",") if v]
+        if len(parsed[name]) < 2:
+            parser.error("--live-option needs two values or more to compare, e.g. "
+                         "later_chunk_hops=1,2")
+    defaults = create_engine(model_dir=args.model_dir, **args.engine_option)
+    baseline = {name: getattr(defaults, name) for name in parsed}
+    variants = []
+    for name, values in parsed.items():
+        for value in values:
+            try:
+                create_engine(model_dir=args.model_dir, **{**args.engine_option, name: value})
+            except ValueError as e:
+                parser.error(str(e))
+            variants.append((f"{name}={json.dumps(value)}", {**baseline, name: value}))
+    return variants
 
 
 def print_ratios(rows: list[dict[str, Any]], variants: list[tuple[str, dict[str, Any]]]) -> None:
-    """Each variant against the first at every level: throughput and first-audio p99."""
-    base = variants[0][0]
+    """Each option's variants against its first value at every level: throughput and
+    first-audio p99."""
     by_key = {(r["name"], r["concurrency"]): r for r in rows}
-    for name, _ in variants[1:]:
+    bases: dict[str, str] = {}
+    for name, _ in variants:
+        option = name.partition("=")[0]
+        base = bases.setdefault(option, name)
+        if base == name:
+            continue
         for (n, c), row in by_key.items():
             first = by_key.get((base, c))
             if n != name or first is None:
@@ -549,10 +565,11 @@ def main() -> int:
     parser.add_argument("--engine-option", type=engine_option, action="append", default=[],
                         help="NAME=JSON for the engine, in-process and in the worker, e.g. "
                              "first_chunk_tokens=10 or flow_steps=5")
-    parser.add_argument("--live-option", default=None, metavar="NAME=V1,V2",
+    parser.add_argument("--live-option", action="append", default=[], metavar="NAME=V1,V2",
                         help="in-process: each level once per value of an option a warm "
                              f"engine takes ({', '.join(LIVE_OPTIONS)}), side by side "
-                             "in one warm engine, with ratios against the first value")
+                             "in one warm engine, with ratios against the first value; "
+                             "repeat it for several options")
     args = parser.parse_args()
     args.engine_option = dict(args.engine_option)
     variants = live_variants(parser, args)

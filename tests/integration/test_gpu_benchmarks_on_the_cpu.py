@@ -48,22 +48,29 @@ def test_the_stream_sweep_serves_every_stream_and_its_checks_pass(model: str,
     assert f"audio per request {TOKENS / 25:.1f} s" in printed
 
 
-def test_a_live_option_is_swept_side_by_side_in_one_engine(tmp_path: Path) -> None:
-    """Each level runs once per value of `--live-option`, in one warm engine: later chunks of
-    two hops take fewer audio calls for the same requests, and a ratio line compares them."""
+def test_live_options_are_swept_side_by_side_in_one_engine(tmp_path: Path) -> None:
+    """Each level runs once per value of each `--live-option`, in one warm engine, the other
+    options at their defaults: later chunks of two hops take fewer audio calls for the same
+    requests, the gather variants run at the default two hops (not the last value swept), and
+    ratio lines compare each option's values with its first."""
     model_dir = cosyvoice_models.build_model_dir(tmp_path / "tiny")
     out = tmp_path / "results.json"
     printed = _run("benchmarks/gpu_cosyvoice.py", "--model-dir", str(model_dir), "--device",
                    "cpu", "--dtype", "float32", "--concurrency", "1,2", "--tokens", "130",
-                   "--live-option", "later_chunk_hops=1,2", "--out", str(out))
+                   "--live-option", "later_chunk_hops=2,1",
+                   "--live-option", "first_chunk_gather_steps=0,4", "--out", str(out))
     results = json.loads(out.read_text())["results"]
-    names = ["later_chunk_hops=1", "later_chunk_hops=2"]
+    hops = ["later_chunk_hops=2", "later_chunk_hops=1"]
+    gathers = ["first_chunk_gather_steps=0", "first_chunk_gather_steps=4"]
     assert [(r["name"], r["concurrency"], r["ok"]) for r in results] == [
-        (names[0], 1, 1), (names[1], 1, 1), (names[0], 2, 2), (names[1], 2, 2)]
+        (name, c, c) for c in (1, 2) for name in hops + gathers]
     calls = {(r["name"], r["concurrency"]): r["stages"]["run"]["calls"] for r in results}
-    assert calls[(names[1], 1)] < calls[(names[0], 1)]
+    assert calls[(hops[0], 1)] < calls[(hops[1], 1)]
+    assert calls[(gathers[0], 1)] == calls[(hops[0], 1)]
     for c in (1, 2):
-        assert re.search(rf"{names[1]} / {names[0]}  c={c} +audio-s/s x\d+\.\d\d", printed)
+        assert re.search(rf"{hops[1]} / {hops[0]}  c={c} +audio-s/s x\d+\.\d\d", printed)
+        assert re.search(rf"{gathers[1]} / {gathers[0]}  c={c} +audio-s/s x\d+\.\d\d", printed)
+    assert f"{gathers[0]} / {hops[0]}" not in printed
 
 
 @pytest.mark.parametrize(("model", "parts"), [("cosyvoice2", ("encoder", "solver", "vocoder")),
