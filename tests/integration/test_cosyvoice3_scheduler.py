@@ -24,6 +24,7 @@ from worker.engines.cosyvoice.scheduler import DONE, DecodeLimits, Scheduler
 from worker.engines.cosyvoice.v3_config import check_v3_model_dir
 from worker.engines.cosyvoice.v3_flow import load_v3_flow
 from worker.engines.cosyvoice.v3_hift import HiFTNoise, load_v3_hift
+from worker.engines.cosyvoice.v3_hift_graphs import V3VocoderGraphs
 from worker.engines.cosyvoice.v3_llm import CosyVoice3LM, load_v3_llm
 from worker.engines.cosyvoice.v3_pipeline import V3AudioStage, V3Utterance
 
@@ -210,6 +211,28 @@ async def test_later_chunks_of_two_hops_speak_what_chunks_of_one_do(
     assert two_audio.size == one_audio.size > 0
     assert float(np.abs(two_audio).max()) > 1e-4
     assert float(np.abs(two_audio - one_audio).max()) <= AUDIO_TOLERANCE
+
+
+async def test_the_vocoders_graph_buckets_speak_what_it_speaks_eagerly(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the vocoder's buckets (run eagerly on the CPU, padded to their lengths), requests
+    batched together get the audio the eager vocoder gives them, and the buckets serve calls."""
+    audio = scheduler.audio
+    assert isinstance(audio, V3AudioStage)
+    eager = await asyncio.gather(*(_speak(scheduler, _utterance(s)) for s in range(3)))
+    graphs = V3VocoderGraphs(audio.hift, torch.device("cpu"), rows=(1, 2, 4))
+    served = []
+    run = graphs._run
+    graphs._run = lambda bucket: served.append(bucket) or run(bucket)  # type: ignore[method-assign]
+    monkeypatch.setattr(audio, "vocoder_graphs", graphs)
+    replayed = await asyncio.gather(*(_speak(scheduler, _utterance(s)) for s in range(3)))
+    assert {b.first for b in served} == {True, False}
+    for (tokens, got), (want_tokens, want) in zip(replayed, eager, strict=True):
+        assert tokens == want_tokens
+        assert got.size == want.size > 0
+        assert float(np.abs(got).max()) > 1e-4
+        assert float(np.abs(got - want).max()) <= AUDIO_TOLERANCE
 
 
 async def test_requests_admitted_steps_apart_get_first_audio_from_one_call(

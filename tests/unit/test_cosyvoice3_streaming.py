@@ -15,6 +15,7 @@ from worker.engines.cosyvoice.v3_config import check_v3_model_dir
 from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, load_v3_flow
 from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
 from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise, load_v3_hift
+from worker.engines.cosyvoice.v3_hift_graphs import V3VocoderGraphs
 from worker.engines.cosyvoice.v3_hift_stream import HiFTStream
 
 # Measured: flow ~1e-6 (the same frames computed in different batch shapes), vocoder ~1e-7.
@@ -246,9 +247,24 @@ def _mels(flow: CosyVoice3Flow) -> list[torch.Tensor]:
     return [_whole(flow, r) for r in _requests()]
 
 
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "buckets"])
 def test_chunked_hift_equals_whole_pass(
-    flow: CosyVoice3Flow, hift: CausalHiFT, noise: HiFTNoise
+    flow: CosyVoice3Flow, hift: CausalHiFT, noise: HiFTNoise, graphed: bool
 ) -> None:
+    """Streamed in chunks of many sizes, eagerly or through the vocoder's graph buckets (run
+    eagerly on the CPU: calls padded up to 16 or 56 frames, or 2 rows, and the calls that fit
+    none eagerly, one stream's calls mixing both), every request gets its whole pass."""
+    graphs = V3VocoderGraphs(hift, torch.device("cpu"), rows=(1, 2), frames=(16, 56))
+    calls: list[tuple[int, bool, bool, bool]] = []  # rows, first, final, replayed
+    decode = graphs.decode
+
+    def recorded(mel: torch.Tensor, frames: int, *args: Any) -> Any:
+        replayed = decode(mel, frames, *args)
+        calls.append((mel.size(0), args[-1] is None, mel.size(2) == frames,
+                      replayed is not None))
+        return replayed
+
+    graphs.decode = recorded  # type: ignore[method-assign]
     mels = _mels(flow)
     sizes = [(13, 50, 7, 50, 50, 50), (50, 50, 50, 50), (1, 2, 3, 60, 60)]
     streams = [HiFTStream.new(80, 9, torch.device("cpu")) for _ in mels]
@@ -265,7 +281,8 @@ def test_chunked_hift_equals_whole_pass(
             final.append(end == mels[i].size(1))
             starts[i] = end
         for i, wav in zip(rows, v3_hift_stream.advance(
-                hift, [streams[i] for i in rows], chunks, final, noise), strict=True):
+                hift, [streams[i] for i in rows], chunks, final, noise,
+                graphs if graphed else None), strict=True):
             pieces[i].append(wav)
     for mel, got, stream in zip(mels, pieces, streams, strict=True):
         assert stream.finished
@@ -275,6 +292,12 @@ def test_chunked_hift_equals_whole_pass(
         assert (wav - want).abs().max() <= HIFT_TOL
         assert stream.mel.size(1) <= v3_hift_stream.F0_BEHIND + 8  # history stays bounded
         assert stream.source.numel() <= 480
+    if graphed:  # first, later and final calls replayed; longer ones eager
+        replayed = {c[:3] for c in calls if c[3]}
+        assert {(first, final) for _, first, final in replayed} == {
+            (True, False), (False, False), (False, True)}
+        assert {rows for rows, _, _ in replayed} == {1, 2}
+        assert any(not c[3] for c in calls)
 
 
 def test_hift_releases_all_but_the_look_ahead(

@@ -9,7 +9,7 @@ only in non-streaming mode, by stretching a whole mel), and stretching chunk by 
 be the same audio as stretching the whole, so the engine states speed 1.0 only and refuses any
 other with 422 `speed_out_of_range` before audio. The LLM's decode step is replayed from graphs
 as for CosyVoice2; so are the flow's estimator steps (`v3_flow_graphs`) unless `dit_graphs` is
-false; the vocoder runs eagerly.
+false, and the vocoder's decoder (`v3_hift_graphs`) unless `vocoder_graphs` is.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from worker.engines.cosyvoice.v3_flow import (
 from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
 from worker.engines.cosyvoice.v3_frontend import COSYVOICE3
 from worker.engines.cosyvoice.v3_hift import HiFTNoise, load_v3_hift, samples_per_frame
+from worker.engines.cosyvoice.v3_hift_graphs import V3VocoderGraphs
 from worker.engines.cosyvoice.v3_llm import CosyVoice3LM, load_v3_llm
 from worker.engines.cosyvoice.v3_pipeline import V3AudioStage, V3Utterance
 
@@ -91,15 +92,20 @@ class CosyVoice3Engine(SpeechEngine):
         self._bound_prompt_cache()
         audio = V3AudioStage(flow, hift, self._vocoder_noise(config), self.device,
                              prompt_state_bytes=self.prompt_cache_bytes)
+        if self.vocoder_graphs and self.cuda_graph and self.device.type == "cuda":
+            audio.vocoder_graphs = V3VocoderGraphs(hift, self.device,
+                                                   rows=tuple(buckets(self.max_audio_rows)))
         files = REQUIRED_FILES + ((SPEAKERS_FILE,) if self._speakers else ())
         self._serve(llm, sampling, audio, config.flow.output_size, frontend, files)
 
     def _capture_graphs(self) -> None:
-        """The flow's per-step estimator graphs (unless `dit_graphs` is false); a capture that
-        fails leaves the flow eager, with a warning."""
+        """The flow's per-step estimator graphs (unless `dit_graphs` is false) and the
+        vocoder's (unless `vocoder_graphs` is); a capture that fails leaves that stage eager,
+        with a warning."""
         audio = self._audio
         assert isinstance(audio, V3AudioStage)
-        self._capture_each(((audio.flow, "step_graphs", "flow"),))
+        self._capture_each(((audio.flow, "step_graphs", "flow"),
+                            (audio, "vocoder_graphs", "vocoder")))
 
     def _vocoder_noise(self, config: V3ModelConfig) -> HiFTNoise:
         """The released vocoder's fixed noise, as long as the longest utterance the KV pool

@@ -92,6 +92,29 @@ class Tails:
         return out
 
 
+@dataclass(frozen=True)
+class TailLayout:
+    """Where each convolution's kept input lies in one flat row [total] per stream, so a
+    call stacks, copies and splits a batch's tails as one tensor, not one per convolution."""
+
+    convs: tuple[nn.Module, ...]
+    shapes: tuple[tuple[int, int], ...]
+    """(channels, frames) kept by each convolution"""
+
+    @property
+    def total(self) -> int:
+        return sum(c * k for c, k in self.shapes)
+
+    def split(self, flat: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
+        """Views [B, C, k] of rows [B, total]."""
+        parts = torch.split(flat, [c * k for c, k in self.shapes], dim=1)
+        return {m: part.view(flat.size(0), c, k)
+                for m, part, (c, k) in zip(self.convs, parts, self.shapes, strict=True)}
+
+    def join(self, store: dict[nn.Module, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([store[m].flatten(1) for m in self.convs], dim=1)
+
+
 class CausalConv(nn.Conv1d):
     def __init__(self, cin: int, cout: int, kernel: int, dilation: int = 1,
                  ahead: bool = False) -> None:
@@ -208,6 +231,7 @@ class CausalHiFT(nn.Module):
         self.window: torch.Tensor
         self.register_buffer("window", torch.hann_window(cfg.n_fft, periodic=True),
                              persistent=False)
+        self._tail_layout: TailLayout | None = None
 
     def excitation(
         self, f0: torch.Tensor, phase: torch.Tensor, offset: list[int], noise: HiFTNoise
@@ -254,6 +278,29 @@ class CausalHiFT(nn.Module):
                 acc = acc + self.resblocks[i * kernels + j](x, tails=tails)
             x = acc / kernels
         return self.conv_post(F.leaky_relu(x), tails=tails)
+
+    def stream_frames(self, mel: torch.Tensor, source: torch.Tensor, tails: Tails,
+                      first: bool) -> torch.Tensor:
+        """Windowed time frames [B, F, n_fft] of a streamed, non-final call: mel [B, mels,
+        n + look-ahead], the excitation under its STFT frames [B, samples] (no centring)."""
+        x = self.conv_pre(mel, False)
+        spec = self.stft(source, center=False)
+        return self.frames(self.body(x, spec, tails, first))
+
+    def tail_layout(self) -> TailLayout:
+        """What each convolution keeps between streamed chunks, read off (once) a one-frame
+        first call: every call after the first keeps as much."""
+        if self._tail_layout is None:
+            probe = Tails({})
+            device = self.window.device
+            samples = self.scale + self.cfg.n_fft  # the STFT frames of one frame, and one
+            with torch.inference_mode():
+                self.stream_frames(
+                    torch.zeros(1, self.cfg.in_channels, 1 + self.look_right, device=device),
+                    torch.zeros(1, samples, device=device), probe, True)
+            self._tail_layout = TailLayout(
+                tuple(probe.store), tuple((t.size(1), t.size(2)) for t in probe.store.values()))
+        return self._tail_layout
 
     def frames(self, spectra: torch.Tensor) -> torch.Tensor:
         """Windowed time frames [B, F, n_fft] of spectra [B, n_fft + 2, F] (inverse STFT

@@ -17,13 +17,13 @@ batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
 
 from worker.engines.cosyvoice.v3_hift import F0_AHEAD, CausalHiFT, HiFTNoise, Tails
+from worker.engines.cosyvoice.v3_hift_graphs import V3VocoderGraphs
 
 F0_BEHIND = 8
 
@@ -44,7 +44,8 @@ class HiFTStream:
     decoded: int = 0
     emitted: int = 0
     finished: bool = False
-    tails: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
+    tails: torch.Tensor | None = None
+    """[total]: every causal convolution's kept input (`CausalHiFT.tail_layout`)"""
     carry: torch.Tensor | None = None
 
     @staticmethod
@@ -58,7 +59,7 @@ class HiFTStream:
         return self.mel_start + self.mel.size(1)
 
     def nbytes(self) -> int:
-        held = [self.mel, self.source, *self.tails.values()]
+        held = [self.mel, self.source, *([] if self.tails is None else [self.tails])]
         return sum(t.numel() * t.element_size() for t in held)
 
 
@@ -111,21 +112,28 @@ def _stft_input(hift: CausalHiFT, s: HiFTStream, m0: int, m1: int, final: bool) 
 
 
 def _decode(hift: CausalHiFT, group: list[HiFTStream], ends: list[int], final: bool,
-            out: dict[HiFTStream, torch.Tensor]) -> None:
+            out: dict[HiFTStream, torch.Tensor], graphs: V3VocoderGraphs | None = None) -> None:
     cfg, hop, n_fft = hift.cfg, hift.cfg.hop_len, hift.cfg.n_fft
     per_frame = hift.scale // hop
     first = group[0].decoded == 0
     look = 0 if final else hift.look_right
     mel = torch.stack([s.mel[:, s.decoded - s.mel_start: e + look - s.mel_start]
                        for s, e in zip(group, ends, strict=True)])
-    x = hift.conv_pre(mel, final)
     m0s = [0 if first else per_frame * s.decoded + 1 for s in group]
-    spec = hift.stft(torch.stack([
-        _stft_input(hift, s, m0, per_frame * e, final)
-        for s, m0, e in zip(group, m0s, ends, strict=True)]), center=False)
-    store = {} if first else {m: torch.stack([s.tails[m] for s in group])
-                              for m in group[0].tails}
-    frames = hift.frames(hift.body(x, spec, Tails(store), first))  # [B, F, n_fft]
+    source = torch.stack([_stft_input(hift, s, m0, per_frame * e, final)
+                          for s, m0, e in zip(group, m0s, ends, strict=True)])
+    layout = hift.tail_layout()
+    kept_before = None if first else torch.stack([s.tails for s in group if s.tails is not None])
+    replayed = None if graphs is None else graphs.decode(
+        mel, ends[0] - group[0].decoded, source, kept_before)
+    if replayed is not None:
+        frames, kept = replayed
+    else:
+        tails = Tails({} if kept_before is None else layout.split(kept_before))
+        x = hift.conv_pre(mel, final)
+        spec = hift.stft(source, center=False)
+        frames = hift.frames(hift.body(x, spec, tails, first))  # [B, F, n_fft]
+        kept = layout.join(tails.store)
     count = frames.size(1)
     length = hop * (count - 1) + n_fft
     fold = {"output_size": (1, length), "kernel_size": (1, n_fft), "stride": (1, hop)}
@@ -136,7 +144,7 @@ def _decode(hift: CausalHiFT, group: list[HiFTStream], ends: list[int], final: b
         acc[:, :, : n_fft - hop] += torch.stack([s.carry for s in group if s.carry is not None])
     keep = length if final else length - (n_fft - hop)
     done = acc[:, 0, :keep] / acc[:, 1, :keep]
-    kept = {m: t.unbind(0) for m, t in store.items()}  # each row's view, one call per convolution
+    kept_rows = kept.unbind(0)
     for b, (s, m0, e) in enumerate(zip(group, m0s, ends, strict=True)):
         start = hop * m0 - n_fft // 2  # sample of done[:, 0]
         stop = e * hift.scale if final else start + keep
@@ -144,7 +152,7 @@ def _decode(hift: CausalHiFT, group: list[HiFTStream], ends: list[int], final: b
                              -cfg.audio_limit, cfg.audio_limit)
         s.emitted = stop
         s.carry = acc[b, :, keep:]
-        s.tails = {m: rows[b] for m, rows in kept.items()}
+        s.tails = kept_rows[b]
         s.decoded = e
         next_start = hop * (per_frame * e + 1) - n_fft // 2
         s.source = s.source[next_start - s.src_start:]
@@ -154,9 +162,10 @@ def _decode(hift: CausalHiFT, group: list[HiFTStream], ends: list[int], final: b
 @torch.inference_mode()
 def advance(
     hift: CausalHiFT, streams: list[HiFTStream], mels: list[torch.Tensor], final: list[bool],
-    noise: HiFTNoise,
+    noise: HiFTNoise, graphs: V3VocoderGraphs | None = None,
 ) -> list[torch.Tensor]:
-    """Append mel frames [80, n_i] to each request; returns its newly completed samples."""
+    """Append mel frames [80, n_i] to each request; returns its newly completed samples (the
+    decoder replayed from `graphs` where a bucket fits)."""
     if any(s.finished for s in streams):
         raise ValueError("a request's vocoder stream has already finished")
     for s, mel in zip(streams, mels, strict=True):
@@ -169,7 +178,7 @@ def advance(
             groups.setdefault((s.decoded == 0, fin, end - s.decoded), []).append((s, end))
     out: dict[HiFTStream, torch.Tensor] = {}
     for (_, fin, _), rows in groups.items():
-        _decode(hift, [s for s, _ in rows], [e for _, e in rows], fin, out)
+        _decode(hift, [s for s, _ in rows], [e for _, e in rows], fin, out, graphs)
     for s, fin in zip(streams, final, strict=True):
         s.finished = fin
         keep = min(s.decoded, s.f0_frames - F0_BEHIND)

@@ -25,6 +25,7 @@ from worker.engines.cosyvoice.pipeline import Chunk, Utterance, next_chunk, toke
 from worker.engines.cosyvoice.prompt_states import PromptStates, prompt_key
 from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, PromptPrefix
 from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise
+from worker.engines.cosyvoice.v3_hift_graphs import V3VocoderGraphs
 from worker.engines.cosyvoice.v3_hift_stream import HiFTStream
 from worker.engines.cosyvoice.v3_llm import filter_silent
 
@@ -53,6 +54,8 @@ class V3AudioStage:
         self.prompt_states: PromptStates[PromptPrefix] = PromptStates(prompt_state_bytes)
         """New streams start from their prompt's prefix (`CosyVoice3Flow.solve_prefixes`),
         kept per prompt; a budget of 0 solves every prompt with its first chunk."""
+        self.vocoder_graphs: V3VocoderGraphs | None = None
+        """Set (and captured) by the engine on a GPU: the vocoder's decoder as graphs."""
 
     def _filter(self, utt: V3Utterance) -> None:
         new = utt.tokens[utt.filtered : len(utt.tokens)]
@@ -111,7 +114,8 @@ class V3AudioStage:
         finals = [c.finalize for c in chunks]
         mels = self.flow.advance([s for s in streams if s is not None], new_tokens, finals)
         vocoders = [u.hift_stream for u in utts if u.hift_stream is not None]
-        return v3_hift_stream.advance(self.hift, vocoders, mels, finals, self.noise)
+        return v3_hift_stream.advance(self.hift, vocoders, mels, finals, self.noise,
+                                      self.vocoder_graphs)
 
     def _speak(self, chunks: list[Chunk]) -> list[np.ndarray]:
         utts = []
