@@ -88,8 +88,13 @@ class Tails:
         full = torch.cat([tail, x], dim=2)
         bias = None if conv.bias is None else conv.bias.to(x.dtype)
         out = conv._conv_forward(full, conv.weight.to(x.dtype), bias)
-        self.store[conv] = full[:, :, conv.stride[0] * out.size(2):]
+        self.store[conv] = self.kept(full, conv.stride[0] * out.size(2), x.size(2))
         return out
+
+    def kept(self, full: torch.Tensor, start: int, new: int) -> torch.Tensor:
+        """What the next chunk needs of a convolution's input `full` (its kept input, then
+        `new` frames): from `start`, the first frame no output of this chunk began at."""
+        return full[:, :, start:]
 
 
 @dataclass(frozen=True)

@@ -41,20 +41,11 @@ class PaddedTails(Tails):
         self.excess = excess
         self.frames = frames
 
-    def run(self, conv: nn.Conv1d, x: torch.Tensor, pad: int) -> torch.Tensor:
-        tail = self.store.get(conv)
-        if tail is None:
-            tail = x.new_zeros(x.size(0), x.size(1), pad)
-        full = torch.cat([tail, x], dim=2)
-        bias = None if conv.bias is None else conv.bias.to(x.dtype)
-        out: torch.Tensor = conv._conv_forward(full, conv.weight.to(x.dtype), bias)
-        stride = conv.stride[0]
-        kept = full.size(2) - stride * out.size(2)
-        per_frame = x.size(2) // self.frames  # this level's samples (or STFT frames) per frame
-        start = stride * out.size(2) - self.excess * per_frame
-        index = start + torch.arange(kept, device=x.device)
-        self.store[conv] = full.index_select(2, index)
-        return out
+    def kept(self, full: torch.Tensor, start: int, new: int) -> torch.Tensor:
+        per_frame = new // self.frames  # this level's samples (or STFT frames) per mel frame
+        unpadded = start - self.excess * per_frame
+        return full.index_select(2, unpadded + torch.arange(full.size(2) - start,
+                                                              device=full.device))
 
 
 @dataclass
