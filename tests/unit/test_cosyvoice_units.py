@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 from worker.engines.cosyvoice.capacity import (
     WORKING_SHARE,
     StreamCost,
+    default_audio_rows,
     flow_frame_bytes,
     streams_that_fit,
 )
@@ -160,6 +162,16 @@ def test_stated_capacity_fits_the_memory_left() -> None:
     paged = StreamCost(kv_row_bytes=1000, flow_frame_bytes=frame, frames_per_second=50,
                        frame_quantum=256)
     assert paged.bytes() == 1000 + 768 * frame  # 15 s, 750 frames, in whole 256-frame pages
+
+
+@pytest.mark.parametrize(("device", "total_gib", "rows"),
+                         [("cpu", None, 64), ("cuda", 139.8, 64), ("cuda", 79.2, 32)])
+def test_audio_rows_default_to_half_on_a_gpu_of_less_than_100_gib(
+    monkeypatch: pytest.MonkeyPatch, device: str, total_gib: float | None, rows: int
+) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(
+        total_memory=int((total_gib or 0) * 2**30)))
+    assert default_audio_rows(torch.device(device)) == rows
 
 
 @pytest.mark.parametrize(("n_fft", "hop"), [(16, 4), (16, 8), (64, 16)])

@@ -29,7 +29,7 @@ def create_engine(
     max_streams: int | None = None,
     max_positions: int = 3072,
     flow_steps: int = 10,
-    max_audio_rows: int = 64,
+    max_audio_rows: int | None = None,
     first_chunk_tokens: int | None = None,
     later_chunk_hops: int = 2,
     vocoder_graphs: bool = True,
@@ -46,8 +46,8 @@ def create_engine(
     vocoder always runs in float32), `threads` (ONNX Runtime threads for prompt features;
     WORKER_THREADS), and for benchmarks only `fixed_speech_tokens` (decode exactly that many
     tokens per piece, ignoring end-of-speech). The others are `SpeechEngine`'s; CosyVoice3
-    takes `flow_steps` 10 only, and `vocoder_graphs`, `encoder_graph_rows` and
-    `prompt_cache_mb` are CosyVoice2's (`dit_graphs` CosyVoice3's: unset, it is on).
+    takes `flow_steps` 10 only, and `encoder_graph_rows` is CosyVoice2's (`dit_graphs`
+    CosyVoice3's: unset, it is on).
     """
     if not model_dir:
         raise ValueError("the cosyvoice engine needs model_dir (an official CosyVoice2 or "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 STREAM_BUDGET_S = 15.0
 """Seconds of audio, prompt included, each stream's flow state is budgeted for. Longer pieces
 still run; the budget is what the stated capacity is planned on."""
@@ -19,6 +21,21 @@ WORKING_SHARE = 0.15
 
 PROMPT_CACHE_SHARE = 0.05
 """Most of the device's memory the prompt states' cache (`prompt_cache_mb`) may take."""
+
+
+SMALL_DEVICE_BYTES = 100 * 2**30
+"""Below this much memory a GPU gets half the audio rows by default (`default_audio_rows`)."""
+
+
+def default_audio_rows(device: torch.device) -> int:
+    """Chunks per audio call (`max_audio_rows`) unless set: 64, or 32 on a GPU of less than
+    100 GiB. The graphs' buffers grow with the rows (CosyVoice2's solver history alone is 33 GB
+    at 64 rows), and on an 80 GB H100 at 64 rows they and their pools left room for few
+    streams."""
+    if device.type == "cuda" and \
+            torch.cuda.get_device_properties(device).total_memory < SMALL_DEVICE_BYTES:
+        return 32
+    return 64
 
 
 def prompt_cache_bytes(requested: int, total_bytes: int) -> int:

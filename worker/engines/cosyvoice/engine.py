@@ -38,6 +38,7 @@ from worker.engines.cosyvoice.batch_decode import (
 from worker.engines.cosyvoice.capacity import (
     STREAM_BUDGET_S,
     StreamCost,
+    default_audio_rows,
     flow_frame_bytes,
     prompt_cache_bytes,
     streams_that_fit,
@@ -126,7 +127,7 @@ class SpeechEngine:
         max_streams: int | None = None,
         max_positions: int = 3072,
         flow_steps: int = 10,
-        max_audio_rows: int = 64,
+        max_audio_rows: int | None = None,
         first_chunk_tokens: int | None = None,
         later_chunk_hops: int = 2,
         vocoder_graphs: bool = True,
@@ -158,15 +159,15 @@ class SpeechEngine:
         self._size_streams_to_memory = max_streams is None and self.device.type == "cuda"
         self.max_positions = max_positions
         self.flow_steps = flow_steps
-        self.max_audio_rows = max_audio_rows
+        self.max_audio_rows = max_audio_rows or default_audio_rows(self.device)
         self.first_chunk_tokens = first_chunk_tokens
         self.later_chunk_hops = later_chunk_hops
         self.vocoder_graphs = vocoder_graphs
         if encoder_graph_rows is None:
-            encoder_graph_rows = max_audio_rows
-        if not 1 <= encoder_graph_rows <= max_audio_rows:
-            raise ValueError(f"encoder_graph_rows must be 1..max_audio_rows ({max_audio_rows}), "
-                             f"not {encoder_graph_rows}")
+            encoder_graph_rows = self.max_audio_rows
+        if not 1 <= encoder_graph_rows <= self.max_audio_rows:
+            raise ValueError("encoder_graph_rows must be 1..max_audio_rows "
+                             f"({self.max_audio_rows}), not {encoder_graph_rows}")
         self.encoder_graph_rows = encoder_graph_rows
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be positive, not {prefill_tokens}")
@@ -300,8 +301,11 @@ class SpeechEngine:
         warm-up allocated (graphs, their pools and buffers), which sizing at load could not
         see; the KV rows are in place by now, so only the flow states are counted."""
         assert self._stream_cost is not None
+        # Only what the driver has free counts: the blocks the graphs' private pools hold
+        # are reserved but not allocated, and serve no other allocation (on an H100, 23 GiB
+        # of them were once counted as room for streams, which then ran out of memory).
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         free = max(0, free - prompt_cache_bytes(self.prompt_cache_bytes, total))
         flow_states = replace(self._stream_cost, kv_row_bytes=0)
         streams = streams_that_fit(free, total, flow_states, self.max_streams)
@@ -524,8 +528,10 @@ class CosyVoiceEngine(SpeechEngine):
         sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
                                   config.llm.tau_r)
         if self.cuda_graph and self.device.type == "cuda":
-            flow.solver_graphs = SolverGraphs(flow.solver, self.dtype, self.device,
-                                              steps=self.flow_steps)
+            rows = buckets(self.max_audio_rows)
+            flow.solver_graphs = SolverGraphs(
+                flow.solver, self.dtype, self.device, steps=self.flow_steps,
+                rows=tuple(r for r in rows if r <= 8), wide_rows=tuple(r for r in rows if r > 8))
             flow.encoder_graphs = EncoderGraphs(
                 flow.encode_tokens, config.flow.pre_lookahead_len,
                 config.flow.encoder.upsample_stride, self.device,
