@@ -233,12 +233,11 @@ class StageTimer:
         return shown
 
 
-async def sweep_inproc(engine: SpeechEngine, levels: list[int], timeline: int = 0,
-                       variants: list[tuple[str, dict[str, Any]]] | None = None
-                       ) -> list[dict[str, Any]]:
+async def sweep_inproc(engine: SpeechEngine, levels: list[int], rows: list[dict[str, Any]],
+                       timeline: int = 0,
+                       variants: list[tuple[str, dict[str, Any]]] | None = None) -> None:
     """Each level once per variant (a name, and `LIVE_OPTIONS` set on the warm engine before
-    it), the variants one after another at each level."""
-    rows = []
+    it), the variants one after another at each level; a row for each appended to `rows`."""
     warm = EngineRequest(text=TEXT, voice="bench", speed=1.0, seed=0)
     await stream_inproc(engine, warm)  # unmeasured, as through HTTP
     timer = StageTimer(engine, timeline)
@@ -252,10 +251,10 @@ async def sweep_inproc(engine: SpeechEngine, levels: list[int], timeline: int = 
                         for i in range(c)]
             started = time.perf_counter()
             stats = await asyncio.gather(*(stream_inproc(engine, r) for r in requests))
-            rows.append(summarize(name, c, list(stats), time.perf_counter() - started,
-                                  peak_memory_gib()))
-            rows[-1]["stages"] = timer.report()
-    return rows
+            row = summarize(name, c, list(stats), time.perf_counter() - started,
+                            peak_memory_gib())
+            row["stages"] = timer.report()
+            rows.append(row)
 
 
 def _set_gather_steps(engine: SpeechEngine, steps: int) -> None:
@@ -320,6 +319,25 @@ def print_ratios(rows: list[dict[str, Any]], variants: list[tuple[str, dict[str,
             print(f"{name} / {base}  c={c:<4} audio-s/s x"
                   f"{row['audio_s_per_s'] / max(first['audio_s_per_s'], 1e-9):.2f}  "
                   f"ttfa p99 x{row['ttfa_p99_ms'] / max(first['ttfa_p99_ms'], 1e-9):.2f}")
+
+
+class SavedRows(list[dict[str, Any]]):
+    """The report's rows, the whole report written to `out` (if given) after each one, so a run
+    stopped at its time limit keeps every level it finished."""
+
+    def __init__(self, report: dict[str, Any], out: Path | None) -> None:
+        super().__init__()
+        self.report = report
+        self.out = out
+        self._save()
+
+    def append(self, row: dict[str, Any]) -> None:
+        super().append(row)
+        self._save()
+
+    def _save(self) -> None:
+        if self.out is not None:
+            self.out.write_text(json.dumps({**self.report, "results": list(self)}, indent=2))
 
 
 def max_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -437,7 +455,7 @@ async def stream_http(client: Any, url: str, body: dict[str, Any]) -> StreamStat
 
 def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
                dtype: str, device: str, log_dir: Path,
-               options: dict[str, Any]) -> list[dict[str, Any]]:
+               options: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     import httpx
 
     port = free_port()
@@ -469,13 +487,14 @@ def sweep_http(model_dir: Path, features: bytes, levels: list[int], tokens: int,
                 return summarize(name, c, list(stats), wall, held / 2**30)
 
         asyncio.run(level(1, "warm-up"))  # unmeasured: the first zero-shot request's one-time costs
-        return [asyncio.run(level(c)) for c in levels]
+        for c in levels:
+            rows.append(asyncio.run(level(c)))
 
 
 # -- upstream ------------------------------------------------------------------------------------
 
 def sweep_upstream(model_dir: Path, levels: list[int], voice: Any, text_ids: list[int],
-                   prompt_ids: list[int], tokens: int) -> list[dict[str, Any]]:
+                   prompt_ids: list[int], tokens: int, rows: list[dict[str, Any]]) -> None:
     from testbed import cosyvoice_upstream
 
     configs = cosyvoice_upstream.load_configs(model_dir)
@@ -502,7 +521,6 @@ def sweep_upstream(model_dir: Path, levels: list[int], voice: Any, text_ids: lis
         except Exception as e:
             stats.error = repr(e)[:200]
 
-    rows = []
     for c in levels:
         peak_memory_gib(reset=True)
         started = time.perf_counter()
@@ -514,7 +532,6 @@ def sweep_upstream(model_dir: Path, levels: list[int], voice: Any, text_ids: lis
             t.join()
         rows.append(summarize("upstream", c, stats, time.perf_counter() - started,
                               peak_memory_gib()))
-    return rows
 
 
 def engine_option(text: str) -> tuple[str, Any]:
@@ -580,7 +597,8 @@ def main() -> int:
     out_dir = args.out.parent if args.out else Path(".")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     report: dict[str, Any] = {"model": args.model, "device": device_name, "tokens": args.tokens,
-                              "engine_options": args.engine_option, "results": []}
+                              "engine_options": args.engine_option}
+    report["results"] = SavedRows(report, args.out)
     t = time.perf_counter()
     # On a GPU the engine states its own capacity (what fits in memory); levels beyond it wait
     # for free rows, as requests beyond capacity do in service.
@@ -607,8 +625,8 @@ def main() -> int:
         passed = all([check_audio_stages(engine, args.tokens), check_batched(engine)])
     modes = args.modes.split(",")
     if "inproc" in modes:
-        report["results"] += asyncio.run(sweep_inproc(engine, args.concurrency,
-                                                       args.timeline, variants))
+        asyncio.run(sweep_inproc(engine, args.concurrency, report["results"], args.timeline,
+                                 variants))
     engine._require()[0].stop()
     text_ids, prompt_ids = frontend.encode(TEXT), frontend.encode(PROMPT_TEXT)
     del engine
@@ -618,11 +636,11 @@ def main() -> int:
         print(f"in-process engine released: {torch.cuda.memory_reserved() / 2**30:.1f} GiB "
               "still reserved by this process", flush=True)
     if "http" in modes:
-        report["results"] += sweep_http(args.model_dir, features, args.concurrency, args.tokens,
-                                        args.dtype, args.device, out_dir, args.engine_option)
+        sweep_http(args.model_dir, features, args.concurrency, args.tokens, args.dtype,
+                   args.device, out_dir, args.engine_option, report["results"])
     if args.upstream:
-        report["results"] += sweep_upstream(args.model_dir, args.upstream, voice, text_ids,
-                                            prompt_ids, args.tokens)
+        sweep_upstream(args.model_dir, args.upstream, voice, text_ids, prompt_ids, args.tokens,
+                       report["results"])
     print(f"\nunderrun threshold {UNDERRUN_THRESHOLD_S * 1000:.0f} ms; audio per request "
           f"{args.tokens / 25:.1f} s")
     for row in report["results"]:
@@ -632,8 +650,6 @@ def main() -> int:
               f"ok {row['ok']}/{row['ok'] + row['failed']}  peak {row['peak_gpu_gib']:.1f} GiB")
     if variants:
         print_ratios(report["results"], variants)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
     return 0 if passed else 1
 
 

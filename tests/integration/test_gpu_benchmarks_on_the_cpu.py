@@ -4,6 +4,7 @@ requested length, positive throughput and arithmetic). The GPU runs themselves a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -71,6 +72,23 @@ def test_live_options_are_swept_side_by_side_in_one_engine(tmp_path: Path) -> No
         assert re.search(rf"{hops[1]} / {hops[0]}  c={c} +audio-s/s x\d+\.\d\d", printed)
         assert re.search(rf"{gathers[1]} / {gathers[0]}  c={c} +audio-s/s x\d+\.\d\d", printed)
     assert f"{gathers[0]} / {hops[0]}" not in printed
+
+
+def test_the_report_is_written_after_every_level(tmp_path: Path) -> None:
+    """A sweep stopped at its time limit keeps the levels it finished: the report on disk holds
+    every row as soon as it is made."""
+    spec = importlib.util.spec_from_file_location("gpu_cosyvoice",
+                                                  ROOT / "benchmarks" / "gpu_cosyvoice.py")
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results.json"
+    rows = bench.SavedRows({"model": "cosyvoice2"}, out)
+    assert json.loads(out.read_text()) == {"model": "cosyvoice2", "results": []}
+    rows.append({"concurrency": 1})
+    rows.append({"concurrency": 4})
+    assert json.loads(out.read_text())["results"] == [{"concurrency": 1}, {"concurrency": 4}]
 
 
 @pytest.mark.parametrize(("model", "parts"), [("cosyvoice2", ("encoder", "solver", "vocoder")),
