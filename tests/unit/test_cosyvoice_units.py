@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +21,11 @@ from worker.engines.cosyvoice.capacity import (
     streams_that_fit,
 )
 from worker.engines.cosyvoice.config import read_yaml
-from worker.engines.cosyvoice.engine import GEMM_WORKSPACE_SETTINGS, turn_off_gemm_workspaces
+from worker.engines.cosyvoice.engine import (
+    GEMM_WORKSPACE_SETTINGS,
+    SpeechEngine,
+    turn_off_gemm_workspaces,
+)
 from worker.engines.cosyvoice.frontend import VoicePrompt
 from worker.engines.cosyvoice.hift import dft_bases, inverse_stft, stft
 from worker.engines.cosyvoice.pipeline import Utterance
@@ -145,6 +150,20 @@ def test_voice_prompt_round_trips() -> None:
     assert back.text == "你好"
     torch.testing.assert_close(back.speech_tokens, prompt.speech_tokens)
     torch.testing.assert_close(back.mel, prompt.mel)
+
+
+def test_each_stages_capture_logs_the_memory_its_graphs_keep(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    engine = SpeechEngine(model_dir=tmp_path)
+    engine.device = torch.device("cuda")
+    reserved = iter([2 * 2**30, 5 * 2**30 + 2**29])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: next(reserved))
+    captured = SimpleNamespace(graphs=SimpleNamespace(capture=lambda: None))
+    with caplog.at_level("INFO", logger="worker.engines.cosyvoice.engine"):
+        engine._capture_each(((captured, "graphs", "vocoder"),))
+    assert re.search(r"Captured the vocoder's graphs in [\d.]+ s: 3\.50 GiB more reserved",
+                     caplog.text)
 
 
 def test_stated_capacity_fits_the_memory_left() -> None:

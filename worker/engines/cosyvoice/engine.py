@@ -15,9 +15,11 @@ it loads and which LLM, audio stage and frontend it gives the scheduler: `CosyVo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -256,8 +258,7 @@ class SpeechEngine:
     def _capture_graphs(self) -> None:
         """Capture the audio stages' CUDA graphs, if the model has any (warm-up)."""
 
-    @staticmethod
-    def _capture_each(graphs: tuple[tuple[Any, str, str], ...]) -> None:
+    def _capture_each(self, graphs: tuple[tuple[Any, str, str], ...]) -> None:
         """Capture each `(owner, attribute, stage)`'s graphs (None: none); a capture that fails
         leaves that stage eager, with a warning."""
         for owner, attribute, stage in graphs:
@@ -265,17 +266,33 @@ class SpeechEngine:
             if captured is None:
                 continue
             try:
-                captured.capture()
+                with self._capture_logged(stage):
+                    captured.capture()
             except RuntimeError:
                 logger.warning("Capturing the %s's graphs failed; it runs eagerly", stage,
                                exc_info=True)
                 setattr(owner, attribute, None)
 
+    @contextlib.contextmanager
+    def _capture_logged(self, stage: str) -> Iterator[None]:
+        """Log how long a stage's capture took and the device memory it left reserved (its
+        graphs' private pool, which no other allocation can use)."""
+        if self.device.type != "cuda":  # nothing is captured
+            yield
+            return
+        before = torch.cuda.memory_reserved(self.device)
+        started = time.perf_counter()
+        yield
+        added = torch.cuda.memory_reserved(self.device) - before
+        logger.info("Captured the %s's graphs in %.1f s: %.2f GiB more reserved", stage,
+                    time.perf_counter() - started, added / 2**30)
+
     def warm_up(self) -> None:
         """Capture the graphs (decode step, then the model's own), then one short synthesis
         through every stage, so readiness proves the model runs."""
         scheduler, _ = self._require()
-        scheduler.decoder.capture()
+        with self._capture_logged("decoder"):
+            scheduler.decoder.capture()
         self._capture_graphs()
         scheduler.start()
         request = EngineRequest(text=self.warm_up_text, voice=self.default_voice, speed=1.0, seed=0)
