@@ -9,8 +9,9 @@ only left, and `conv_pre` only at its own window's frames, so an output frame ne
 padding, and each convolution's kept input (`Tails`) is read at the call's own length, not the
 bucket's, by an index the replay computes from the padding (`excess`). A final chunk runs as a
 non-final one whose look-ahead frames are zeros, which is what the final pass pads with. The
-F0 and excitation (float64, per stream windows) and the overlap-add stay eager: a few dozen
-operators. Nothing is captured while serving; calls that fit no bucket run eagerly. The engine's
+F0 and excitation (float64, per stream windows), gathering the streams' inputs and the
+overlap-add stay eager: about 130 operators at one row (each stream's kept inputs travel as one
+flat row, `CausalHiFT.tail_layout`). Nothing is captured while serving; calls that fit no bucket run eagerly. The engine's
 `vocoder_graphs` option (on by default) says whether to capture them.
 """
 
