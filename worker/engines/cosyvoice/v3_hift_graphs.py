@@ -11,8 +11,9 @@ bucket's, by an index the replay computes from the padding (`excess`). A final c
 non-final one whose look-ahead frames are zeros, which is what the final pass pads with. The
 F0 and excitation (float64, per stream windows), gathering the streams' inputs and the
 overlap-add stay eager: about 130 operators at one row (each stream's kept inputs travel as one
-flat row, `CausalHiFT.tail_layout`). Nothing is captured while serving; calls that fit no bucket run eagerly. The engine's
-`vocoder_graphs` option (on by default) says whether to capture them.
+flat row, `CausalHiFT.tail_layout`). Nothing is captured while serving; calls that fit no
+bucket run eagerly. The engine's `vocoder_graphs` option (on by default) says whether to capture
+them.
 """
 
 from __future__ import annotations
