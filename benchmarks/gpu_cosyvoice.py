@@ -45,6 +45,7 @@ import base64
 import contextlib
 import gc
 import json
+import logging
 import sys
 import threading
 import time
@@ -588,6 +589,9 @@ def main() -> int:
                              "in one warm engine, with ratios against the first value; "
                              "repeat it for several options")
     args = parser.parse_args()
+    # The engine's start-up figures (capacity, each stage's graphs and the memory they keep).
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("worker.engines.cosyvoice").setLevel(logging.INFO)
     args.engine_option = dict(args.engine_option)
     variants = live_variants(parser, args)
     if args.upstream and args.model != "cosyvoice2":
