@@ -285,12 +285,21 @@ class CausalHiFT(nn.Module):
         return self.conv_post(F.leaky_relu(x), tails=tails)
 
     def stream_frames(self, mel: torch.Tensor, source: torch.Tensor, tails: Tails,
-                      first: bool) -> torch.Tensor:
-        """Windowed time frames [B, F, n_fft] of a streamed, non-final call: mel [B, mels,
-        n + look-ahead], the excitation under its STFT frames [B, samples] (no centring)."""
-        x = self.conv_pre(mel, False)
+                      first: bool, final: bool = False) -> torch.Tensor:
+        """Windowed time frames [B, F, n_fft] of a streamed call: mel [B, mels, n + look-ahead]
+        (a final call's n alone: its look-ahead is zeros), the excitation under its STFT frames
+        [B, samples] (no centring)."""
+        x = self.conv_pre(mel, final)
         spec = self.stft(source, center=False)
         return self.frames(self.body(x, spec, tails, first))
+
+    def stft_frames(self, frames: int, first: bool) -> int:
+        """STFT frames under `frames` mel frames: a first call also has the one at sample 0."""
+        return self.scale // self.cfg.hop_len * frames + (1 if first else 0)
+
+    def source_samples(self, frames: int, first: bool) -> int:
+        """Excitation samples under those STFT frames."""
+        return self.cfg.hop_len * (self.stft_frames(frames, first) - 1) + self.cfg.n_fft
 
     def tail_layout(self) -> TailLayout:
         """What each convolution keeps between streamed chunks, read off (once) a one-frame
@@ -298,11 +307,10 @@ class CausalHiFT(nn.Module):
         if self._tail_layout is None:
             probe = Tails({})
             device = self.window.device
-            samples = self.scale + self.cfg.n_fft  # the STFT frames of one frame, and one
             with torch.inference_mode():
                 self.stream_frames(
                     torch.zeros(1, self.cfg.in_channels, 1 + self.look_right, device=device),
-                    torch.zeros(1, samples, device=device), probe, True)
+                    torch.zeros(1, self.source_samples(1, True), device=device), probe, True)
             self._tail_layout = TailLayout(
                 tuple(probe.store), tuple((t.size(1), t.size(2)) for t in probe.store.values()))
         return self._tail_layout

@@ -66,15 +66,6 @@ class _Bucket:
     graph: torch.cuda.CUDAGraph | None = None
 
 
-def stft_frames(hift: CausalHiFT, frames: int, first: bool) -> int:
-    """STFT frames under `frames` mel frames: a first call also has the one at sample 0."""
-    return hift.scale // hift.cfg.hop_len * frames + (1 if first else 0)
-
-
-def source_samples(hift: CausalHiFT, frames: int, first: bool) -> int:
-    return hift.cfg.hop_len * (stft_frames(hift, frames, first) - 1) + hift.cfg.n_fft
-
-
 class V3VocoderGraphs:
     def __init__(self, hift: CausalHiFT, device: torch.device,
                  rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
@@ -91,7 +82,7 @@ class V3VocoderGraphs:
                     self._buckets[(r, n, first)] = _Bucket(
                         rows=r, frames=n, first=first,
                         mel=torch.zeros(r, mels, n + hift.look_right, device=device),
-                        source=torch.zeros(r, source_samples(hift, n, first), device=device),
+                        source=torch.zeros(r, hift.source_samples(n, first), device=device),
                         excess=torch.zeros((), dtype=torch.long, device=device),
                         tails=None if first else torch.zeros(r, self.layout.total,
                                                               device=device))
@@ -137,4 +128,4 @@ class V3VocoderGraphs:
         if bucket.tails is not None and tails is not None:
             bucket.tails[:b].copy_(tails)
         out, kept = replay(bucket, self._run)
-        return out[:b, : stft_frames(self.hift, frames, first)].clone(), kept[:b].clone()
+        return out[:b, : self.hift.stft_frames(frames, first)].clone(), kept[:b].clone()

@@ -130,9 +130,7 @@ def _decode(hift: CausalHiFT, group: list[HiFTStream], ends: list[int], final: b
         frames, kept = replayed
     else:
         tails = Tails({} if kept_before is None else layout.split(kept_before))
-        x = hift.conv_pre(mel, final)
-        spec = hift.stft(source, center=False)
-        frames = hift.frames(hift.body(x, spec, tails, first))  # [B, F, n_fft]
+        frames = hift.stream_frames(mel, source, tails, first, final)  # [B, F, n_fft]
         kept = layout.join(tails.store)
     count = frames.size(1)
     length = hop * (count - 1) + n_fft
