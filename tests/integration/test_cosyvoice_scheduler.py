@@ -590,6 +590,47 @@ def test_later_chunks_of_two_hops_stream_the_same_frames(engine: CosyVoiceEngine
     assert any(max(new) == 100 and min(new) == 50 for new in rows_new), rows_new
 
 
+def test_default_buckets_hold_streamed_chunks_with_little_padding(
+    engine: CosyVoiceEngine,
+) -> None:
+    """The solver's default buckets follow the 50-frame grid: first chunks from prompts'
+    states, later chunks of one hop and two and the final ones all fit one, and a call of whole
+    hops after earlier frames computes no more than the look-ahead's 6 frames past its widest
+    row (its earlier frames padded by less than 100)."""
+    flow = engine._require()[0].audio.flow
+    graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
+                          rows=(1, 4), wide_rows=())
+    calls: list[tuple[int, int, int, int]] = []  # width, widest row, past width, most past
+    solve = graphs.solve
+
+    def sized(noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
+              cond: torch.Tensor, bias: torch.Tensor, states: list[Any], *args: Any) -> Any:
+        result = solve(noise, mask, mu, spks, cond, bias, states, *args)
+        if result is not None:
+            bucket = graphs.bucket_for(noise.size(0), noise.size(2), bias.size(2) - noise.size(2),
+                                       10)
+            assert bucket is not None
+            calls.append((bucket.frames, int(mask.sum(dim=(1, 2)).max()), bucket.past,
+                          max((s.frames for s in states if s is not None), default=0)))
+        return result
+
+    graphs.solve = sized  # type: ignore[method-assign]
+    served = _count_calls(graphs, "solve")
+    flow.solver_graphs = graphs
+    try:
+        assert _stream_alongside(flow, _utterances(18, ((75, 160), (75, 121), (30, 97))),
+                                 from_prompts=True, later_hops=(2, 2, 1)) < 1e-4
+    finally:
+        flow.solver_graphs = None
+    assert all(served), served
+    later = [(f, n, p, m) for f, n, p, m in calls if m > 0]
+    whole_hops = [(f, n) for f, n, _, _ in later if n % 50 == 0]
+    assert whole_hops, later
+    assert all(f - n <= 6 for f, n in whole_hops), later
+    assert all(p - m < 100 for _, _, p, m in later), later
+    assert {106, 56} <= {f for f, _, _, _ in later}, later
+
+
 def test_first_chunks_from_prompt_states_stay_on_the_graphs(engine: CosyVoiceEngine) -> None:
     """First chunks from a prompt's state have more new frames than later chunks: they are
     solved in calls of their own, each fitting a bucket of the wider new-frame width."""

@@ -196,6 +196,38 @@ def test_later_chunks_of_two_hops_replay_the_wider_buckets(flow: CosyVoice3Flow)
         assert (torch.cat(got, dim=1) - _whole(flow, req)).abs().max() <= FLOW_TOL
 
 
+def test_default_buckets_hold_streamed_chunks_with_little_padding(flow: CosyVoice3Flow) -> None:
+    """The default buckets follow the 50-frame grid: every call of prompted streams of one hop
+    and two fits one, and a call of whole hops after earlier frames computes no more than the
+    look-ahead's 6 frames past its widest row (its earlier frames padded by less than 100)."""
+    gen = torch.Generator().manual_seed(9)
+    reqs = [(torch.randint(0, 6561, (p,), generator=gen),
+             torch.randint(0, 6561, (n,), generator=gen),
+             torch.randn(2 * p, 80, generator=gen), torch.randn(192, generator=gen))
+            for p, n in ((75, 160), (75, 121), (30, 97))]
+    graphs = DiTStepGraphs(flow.estimator, torch.device("cpu"), torch.float32, rows=(1, 4))
+    calls: list[tuple[int, int, int, int]] = []  # bucket frames, frames, bucket past, past
+    usable_bucket = graphs.usable_bucket
+
+    def sized(rows: int, frames: int, past: int, on_cuda: bool) -> Any:
+        bucket = usable_bucket(rows, frames, past, on_cuda)
+        assert bucket is not None, (rows, frames, past)
+        calls.append((bucket.frames, frames, bucket.past, past))
+        return bucket
+
+    graphs.usable_bucket = sized  # type: ignore[method-assign]
+    (pieces, _), _ = _with_graphs(flow, graphs,
+                                  lambda: _stream_together(flow, reqs, later_hops=(2, 2, 1)))
+    for req, got in zip(reqs, pieces, strict=True):
+        assert (torch.cat(got, dim=1) - _whole(flow, req)).abs().max() <= FLOW_TOL
+    later = [c for c in calls if c[3] > 0]
+    whole_hops = [(f, n) for f, n, _, _ in later if n % 50 == 0]
+    assert whole_hops, calls
+    assert all(f - n <= 6 for f, n in whole_hops), calls
+    assert all(p - m < 100 for _, _, p, m in later), calls
+    assert {106, 56} <= {f for f, _, _, _ in later}, calls
+
+
 def test_flow_batch_rows_equal_each_row_alone(flow: CosyVoice3Flow) -> None:
     reqs = _requests()
     for streaming in (True, False):
@@ -400,13 +432,13 @@ def test_bucket_shapes_for_first_later_and_prefixed_chunks(flow: CosyVoice3Flow)
         bucket = graphs.bucket_for(rows, frames, past)
         return None if bucket is None else (bucket.rows, bucket.frames, bucket.past)
 
-    assert shape(3, 206, 0) == (4, 256, 0)  # a first chunk with its whole prompt
-    assert shape(3, 106, 100) == (4, 128, 128)  # a first chunk after its prompt's prefix
-    assert shape(1, 50, 700) == (1, 64, 768)  # a later chunk
-    assert shape(2, 150, 200) == (2, 256, 256)
-    assert shape(3, 300, 100) is None  # more new frames than any prefixed bucket
-    assert shape(3, 100, 300) == (4, 128, 384)  # a later chunk of two hops
-    assert shape(3, 150, 300) is None  # more new frames after a longer history than any
+    assert shape(3, 206, 0) == (4, 300, 0)  # a first chunk with its whole prompt
+    assert shape(3, 106, 100) == (4, 106, 100)  # a first chunk after its prompt's prefix
+    assert shape(1, 50, 700) == (1, 56, 700)  # a later chunk
+    assert shape(2, 150, 200) == (2, 200, 200)
+    assert shape(3, 350, 100) is None  # more new frames than any prefixed bucket
+    assert shape(3, 100, 300) == (4, 106, 300)  # a later chunk of two hops
+    assert shape(3, 150, 400) is None  # more new frames after a longer history than any
     assert shape(5, 50, 100) is None  # more rows than the largest bucket
 
 

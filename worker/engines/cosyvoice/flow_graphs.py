@@ -66,15 +66,19 @@ class SolverGraphs:
     `wide_frames` for the batch sizes in `wide_rows`) and for chunks after earlier frames (up to
     each of the `later_frames` widths after up to `max_past` earlier ones, every batch size).
 
-    The shared history buffer holds 0.57 MB per frame (released model, bf16) for the largest
-    bucket's rows x (earlier + new frames): 64 x (768 + 128), about 33 GB at the defaults.
+    The defaults fit the released model's 50-frame chunk grid and 6-frame look-ahead: a state
+    holds whole chunks (earlier frames come in multiples of 50, bucketed by 100), and a chunk
+    after them is one hop or two plus what a final chunk's look-ahead adds (56 or 106 frames),
+    so a bucket computes few frames that no row needs. The shared history buffer holds 0.57 MB
+    per frame (released model, bf16) for the largest bucket's rows x (earlier + new frames):
+    64 x (800 + 106), about 33 GB at 64 rows.
     """
 
     def __init__(
         self, solver: EulerSolver, dtype: torch.dtype, device: torch.device, steps: int,
-        rows: tuple[int, ...] = (1, 2, 4, 8), frame_step: int = 128, max_frames: int = 1024,
-        later_frames: tuple[int, ...] = (64, 128), wide_rows: tuple[int, ...] = (16, 32, 64),
-        wide_frames: int = 256, max_past: int = 768,
+        rows: tuple[int, ...] = (1, 2, 4, 8), frame_step: int = 100, max_frames: int = 1000,
+        later_frames: tuple[int, ...] = (56, 106), wide_rows: tuple[int, ...] = (16, 32, 64),
+        wide_frames: int = 300, max_past: int = 800,
     ) -> None:
         self.solver = solver
         self.steps = steps

@@ -10,7 +10,7 @@ the new frames' velocity, keys, values and convolution tails.
 
 The graph is per step, not per chunk: the earlier keys and values of one step are a tenth of a
 request's state (1.8 MB per frame for all ten steps, released model, bf16), so a bucket's buffer
-is 64 rows x 832 frames x 0.18 MB = 9.6 GB at the largest size (the engine's rows are powers of
+is 64 rows x 906 frames x 0.18 MB = 10.4 GB at the largest size (the engine's rows are powers of
 two up to its `max_audio_rows`) instead of ten times that. The buffers of the earlier frames are
 shared by every bucket, as views of one allocation: replays never overlap, and each step's
 outputs are copied into the requests' states before the next. Nothing is captured while serving.
@@ -73,9 +73,9 @@ class DiTStepGraphs:
 
     def __init__(
         self, estimator: DiT, device: torch.device, dtype: torch.dtype,
-        rows: tuple[int, ...] = (1, 2, 4, 8, 16), frame_step: int = 128,
-        first_frames: int = 512, later_frames: tuple[int, ...] = (64, 128), max_past: int = 768,
-        prefixed_frames: int = 256, max_prefix: int = 256,
+        rows: tuple[int, ...] = (1, 2, 4, 8, 16), frame_step: int = 100,
+        first_frames: int = 500, later_frames: tuple[int, ...] = (56, 106), max_past: int = 800,
+        prefixed_frames: int = 300, max_prefix: int = 300,
     ) -> None:
         self.estimator = estimator
         self.rows = tuple(sorted(rows))
