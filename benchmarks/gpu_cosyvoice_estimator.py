@@ -36,7 +36,7 @@ from testbed.cosyvoice_models import build_model_dir
 from worker.engines.cosyvoice.config import check_model_dir
 from worker.engines.cosyvoice.flow import additive
 from worker.engines.cosyvoice.flow_decoder import Estimator
-from worker.engines.cosyvoice.flow_state import StepHistory, incremental_mask
+from worker.engines.cosyvoice.flow_state import StepHistory, incremental_mask, paged_slots
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH}
@@ -96,8 +96,13 @@ def step_inputs(estimator: Estimator, rows: int, new: int, past: int, device: to
                                torch.full((rows,), new, device=device), past, new,
                                estimator.cfg.static_chunk_size)
     bias = additive(allowed, dtype)
+    page = estimator.cfg.static_chunk_size
+    per_row = -(-(past + new) // page)
+    pages = [tuple(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(rows)]
+    write, read = paged_slots(pages, [past] * rows, [new] * rows, rows, past, new, page)
     history = StepHistory(
-        context=randn(estimator.attention_blocks, 2, rows, past + new, ch), past_width=past,
+        store=randn(estimator.attention_blocks, 2, (1 + rows * per_row) * page, ch),
+        write_slots=write.to(device), read_slots=read.to(device),
         tails=randn(len(convs), 2, rows, max(convs), 2),
         tail_index=torch.arange(2, device=device).view(1, 1, 2).repeat(b, 1, 1),
         tails_out=randn(len(convs), 2, rows, max(convs), 2))
@@ -114,13 +119,11 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
     resnet, blocks = cast(Any, estimator.mid_blocks[0])
     block = blocks[0]
     attn = block.attn1
-    context = history.context[block.index]
-    b, keys_n = 2 * context.size(1), context.size(2)
-    ch = context.size(3)
-    new = keys_n - history.past_width
+    b, new = bias.size(0), bias.size(1)
+    ch = history.store.size(-1)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(b, new, ch, generator=gen).to(device, bias.dtype)
-    keys = context.reshape(b, keys_n, ch)
+    keys = history.keys(block.index, x)
     kv_weight = torch.cat([attn.to_k.weight, attn.to_v.weight])
     heads = attn.heads
 
@@ -136,6 +139,7 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(
         b, new, -1)
     parts = {
+        "keys from the store": lambda: history.keys(block.index, x),
         "q projection": lambda: attn.to_q(x),
         "k + v projections": lambda: (attn.to_k(keys), attn.to_v(keys)),
         "k/v stacked projection": lambda: F.linear(keys, kv_weight),
@@ -144,7 +148,7 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
         "sdpa stacked k/v views": lambda: F.scaled_dot_product_attention(
             q, k_stacked, v_stacked, attn_mask=mask),
         "output projection": lambda: attn.to_out[0](out),
-        "attention": lambda: attn(x, bias, context),
+        "attention": lambda: attn(x, bias, keys),
         "transformer block": lambda: block(x, bias, history),
         "resnet block": lambda: resnet(xc, args[1], temb, history),
     }

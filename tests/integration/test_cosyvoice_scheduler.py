@@ -20,11 +20,13 @@ from tests.support.audio_calls import first_chunks_per_call
 from tests.support.faults import out_of_memory_when_batched
 from worker.engines.base import EngineRequest
 from worker.engines.cosyvoice.batch_decode import BatchDecoder, Row
+from worker.engines.cosyvoice.capacity import WORKING_SHARE
 from worker.engines.cosyvoice.config import check_model_dir
 from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
-from worker.engines.cosyvoice.flow import FlowRow
+from worker.engines.cosyvoice.flow import FlowModel, FlowRow
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
+from worker.engines.cosyvoice.flow_state import FlowPages
 from worker.engines.cosyvoice.hift import samples_per_frame
 from worker.engines.cosyvoice.hift_graphs import VocoderGraphs
 from worker.engines.cosyvoice.pipeline import (
@@ -219,6 +221,33 @@ def test_capacity_on_a_gpu_is_sized_from_its_free_memory(
     with_cache = fit(gib // 4)
     monkeypatch.setattr(engine, "prompt_cache_bytes", 0)
     assert fit(gib // 4) > with_cache
+
+
+def test_the_flow_states_store_on_a_gpu_is_sized_to_what_is_free_once_warm(
+    engine: CosyVoiceEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What warm-up does on a GPU before the solver's graphs are captured, with the device's
+    memory stubbed: the store takes what is free less the working share, for at most
+    `max_streams` streams and the prompt cache, and the capacity is the streams it holds."""
+    config = check_model_dir(engine.model_dir)
+    monkeypatch.setattr(engine, "_size_streams_to_memory", True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    total = 2**29
+    monkeypatch.setattr(engine, "prompt_cache_bytes", total // 20)  # as bounded on a GPU
+
+    def sized(free: int) -> tuple[FlowPages, int]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+        flow = FlowModel(config.flow)
+        engine._make_flow_pages(flow)
+        assert flow.pages is not None
+        return flow.pages, engine._streams_in_store(flow)
+
+    small, few = sized(total // 4)
+    large, many = sized(total)
+    assert 1 < few < many == engine.max_streams
+    assert small.pages * small.page_bytes <= total // 4 - WORKING_SHARE * total
+    assert small.fixed is False  # fixed by the solver's capture, not by sizing
+    assert large.pages == engine._pages_wanted(FlowModel(config.flow))
 
 
 async def test_more_requests_than_rows_wait_for_a_free_row(tmp_path: Path) -> None:
@@ -549,10 +578,10 @@ def test_first_chunks_from_their_prompts_state_stream_the_same_frames(
                     True) for u in utterances]
     states = flow.prompt_states(rows)
     assert [None if s is None else s.frames for s in states] == [50, None, 100, 150, None]
-    kept = [s.attention.clone() for s in states if s is not None]
+    kept = [flow.pages.read(s) for s in states if s is not None]
     assert _stream_alongside(flow, utterances, from_prompts=True) < 1e-4
     assert _stream_alongside(flow, utterances, first_chunk=7, from_prompts=True) < 1e-4
-    again = [s.attention for s in flow.prompt_states(rows) if s is not None]
+    again = [flow.pages.read(s) for s in flow.prompt_states(rows) if s is not None]
     for before, after in zip(kept, again, strict=True):
         torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
 
@@ -703,6 +732,44 @@ async def test_requests_of_one_voice_share_its_prompt_state(engine: CosyVoiceEng
         np.testing.assert_allclose(got, alone, atol=AUDIO_TOLERANCE)
 
 
+async def test_streams_share_their_prompts_pages_and_give_theirs_back(
+    engine: CosyVoiceEngine,
+) -> None:
+    """Streams of one voice start from the pages of its prompt's state, held once, each writing
+    pages of its own; once they are spoken every page they took is free again, but for the
+    prompt's, which the prompt cache keeps."""
+    scheduler = engine._require()[0]
+    flow = scheduler.audio.flow
+    store = flow.flow_pages(engine.flow_steps)
+    t = np.arange(3 * 16000) / 16000
+    prompt = 0.3 * np.sin(2 * np.pi * 210 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    engine.add_voice("paged", engine.compute_voice(prompt.astype(np.float32), 16000,
+                                                   "Another prompt of a few words."))
+    stream_batch = flow.stream_batch
+    firsts: list[tuple[int, ...]] = []  # pages of each first chunk's new state
+
+    def recorded(rows: list[FlowRow], states: list[Any], *args: Any) -> Any:
+        mels, updated = stream_batch(rows, states, *args)
+        firsts.extend(new.pages for old, new in zip(states, updated, strict=True)
+                      if old is not None and old.shared)
+        return mels, updated
+
+    free = store.free_pages
+    flow.stream_batch = recorded  # type: ignore[method-assign]
+    try:
+        await asyncio.gather(*(_run(scheduler, engine.plan(EngineRequest(
+            text=TEXTS[i], voice="paged", speed=1.0, seed=i + 1))) for i in range(3)))
+    finally:
+        del flow.stream_batch
+    assert len(firsts) == 3
+    prompt_pages = len(set(firsts[0]) & set(firsts[1]) & set(firsts[2]))
+    assert prompt_pages > 0
+    own = [set(p[prompt_pages:]) for p in firsts]
+    assert all(own), firsts
+    assert len(own[0] | own[1] | own[2]) == sum(len(o) for o in own), firsts  # none shared
+    assert store.free_pages == free - prompt_pages
+
+
 def _small_solver_graphs(flow: Any) -> SolverGraphs:
     return SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
                         rows=(1, 4), frame_step=64, max_frames=256, later_frames=(64,),
@@ -740,16 +807,20 @@ def test_requests_joining_streams_under_way_stay_on_the_graphs(engine: CosyVoice
     assert all(served), served
 
 
-def test_what_a_bucket_held_before_is_hidden_from_every_row(engine: CosyVoiceEngine) -> None:
-    """A bucket's earlier frames past a row's own are not cleared between calls: whatever they
-    hold (here large random values) changes no chunk, the attention mask hides them."""
+def test_what_free_pages_held_before_is_hidden_from_every_row(engine: CosyVoiceEngine) -> None:
+    """Pages are not cleared when a state lets them go, nor is the scratch page padding writes
+    to: whatever they hold (here large random values) changes no chunk, on the graphs' buckets
+    or eagerly; the attention mask hides it."""
     flow = engine._require()[0].audio.flow
-    graphs = _small_solver_graphs(flow)
-    largest = max(graphs._buckets.values(), key=lambda b: b.history.context.numel())
+    store = flow.flow_pages(10)
     gen = torch.Generator().manual_seed(3)
-    largest.history.context.copy_(1e4 * torch.randn(largest.history.context.shape,
-                                                    generator=gen))
-    flow.solver_graphs = graphs
+    free = store.take(store.free_pages)
+    for page in (0, *free):
+        store.store[:, :, :, page] = 1e4 * torch.randn(store.store[:, :, :, page].shape,
+                                                       generator=gen)
+    store.release(free)
+    assert _stream_alongside(flow, _utterances(13), joins=(0, 1, 1)) < 1e-4
+    flow.solver_graphs = _small_solver_graphs(flow)
     try:
         assert _stream_alongside(flow, _utterances(13), joins=(0, 1, 1)) < 1e-4
     finally:

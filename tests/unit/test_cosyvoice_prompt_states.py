@@ -7,13 +7,20 @@ from collections.abc import Callable
 
 import torch
 
-from worker.engines.cosyvoice.flow_state import FlowState
+from worker.engines.cosyvoice.flow_state import FlowPages, FlowState
 from worker.engines.cosyvoice.prompt_states import PromptStates, prompt_key
+
+PAGES = FlowPages(steps=1, blocks=1, channels=128, page_frames=1, pages=4,
+                  device=torch.device("cpu"), dtype=torch.float32)
+"""A store of 1 kB pages of one frame each (it grows as the tests take pages)."""
 
 
 def _state(frames: int) -> FlowState:
     """A state of `frames` frames of 1 kB each (no tails)."""
-    return FlowState(frames, torch.zeros(1, 1, 1, frames, 256), torch.zeros(0), shared=True)
+    pages = PAGES.take(frames)
+    state = PAGES.state(frames, tuple(pages), torch.zeros(0), shared=True)
+    PAGES.release(pages)
+    return state
 
 
 def _compute(sizes: dict[str, int], keys: list[str], asked: list[list[str]]

@@ -39,6 +39,7 @@ from worker.engines.cosyvoice.batch_decode import (
 )
 from worker.engines.cosyvoice.capacity import (
     STREAM_BUDGET_S,
+    WORKING_SHARE,
     StreamCost,
     default_audio_rows,
     flow_frame_bytes,
@@ -55,6 +56,7 @@ from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
+from worker.engines.cosyvoice.flow_state import FlowPages
 from worker.engines.cosyvoice.frontend import Frontend, VoicePrompt
 from worker.engines.cosyvoice.graphs import attention_without_cudnn
 from worker.engines.cosyvoice.hift import HiFTGenerator
@@ -314,9 +316,16 @@ class SpeechEngine:
             self._fit_streams_after_warm_up(scheduler)
 
     def _fit_streams_after_warm_up(self, scheduler: Scheduler) -> None:
-        """Lower the stated capacity where the streams' flow states no longer fit beside what
-        warm-up allocated (graphs, their pools and buffers), which sizing at load could not
-        see; the KV rows are in place by now, so only the flow states are counted."""
+        """Lower the stated capacity to the streams that fit now that warm-up allocated what
+        sizing at load could not see (`_streams_once_warm`)."""
+        streams = self._streams_once_warm()
+        if streams < self.max_streams:
+            scheduler.limit_rows(streams)
+            self.max_streams = streams
+
+    def _streams_once_warm(self) -> int:
+        """Streams whose flow states fit beside what warm-up allocated (graphs, their pools
+        and buffers); the KV rows are in place by now, so only the flow states are counted."""
         assert self._stream_cost is not None
         # Only what the driver has free counts: the blocks the graphs' private pools hold
         # are reserved but not allocated, and serve no other allocation (on an H100, 23 GiB
@@ -329,8 +338,7 @@ class SpeechEngine:
         if streams < self.max_streams:
             logger.warning("Capacity lowered from %d to %d streams: %.1f GiB usable once warm",
                            self.max_streams, streams, free / 2**30)
-            scheduler.limit_rows(streams)
-            self.max_streams = streams
+        return streams
 
     # -- description --------------------------------------------------------------------------
 
@@ -512,6 +520,8 @@ class CosyVoiceEngine(SpeechEngine):
 
     def __init__(self, model_dir: str | Path, **options: Any) -> None:
         super().__init__(model_dir, **options)
+        self._frames_per_second = 50.0
+        """Mel frames per second of audio (read from the model at load)."""
         if self.dit_graphs is not None:
             raise ValueError("dit_graphs is CosyVoice3's option; CosyVoice2's flow replays its "
                              "graphs with cuda_graph")
@@ -523,6 +533,7 @@ class CosyVoiceEngine(SpeechEngine):
             raise ModelDirError(f"Model directory {self.model_dir} lacks {yamls[0]} "
                                 f"(CosyVoice2) and {yamls[1]} (CosyVoice3).")
         config = check_model_dir(self.model_dir)
+        self._frames_per_second = config.mel.sampling_rate / config.mel.hop_size
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -556,6 +567,8 @@ class CosyVoiceEngine(SpeechEngine):
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
         self._bound_prompt_cache()
+        if flow.solver_graphs is None:  # else made at warm-up, before the solver's capture
+            flow.flow_pages(self.flow_steps, self._pages_wanted(flow))
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps,
                            prompt_state_bytes=self.prompt_cache_bytes)
         if self.vocoder_graphs and self.cuda_graph and self.device.type == "cuda":
@@ -572,11 +585,68 @@ class CosyVoiceEngine(SpeechEngine):
         return self._streams_in_memory(llm, frame_bytes,
                                        config.mel.sampling_rate // config.mel.hop_size)
 
+    def _stream_pages(self, flow: FlowModel) -> int:
+        """Pages of flow state a stream is planned on: `STREAM_BUDGET_S` of frames."""
+        frames = int(STREAM_BUDGET_S * self._frames_per_second)
+        return -(-frames // flow.cfg.estimator.static_chunk_size)
+
+    def _cache_pages(self, page_bytes: int) -> int:
+        return -(-self.prompt_cache_bytes // page_bytes)
+
+    def _pages_wanted(self, flow: FlowModel) -> int:
+        """Pages for `max_streams` streams, the prompt cache and the scratch page."""
+        estimator = flow.decoder.estimator
+        page_bytes = FlowPages.page_bytes_of(
+            self.flow_steps, estimator.attention_blocks, estimator.cfg.channels[0],
+            flow.cfg.estimator.static_chunk_size, torch.finfo(self.dtype).bits // 8)
+        return self.max_streams * self._stream_pages(flow) + self._cache_pages(page_bytes) + 1
+
+    def _make_flow_pages(self, flow: FlowModel) -> None:
+        """The flow states' store, made before the solver's graphs are captured over it: for
+        `max_streams` streams and the prompt cache, or (capacity sized to the device) fewer,
+        in what is free once the other stages' graphs are in place, less the working share."""
+        pages = self._pages_wanted(flow)
+        if self._size_streams_to_memory:
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(self.device)
+            estimator = flow.decoder.estimator
+            page_bytes = FlowPages.page_bytes_of(
+                self.flow_steps, estimator.attention_blocks, estimator.cfg.channels[0],
+                flow.cfg.estimator.static_chunk_size, torch.finfo(self.dtype).bits // 8)
+            room = int(free - WORKING_SHARE * total) // page_bytes
+            pages = max(2, min(pages, room))
+        store = flow.flow_pages(self.flow_steps, pages)
+        logger.info("Flow states' store: %d pages of %.1f MB (%.1f GiB), %d streams of %d "
+                    "pages and the prompt cache's %d", store.pages, store.page_bytes / 1e6,
+                    store.pages * store.page_bytes / 2**30, self._streams_in_store(flow),
+                    self._stream_pages(flow), self._cache_pages(store.page_bytes))
+
+    def _streams_in_store(self, flow: FlowModel) -> int:
+        store = flow.pages
+        assert store is not None
+        usable = store.pages - 1 - self._cache_pages(store.page_bytes)
+        return max(1, min(self.max_streams, usable // self._stream_pages(flow)))
+
+    def _streams_once_warm(self) -> int:
+        """The streams whose flow states the store holds (the KV rows are in place)."""
+        audio = self._audio
+        assert isinstance(audio, AudioStage)
+        streams = self._streams_in_store(audio.flow)
+        if streams < self.max_streams:
+            logger.warning("Capacity lowered from %d to %d streams: what the flow states' "
+                           "store holds", self.max_streams, streams)
+        return streams
+
     def _capture_graphs(self) -> None:
-        """The flow's solver and encoder graphs and the vocoder's; a capture that fails leaves
-        that stage eager, with a warning."""
+        """The encoder's and the vocoder's graphs, then the flow states' store sized to what
+        is left, then the solver's graphs over it; a capture that fails leaves that stage
+        eager, with a warning."""
         audio = self._audio
         assert isinstance(audio, AudioStage)
         flow = audio.flow
-        self._capture_each(((flow, "solver_graphs", "flow"), (flow, "encoder_graphs", "encoder"),
+        self._capture_each(((flow, "encoder_graphs", "encoder"),
                             (audio, "vocoder_graphs", "vocoder")))
+        if flow.solver_graphs is not None:
+            self._make_flow_pages(flow)
+            flow.solver_graphs.pages = flow.pages
+        self._capture_each(((flow, "solver_graphs", "flow"),))

@@ -19,15 +19,23 @@ from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.flow_decoder import Estimator, EulerSolver
 from worker.engines.cosyvoice.flow_encoder import UpsampleEncoder, attention_mask
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
-from worker.engines.cosyvoice.flow_state import FlowState, SolverHistory, incremental_mask
+from worker.engines.cosyvoice.flow_state import (
+    CallPages,
+    FlowPages,
+    FlowState,
+    SolverHistory,
+    incremental_mask,
+)
 
 NOISE_FRAMES = 50 * 300
 """The released model starts every utterance from the same noise: N(0, 1) drawn with seed 0."""
 
 
 EAGER_ROWS = 8
-"""Rows per solver call that no graph fits (each such call allocates its own history buffers:
-0.57 MB per row and frame on the released model)."""
+"""Rows per solver call that no graph fits."""
+
+DEFAULT_PAGES = 64
+"""Pages of the flow states' store when no engine sized it (it grows while not fixed)."""
 
 
 def fixed_noise(channels: int) -> torch.Tensor:
@@ -58,6 +66,23 @@ class FlowModel(nn.Module):
         self.solver_graphs: SolverGraphs | None = None
         """Set (and captured) by the engine on a GPU: the streamed Euler loop as graphs, for
         small batches."""
+        self.pages: FlowPages | None = None
+        """The streams' states (`flow_state.py`): set by the engine, sized to its capacity, or
+        made on the first streamed call."""
+
+    def flow_pages(self, steps: int, pages: int = DEFAULT_PAGES) -> FlowPages:
+        """The store of the streams' states for `steps` Euler steps (made with `pages` pages
+        if there is none yet)."""
+        if self.pages is None:
+            estimator = self.decoder.estimator
+            weight = self.input_embedding.weight
+            self.pages = FlowPages(steps, estimator.attention_blocks, estimator.cfg.channels[0],
+                                   self.cfg.estimator.static_chunk_size, pages, weight.device,
+                                   self.spk_embed_affine_layer.weight.dtype)
+        if self.pages.steps != steps:
+            raise ValueError(f"the flow's states are kept for {self.pages.steps} steps, "
+                             f"not {steps}")
+        return self.pages
 
     @torch.inference_mode()
     def mel(
@@ -290,57 +315,68 @@ class FlowModel(nn.Module):
             cond[i, :, : prompt.size(0)] = prompt.to(device, dtype).T
         new_frames = torch.tensor(new, device=device)
         mask = (torch.arange(width_new, device=device) < new_frames.unsqueeze(1)).unsqueeze(1)
-        feat, records = self._solve_incremental(
-            noise, mask.to(dtype), mu, spks, cond, torch.tensor(past, device=device), new_frames,
-            torch.tensor(kept, device=device), states, grid, steps)
-        mels = [feat[i, :, s - p : n]
-                for i, (s, p, n) in enumerate(zip(start, past, new, strict=True))]
-        attention, tails = records
-        updated = []
-        for i, (state, n) in enumerate(zip(states, kept, strict=True)):
-            rows_attention = attention[:, :, :, i, :n]
-            rows_tails = tails[:, :, :, i]
-            updated.append(FlowState.start(rows_attention, rows_tails) if state is None
-                           else state.extended(rows_attention, rows_tails))
+        store = self.flow_pages(steps)
+        page = store.page_frames
+        taken: list[int] = []
+        try:
+            row_pages = []
+            for state, p, n in zip(states, past, new, strict=True):
+                own = () if state is None else state.pages
+                extra = store.take(-(-(p + n) // page) - len(own))
+                taken += extra
+                row_pages.append((*own, *extra))
+            feat, tails = self._solve_incremental(
+                noise, mask.to(dtype), mu, spks, cond, torch.tensor(past, device=device),
+                new_frames, torch.tensor(kept, device=device), states, grid, steps,
+                CallPages(store, row_pages, past, new))
+            mels = [feat[i, :, s - p : n]
+                    for i, (s, p, n) in enumerate(zip(start, past, new, strict=True))]
+            updated = [store.state(p + k, pages[: -(-(p + k) // page)], tails[:, :, :, i].clone())
+                       for i, (p, k, pages) in enumerate(zip(past, kept, row_pages, strict=True))]
+        finally:
+            store.release(taken)
         return mels, updated
 
     def _solve_incremental(
         self, noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
         cond: torch.Tensor, past_frames: torch.Tensor, new_frames: torch.Tensor,
         kept_frames: torch.Tensor, states: list[FlowState | None], chunk: int, steps: int,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The solver over each row's new frames, and its records; the convolution tails are
-        taken where each row's kept frames end."""
+        pages: CallPages,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The solver over each row's new frames, recorded in the rows' `pages`, and the
+        convolution tails [steps, convs, 2, B, C_max, 2], taken where each row's kept frames
+        end."""
         width_past = max((s.frames for s in states if s is not None), default=0)
         b, _, width_new = noise.shape
         allowed = incremental_mask(past_frames, new_frames, width_past, width_new, chunk)
         bias = additive(allowed, noise.dtype)
         if self.solver_graphs is not None:
             solved = self.solver_graphs.solve(noise, mask, mu, spks, cond, bias, states,
-                                              kept_frames, steps)
+                                              kept_frames, steps, pages)
             if solved is not None:
                 return solved
-        history = self.new_history(b, width_past, width_new, steps, noise.device, noise.dtype)
-        history.load(states, kept_frames)
+        history = self.new_history(pages.store.flat(), b, width_past, width_new)
+        history.load(states, kept_frames, pages.slots(b, width_past, width_new))
         feat = self.solver.solve(noise, mask, mu, spks, cond, bias, steps, history)
-        return feat, (history.attention_out, history.tails_out)
+        return feat, history.tails_out
 
-    def new_history(self, rows: int, width_past: int, width_new: int, steps: int,
-                    device: torch.device, dtype: torch.dtype) -> SolverHistory:
-        """Zeroed history buffers for `rows` rows of `width_new` new frames after `width_past`."""
+    def new_history(self, store: torch.Tensor, rows: int, width_past: int, width_new: int
+                    ) -> SolverHistory:
+        """History buffers over `store` (`FlowPages.flat`) for `rows` rows of `width_new` new
+        frames after `width_past` (slots and tails zero until loaded)."""
         estimator = self.decoder.estimator
-        blocks = estimator.attention_blocks
         convs = estimator.convolutions
-        ch = estimator.cfg.channels[0]
+        steps = store.size(0)
 
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(*shape, device=device, dtype=dtype)
+        def zeros(*shape: int, dtype: torch.dtype = store.dtype) -> torch.Tensor:
+            return torch.zeros(*shape, device=store.device, dtype=dtype)
 
         return SolverHistory(
-            context=zeros(steps, blocks, 2, rows, width_past + width_new, ch),
-            past_width=width_past,
+            store=store,
+            write_slots=zeros(rows * width_new, dtype=torch.long),
+            read_slots=zeros(rows * (width_past + width_new), dtype=torch.long),
             tails=zeros(steps, len(convs), 2, rows, max(convs), 2),
-            tail_index=torch.zeros(2 * rows, 1, 2, dtype=torch.long, device=device),
+            tail_index=zeros(2 * rows, 1, 2, dtype=torch.long),
             tails_out=zeros(steps, len(convs), 2, rows, max(convs), 2),
         )
 

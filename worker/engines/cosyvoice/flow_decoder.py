@@ -117,10 +117,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor,
                 context: torch.Tensor | None = None) -> torch.Tensor:
-        """Self-attention of x [B, T, C]; with `context` [2, B/2, K, C] (the earlier frames'
+        """Self-attention of x [B, T, C]; with `context` [B, K, C] (the earlier frames'
         inputs, then x's), the keys and values are projected from the context."""
-        b, t, c = x.shape
-        keys = x if context is None else context.reshape(b, -1, c)
+        b, t, _ = x.shape
+        keys = x if context is None else context
         q = self.to_q(x)
         k = self.to_k(keys)
         v = self.to_v(keys)
@@ -164,10 +164,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor,
                 history: StepHistory | None = None) -> torch.Tensor:
         h = self.norm1(x)
-        context = None
-        if history is not None:
-            context = history.context[self.index]
-            context[:, :, history.past_width :].copy_(h.view(2, -1, *h.shape[1:]))
+        context = None if history is None else history.keys(self.index, h)
         x = x + self.attn1(h, bias, context)
         return x + self.ff(self.norm3(x))
 

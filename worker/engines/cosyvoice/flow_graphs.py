@@ -11,9 +11,11 @@ of the `later_frames` widths after up to `max_past` earlier frames), up to the l
 Other calls run eagerly.
 Nothing is captured while serving.
 
-The history buffers (earlier frames in, new frames' records out, side by side as the keys'
-inputs) are shared by every bucket, as views of one allocation of the largest size: replays
-never overlap, and each call's records are copied into the requests' states before the next.
+The graphs read each row's earlier frames from its pages of the flow states' store and record
+its new frames in its own pages (`flow_state.py`), in place: a bucket holds only where to (its
+slots) and the convolution tails, whose buffers every bucket shares (replays never overlap, and
+each call's tails are copied into the requests' states before the next). The store must stay
+where it was when the graphs were captured (`FlowPages.fixed`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from worker.engines.cosyvoice.flow_decoder import EulerSolver
-from worker.engines.cosyvoice.flow_state import FlowState, SolverHistory
+from worker.engines.cosyvoice.flow_state import CallPages, FlowPages, FlowState, SolverHistory
 from worker.engines.cosyvoice.graphs import capture_all, replay, usable
 
 
@@ -45,7 +47,7 @@ class _Bucket:
 
     def load(self, noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
              cond: torch.Tensor, bias: torch.Tensor, states: list[FlowState | None],
-             kept_frames: torch.Tensor) -> None:
+             kept_frames: torch.Tensor, pages: CallPages) -> None:
         """Copy a call's inputs in; padding rows and frames are zero (masked out)."""
         b, _, t = noise.shape
         for static, value in ((self.noise, noise), (self.mask, mask), (self.mu, mu),
@@ -58,7 +60,8 @@ class _Bucket:
         width_past = bias.size(2) - t
         self.bias[:b, :t, :width_past].copy_(bias[:, :, :width_past])
         self.bias[:b, :t, self.past : self.past + t].copy_(bias[:, :, width_past:])
-        self.history.load(states, kept_frames)
+        self.history.store = pages.store.flat()  # the captured store itself, on a GPU
+        self.history.load(states, kept_frames, pages.slots(self.rows, self.past, self.frames))
 
 
 class SolverGraphs:
@@ -69,9 +72,8 @@ class SolverGraphs:
     The defaults fit the released model's 50-frame chunk grid and 6-frame look-ahead: a state
     holds whole chunks (earlier frames come in multiples of 50, bucketed by 100), and a chunk
     after them is one hop or two plus what a final chunk's look-ahead adds (56 or 106 frames),
-    so a bucket computes few frames that no row needs. The shared history buffer holds 0.57 MB
-    per frame (released model, bf16) for the largest bucket's rows x (earlier + new frames):
-    64 x (800 + 106), about 33 GB at 64 rows.
+    so a bucket computes few frames that no row needs. Every bucket reads and writes the store
+    of `pages` (set before `capture`).
     """
 
     def __init__(
@@ -86,20 +88,17 @@ class SolverGraphs:
         self.frame_step = frame_step
         self.later_frames = tuple(sorted(later_frames))
         self._buckets: dict[tuple[int, int, int], _Bucket] = {}
+        self.pages: FlowPages | None = None
+        """The store the graphs are captured over (and fix)."""
         estimator = solver.estimator
         mel = estimator.cfg.out_channels
-        ch = estimator.cfg.channels[0]
-        blocks = estimator.attention_blocks
         convs = estimator.convolutions
         sizes = [(r, f, 0) for r in rows for f in range(frame_step, max_frames + 1, frame_step)]
         sizes += [(r, f, 0) for r in wide_rows for f in range(frame_step, wide_frames + 1,
                                                              frame_step)]
         sizes += [(r, f, p) for f in self.later_frames for r in self.rows
                   for p in range(frame_step, max_past + 1, frame_step)]
-        per_frame = steps * blocks * 2 * ch
         per_row = steps * len(convs) * 2 * max(convs) * 2
-        context = torch.zeros(per_frame * max(r * (p + f) for r, f, p in sizes), device=device,
-                              dtype=dtype)
         most = max(self.rows)
         tails = torch.zeros(per_row * most, device=device, dtype=dtype)
         tails_out = torch.zeros(per_row * most, device=device, dtype=dtype)
@@ -107,15 +106,16 @@ class SolverGraphs:
         def view(flat: torch.Tensor, *shape: int) -> torch.Tensor:
             return flat[: math.prod(shape)].view(*shape)
 
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(*shape, device=device, dtype=dtype)
+        def zeros(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(*shape, device=device, dtype=kind)
 
         for r, f, p in sizes:
             history = SolverHistory(
-                context=view(context, steps, blocks, 2, r, p + f, ch),
-                past_width=p,
+                store=zeros(0),  # the call's store, at each load
+                write_slots=zeros(r * f, kind=torch.long),
+                read_slots=zeros(r * (p + f), kind=torch.long),
                 tails=view(tails, steps, len(convs), 2, r, max(convs), 2),
-                tail_index=torch.zeros(2 * r, 1, 2, dtype=torch.long, device=device),
+                tail_index=zeros(2 * r, 1, 2, kind=torch.long),
                 tails_out=view(tails_out, steps, len(convs), 2, r, max(convs), 2),
             )
             self._buckets[(r, f, p)] = _Bucket(
@@ -124,15 +124,24 @@ class SolverGraphs:
                 bias=zeros(r, f, p + f), history=history,
             )
 
-    def _run(self, bucket: _Bucket) -> torch.Tensor:
+    def _run(self, bucket: _Bucket, steps: int | None = None) -> torch.Tensor:
         return self.solver.solve(bucket.noise, bucket.mask, bucket.mu, bucket.spks, bucket.cond,
-                                 bucket.bias, self.steps, bucket.history)
+                                 bucket.bias, steps or self.steps, bucket.history)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Record every bucket's graph (CUDA only)."""
+        """Record every bucket's graph over the store of `pages` (CUDA only), each after one
+        eager step: every step has the same shapes, and the eager loop's host time was half of
+        a capture's. The store is fixed from then on."""
+        if self.pages is None:
+            raise RuntimeError("the solver's graphs need the flow states' store to capture over")
+        pages = self.pages
+        for bucket in self._buckets.values():
+            bucket.history.store = pages.flat()
         device = next(iter(self._buckets.values())).noise.device
-        capture_all(self._buckets.values(), self._run, device)
+        pages.fixed = True
+        capture_all(self._buckets.values(), self._run, device,
+                    warm=lambda bucket: self._run(bucket, steps=1))
 
     def later_width(self, frames: int) -> int:
         """The new frames' width of the buckets that `frames` new frames after earlier ones
@@ -151,20 +160,18 @@ class SolverGraphs:
     def solve(
         self, noise: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
         cond: torch.Tensor, bias: torch.Tensor, states: list[FlowState | None],
-        kept_frames: torch.Tensor, steps: int,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None:
-        """The streamed solver's new frames and records for these inputs from a bucket's graph;
-        None when no bucket fits (or graphs were never captured, except on the CPU, where the
-        bucket runs eagerly).
+        kept_frames: torch.Tensor, steps: int, pages: CallPages,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The streamed solver's new frames (recorded in the rows' `pages`) and convolution
+        tails for these inputs from a bucket's graph; None when no bucket fits (or graphs were
+        never captured, except on the CPU, where the bucket runs eagerly).
 
-        The records are views of the shared buffers: valid until the next call.
+        The tails are a view of the shared buffers: valid until the next call.
         """
         b, _, t = noise.shape
         bucket = usable(self.bucket_for(b, t, bias.size(2) - t, steps), noise.is_cuda)
         if bucket is None:
             return None
-        bucket.load(noise, mask, mu, spks, cond, bias, states, kept_frames)
+        bucket.load(noise, mask, mu, spks, cond, bias, states, kept_frames, pages)
         output: torch.Tensor = replay(bucket, self._run)
-        history = bucket.history
-        records = (history.attention_out[:, :, :, :b, :t], history.tails_out[:, :, :, :b])
-        return output[:b, :, :t].clone(), records
+        return output[:b, :, :t].clone(), bucket.history.tails_out[:, :, :, :b]

@@ -6,61 +6,203 @@ so that prompt + chunk does), so the frames already made never see later ones an
 intermediate values never change. Each Euler step of a new chunk therefore needs, of the earlier
 frames, only what its layers read across time: the input of every attention block (its keys and
 values are projected again from it) and the last two input frames of every causal convolution.
+
+The attention blocks' inputs live in one store of pages (`FlowPages`), one page per chunk of the
+grid, which the estimator reads and writes in place: a call gathers each row's earlier frames
+from its pages and records its new frames in pages of its own, so no call copies a history in or
+out, and a prompt's pages are held once by every stream that starts from them.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
-FRAME_GROWTH = 256
-"""A state's frame capacity grows in steps of this many frames."""
+
+class FlowMemoryFullError(RuntimeError):
+    """The flow states' store has no free page for a stream's next frames."""
 
 
-@dataclass
-class FlowState:
-    """One utterance's estimator state over its first `frames` mel frames (prompt included).
+class FlowPages:
+    """Every utterance's attention-block inputs, in pages of `page_frames` mel frames.
 
-    `attention` [steps, blocks, 2, capacity, C] holds the normalised input of every attention
-    block at every Euler step, for the guided (0) and unguided (1) pass; `tails` [steps, convs,
-    2, C_max, 2] the last two input frames of every causal convolution (channels beyond a
-    convolution's own are zero).
+    `store` [steps, blocks, 2, pages, page_frames, C] holds, for every Euler step and attention
+    block, the normalised input of each frame, for the guided (0) and unguided (1) pass. Page 0
+    is scratch: padding frames are written there, and whatever is read from it is masked. A page
+    is held by every state that covers it (a prompt's state and each stream started from it) and
+    is free again once the last of them is dropped. Graphs replay reads and writes of the store
+    itself, so once `fixed` it never moves, and a stream that finds no free page fails
+    (`FlowMemoryFullError`); until then (on the CPU, or with no graphs) a full store grows.
     """
 
-    frames: int
-    attention: torch.Tensor
-    tails: torch.Tensor
-    shared: bool = False
-    """Read by many utterances (a prompt's state): extending it copies, never writes into it."""
-
-    def extended(self, attention: torch.Tensor, tails: torch.Tensor) -> FlowState:
-        """This state followed by `attention` [steps, blocks, 2, n, C] more frames, ending with
-        convolution `tails`."""
-        n = attention.size(3)
-        total = self.frames + n
-        store = self.attention
-        if total > store.size(3) or self.shared:
-            capacity = -(-total // FRAME_GROWTH) * FRAME_GROWTH
-            grown = store.new_empty(*store.shape[:3], capacity, store.size(4))
-            grown[:, :, :, : self.frames] = store[:, :, :, : self.frames]
-            store = grown
-        store[:, :, :, self.frames : total] = attention
-        return FlowState(total, store, tails.clone())
+    def __init__(self, steps: int, blocks: int, channels: int, page_frames: int, pages: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        if page_frames <= 0:
+            raise ValueError("a streamed flow needs its estimator's chunk grid (static_chunk_size)")
+        self.steps = steps
+        self.page_frames = page_frames
+        self.store = torch.zeros(steps, blocks, 2, max(2, pages), page_frames, channels,
+                                 device=device, dtype=dtype)
+        self.fixed = False
+        self._holders = [0] * self.pages
+        self._free = list(range(self.pages - 1, 0, -1))
+        self._lock = threading.Lock()
 
     @staticmethod
-    def start(attention: torch.Tensor, tails: torch.Tensor) -> FlowState:
-        empty = attention.new_empty(*attention.shape[:3], 0, attention.size(4))
-        return FlowState(0, empty, tails).extended(attention, tails)
+    def page_bytes_of(steps: int, blocks: int, channels: int, page_frames: int,
+                      element_size: int) -> int:
+        return steps * blocks * 2 * page_frames * channels * element_size
+
+    @property
+    def pages(self) -> int:
+        return self.store.size(3)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.store[:, :, :, 0].numel() * self.store.element_size()
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def flat(self) -> torch.Tensor:
+        """The store as [steps, blocks, 2, pages * page_frames, C]: frame f of page p is slot
+        p * page_frames + f."""
+        return self.store.flatten(3, 4)
+
+    def take(self, count: int) -> list[int]:
+        """`count` free pages, held once by the caller (`release` them)."""
+        with self._lock:
+            if count > len(self._free):
+                if self.fixed:
+                    raise FlowMemoryFullError(f"the flow states' store has {len(self._free)} free "
+                                         f"pages of {self.pages}; {count} are needed")
+                self._grow(count - len(self._free))
+            taken = [self._free.pop() for _ in range(count)]
+            for page in taken:
+                self._holders[page] = 1
+            return taken
+
+    def hold(self, pages: tuple[int, ...] | list[int]) -> None:
+        with self._lock:
+            for page in pages:
+                self._holders[page] += 1
+
+    def release(self, pages: tuple[int, ...] | list[int]) -> None:
+        with self._lock:
+            for page in pages:
+                self._holders[page] -= 1
+                if self._holders[page] == 0:
+                    self._free.append(page)
+
+    def _grow(self, needed: int) -> None:
+        old = self.pages
+        grown = torch.zeros(*self.store.shape[:3], max(2 * old, old + needed),
+                            *self.store.shape[4:], device=self.store.device,
+                            dtype=self.store.dtype)
+        grown[:, :, :, :old] = self.store
+        self.store = grown
+        self._holders += [0] * (self.pages - old)
+        self._free = list(range(self.pages - 1, old - 1, -1)) + self._free
+
+    def state(self, frames: int, pages: tuple[int, ...], tails: torch.Tensor,
+              shared: bool = False) -> FlowState:
+        """A state over the first `frames` frames of `pages` (held while it lives)."""
+        self.hold(pages)
+        return FlowState(frames, _Held(self, pages), tails, shared)
+
+    def read(self, state: FlowState) -> torch.Tensor:
+        """A copy of what `state` holds: [steps, blocks, 2, frames, C]."""
+        index = torch.tensor(state.pages, device=self.store.device, dtype=torch.long)
+        return self.store.index_select(3, index).flatten(3, 4)[:, :, :, : state.frames].clone()
+
+
+class _Held:
+    """Pages held for one state, let go when the state is dropped."""
+
+    __slots__ = ("owner", "pages")
+
+    def __init__(self, owner: FlowPages, pages: tuple[int, ...]) -> None:
+        self.owner = owner
+        self.pages = pages
+
+    def __del__(self) -> None:
+        self.owner.release(self.pages)
+
+
+class FlowState:
+    """One utterance's estimator state over its first `frames` mel frames (prompt included):
+    the attention blocks' inputs in its pages of the store (`FlowPages`), and `tails` [steps,
+    convs, 2, C_max, 2] the last two input frames of every causal convolution (channels beyond a
+    convolution's own are zero). Made by `FlowPages.state`."""
+
+    def __init__(self, frames: int, held: _Held, tails: torch.Tensor, shared: bool) -> None:
+        self.frames = frames
+        self._held = held
+        self.tails = tails
+        self.shared = shared
+        """Read by many utterances (a prompt's state): its pages are never written."""
+
+    @property
+    def pages(self) -> tuple[int, ...]:
+        return self._held.pages
 
     def to_share(self) -> FlowState:
-        """A copy of this state, holding its frames only, that utterances extend by copying."""
-        return FlowState(self.frames, self.attention[:, :, :, : self.frames].clone(),
-                         self.tails.clone(), shared=True)
+        """The same frames, as a state that many utterances start from."""
+        return self._held.owner.state(self.frames, self.pages, self.tails.clone(), shared=True)
 
     @property
     def nbytes(self) -> int:
-        return self.attention.nbytes + self.tails.nbytes
+        return len(self.pages) * self._held.owner.page_bytes + self.tails.nbytes
+
+
+def paged_slots(pages: list[tuple[int, ...]], past: list[int], new: list[int], rows: int,
+                width_past: int, width_new: int, page_frames: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a call's rows read and write the store's frames (slots of `FlowPages.flat`), for
+    `rows` rows (those past `len(pages)` pad) of `width_new` new frames after `width_past`
+    earlier ones: the new frames' slots [rows * width_new] (frame `past[r] + j` of row r), and
+    the keys' slots [rows * (width_past + width_new)] (each row's earlier frames, then its new
+    ones). Padding reads and writes scratch slots of page 0."""
+    count = len(pages)
+    most = max((len(p) for p in pages), default=0)
+    table = torch.zeros(rows, max(1, most), dtype=torch.long)
+    for r, row_pages in enumerate(pages):
+        table[r, : len(row_pages)] = torch.tensor(row_pages, dtype=torch.long)
+    starts = torch.zeros(rows, 1, dtype=torch.long)
+    counts = torch.zeros(rows, 1, dtype=torch.long)
+    starts[:count, 0] = torch.tensor(past, dtype=torch.long)
+    counts[:count, 0] = torch.tensor(new, dtype=torch.long)
+
+    def slots(position: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        page = table.gather(1, (position // page_frames).clamp(max=table.size(1) - 1))
+        found = page * page_frames + position % page_frames
+        return torch.where(real, found, position % page_frames)
+
+    j = torch.arange(width_new).unsqueeze(0)
+    write = slots(starts + j, j < counts)
+    k = torch.arange(width_past).unsqueeze(0)
+    earlier = slots(k.expand(rows, -1), k < starts)
+    return write.flatten(), torch.cat([earlier, write], dim=1).flatten()
+
+
+@dataclass(frozen=True)
+class CallPages:
+    """The pages of a solver call's rows in `store`: row r's earlier frames (`past[r]`, on the
+    grid) and its `new[r]` new ones, which the call records there."""
+
+    store: FlowPages
+    rows: list[tuple[int, ...]]
+    past: list[int]
+    new: list[int]
+
+    def slots(self, rows: int, width_past: int, width_new: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`paged_slots` for these rows, padded to `rows` x (`width_past`, `width_new`)."""
+        return paged_slots(self.rows, self.past, self.new, rows, width_past, width_new,
+                           self.store.page_frames)
 
 
 @dataclass
@@ -68,49 +210,58 @@ class StepHistory:
     """One estimator call's view of the earlier frames of a batch, and where it records the new
     ones. Rows are ordered guided-then-unguided, as the solver stacks them: row g*R + r.
 
-    `context` [blocks, 2, R, H + N, C] holds every attention block's keys' inputs: the earlier
-    frames' (read, padded to H) then the new frames' (written by the block before it attends),
-    so keys and values are projected from one tensor. `tails` [convs, 2, R, C_max, 2] are read
-    and `tails_out` written. `tail_index` [2R, 1, 2] holds, per row, where the two input frames
-    before its kept ones end sit in [tail, new frames].
+    `store` [blocks, 2, slots, C] is this step's part of the flat store (`FlowPages.flat`); each
+    attention block writes its new frames' inputs at `write_slots` [R * N] and reads its keys'
+    inputs from `read_slots` [R * K] (`paged_slots`), so keys and values are projected from one
+    tensor. `tails` [convs, 2, R, C_max, 2] are read and `tails_out` written. `tail_index`
+    [2R, 1, 2] holds, per row, where the two input frames before its kept ones end sit in [tail,
+    new frames].
     """
 
-    context: torch.Tensor
-    past_width: int
+    store: torch.Tensor
+    write_slots: torch.Tensor
+    read_slots: torch.Tensor
     tails: torch.Tensor
     tail_index: torch.Tensor
     tails_out: torch.Tensor
+
+    def keys(self, block: int, h: torch.Tensor) -> torch.Tensor:
+        """Record `h` [2R, N, C], attention block `block`'s input over the new frames, and
+        return its keys' inputs [2R, K, C]: each row's earlier frames (padded), then its new
+        ones."""
+        store = self.store[block]
+        channels = h.size(-1)
+        store.index_copy_(1, self.write_slots, h.reshape(2, -1, channels))
+        return store.index_select(1, self.read_slots).view(h.size(0), -1, channels)
 
 
 @dataclass
 class SolverHistory:
-    """`StepHistory` for every Euler step: the same tensors with a leading step dimension."""
+    """`StepHistory` for every Euler step: the store with its leading step dimension and the
+    tails' tensors with theirs."""
 
-    context: torch.Tensor
-    past_width: int
+    store: torch.Tensor
+    write_slots: torch.Tensor
+    read_slots: torch.Tensor
     tails: torch.Tensor
     tail_index: torch.Tensor
     tails_out: torch.Tensor
 
-    @property
-    def attention_out(self) -> torch.Tensor:
-        """The new frames' records [steps, blocks, 2, R, N, C]."""
-        return self.context[:, :, :, :, self.past_width :]
-
     def step(self, index: int) -> StepHistory:
-        return StepHistory(self.context[index], self.past_width, self.tails[index],
-                           self.tail_index, self.tails_out[index])
+        return StepHistory(self.store[index], self.write_slots, self.read_slots,
+                           self.tails[index], self.tail_index, self.tails_out[index])
 
-    def load(self, states: list[FlowState | None], kept_frames: torch.Tensor) -> None:
-        """Fill the earlier frames from each row's state, and the tail positions: each row's
-        tails are recorded where its first `kept_frames` new frames end (the frames its next
-        state keeps). What the earlier frames held past a row's own is left: the attention mask
-        hides those keys, and every value ever written there is finite."""
+    def load(self, states: list[FlowState | None], kept_frames: torch.Tensor,
+             slots: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Fill in each row's tails and slots (`paged_slots`), and the tail positions: each
+        row's tails are recorded where its first `kept_frames` new frames end (the frames its
+        next state keeps)."""
         self.tails.zero_()
         for i, state in enumerate(states):
             if state is not None:
-                self.context[:, :, :, i, : state.frames] = state.attention[:, :, :, : state.frames]
                 self.tails[:, :, :, i] = state.tails
+        self.write_slots.copy_(slots[0])
+        self.read_slots.copy_(slots[1])
         rows = self.tail_index.size(0) // 2
         counts = torch.zeros(rows, dtype=torch.long, device=kept_frames.device)
         counts[: kept_frames.numel()] = kept_frames

@@ -50,18 +50,22 @@ def cudnn_attention() -> Iterator[None]:
         torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
-def capture_all(buckets: Iterable[B], run: Callable[[B], Any], device: torch.device) -> None:
+def capture_all(buckets: Iterable[B], run: Callable[[B], Any], device: torch.device,
+                warm: Callable[[B], Any] | None = None) -> None:
+    """Capture `run` for every bucket, each first run eagerly once (or `warm`: a cheaper call
+    of the same shapes, such as one step of a loop that repeats them)."""
     with cudnn_attention():
-        _capture_all(buckets, run, device)
+        _capture_all(buckets, run, device, warm or run)
 
 
-def _capture_all(buckets: Iterable[B], run: Callable[[B], Any], device: torch.device) -> None:
+def _capture_all(buckets: Iterable[B], run: Callable[[B], Any], device: torch.device,
+                 warm: Callable[[B], Any]) -> None:
     pool = torch.cuda.graph_pool_handle()
     side = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
     for bucket in buckets:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            run(bucket)
+            warm(bucket)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
