@@ -29,9 +29,9 @@ SMALL_DEVICE_BYTES = 100 * 2**30
 
 def default_audio_rows(device: torch.device) -> int:
     """Chunks per audio call (`max_audio_rows`) unless set: 64, or 32 on a GPU of less than
-    100 GiB. The graphs' buffers grow with the rows (CosyVoice2's solver history alone is 33 GB
-    at 64 rows), and on an 80 GB H100 at 64 rows they and their pools left room for few
-    streams."""
+    100 GiB. The graphs' pools grow with the rows (CosyVoice2's encoder's alone is 9.2 GiB at
+    32 rows on an H100), and on an 80 GB H100 at 64 rows they and the buffers they had then left
+    room for few streams."""
     if device.type == "cuda" and \
             torch.cuda.get_device_properties(device).total_memory < SMALL_DEVICE_BYTES:
         return 32
