@@ -8,6 +8,7 @@ import gc
 import pytest
 import torch
 
+from contract.errors import ErrorCode
 from worker.engines.cosyvoice.flow_state import FlowMemoryFullError, FlowPages, paged_slots
 
 
@@ -45,8 +46,9 @@ def test_a_full_store_grows_keeping_its_pages_until_fixed() -> None:
     assert (store.store[:, :, :, first[0]] == 7).all()
     store.fixed = True
     pages = store.pages
-    with pytest.raises(FlowMemoryFullError):
+    with pytest.raises(FlowMemoryFullError) as full:
         store.take(store.free_pages + 1)
+    assert full.value.code == ErrorCode.BUSY
     assert store.pages == pages
     store.release(more[:1])
     assert store.take(1) == more[:1]

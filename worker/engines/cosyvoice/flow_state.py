@@ -20,9 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
+from contract.errors import ErrorCode, ServiceError
 
-class FlowMemoryFullError(RuntimeError):
-    """The flow states' store has no free page for a stream's next frames."""
+
+class FlowMemoryFullError(ServiceError):
+    """The flow states' store has no free page for a stream's next frames: that stream ends
+    with 503 `busy` (the others go on)."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.BUSY, "The speech engine's memory for streams is full; "
+                                         "retry later.")
 
 
 class FlowPages:
@@ -77,8 +84,7 @@ class FlowPages:
         with self._lock:
             if count > len(self._free):
                 if self.fixed:
-                    raise FlowMemoryFullError(f"the flow states' store has {len(self._free)} free "
-                                         f"pages of {self.pages}; {count} are needed")
+                    raise FlowMemoryFullError()
                 self._grow(count - len(self._free))
             taken = [self._free.pop() for _ in range(count)]
             for page in taken:
