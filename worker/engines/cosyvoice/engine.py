@@ -567,8 +567,8 @@ class CosyVoiceEngine(SpeechEngine):
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
         self._bound_prompt_cache()
-        if flow.solver_graphs is None:  # else made at warm-up, before the solver's capture
-            flow.flow_pages(self.flow_steps, self._pages_wanted(flow))
+        if flow.solver_graphs is None:  # else sized at warm-up, before the solver's capture
+            flow.flow_pages(self.flow_steps)  # small: with no graphs it grows as streams need
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps,
                            prompt_state_bytes=self.prompt_cache_bytes)
         if self.vocoder_graphs and self.cuda_graph and self.device.type == "cuda":
