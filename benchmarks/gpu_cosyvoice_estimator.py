@@ -124,6 +124,20 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(b, new, ch, generator=gen).to(device, bias.dtype)
     keys = history.keys(block.index, x)
+    # Alternatives to gathering frame by frame: each row's earlier frames as whole pages (the
+    # grid's 50 frames, contiguous in the store), then the new frames after them; and a plain
+    # copy of as many bytes, as a floor.
+    page = estimator.cfg.static_chunk_size
+    store = history.store[block.index]
+    past = keys.size(1) - new
+    first_pages = history.read_slots.view(b // 2, -1)[:, :past:page] // page
+    by_page = store.view(2, -1, page * ch)
+    floor = torch.empty_like(keys)
+
+    def gather_pages() -> torch.Tensor:
+        earlier = by_page.index_select(1, first_pages.flatten()).view(b, past, ch)
+        return torch.cat([earlier, x], dim=1)
+
     kv_weight = torch.cat([attn.to_k.weight, attn.to_v.weight])
     heads = attn.heads
 
@@ -140,6 +154,9 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
         b, new, -1)
     parts = {
         "keys from the store": lambda: history.keys(block.index, x),
+        "keys as whole pages + cat": gather_pages,
+        "earlier pages alone": lambda: by_page.index_select(1, first_pages.flatten()),
+        "copy of the keys' bytes": lambda: floor.copy_(keys),
         "q projection": lambda: attn.to_q(x),
         "k + v projections": lambda: (attn.to_k(keys), attn.to_v(keys)),
         "k/v stacked projection": lambda: F.linear(keys, kv_weight),
