@@ -115,12 +115,13 @@ def test_the_audio_stage_profile_counts_its_arithmetic(model: str, parts: tuple[
 def test_the_estimator_breakdown_times_every_part(tmp_path: Path) -> None:
     model_dir = cosyvoice_models.build_model_dir(tmp_path / "tiny")
     printed = _run("benchmarks/gpu_cosyvoice_estimator.py", "--model-dir", str(model_dir),
-                   "--device", "cpu", "--dtype", "float32", "--shapes", "1:64:128,2:50:0")
+                   "--device", "cpu", "--dtype", "float32", "--shapes", "1:56:100,2:50:0")
     calls = re.findall(r"rows +(\d+), +(\d+) new after +(\d+): estimator call +([\d.]+) ms "
                        r"\((\d+) kernels\)", printed)
-    assert [c[:3] for c in calls] == [("1", "64", "128"), ("2", "50", "0")], printed
+    assert [c[:3] for c in calls] == [("1", "56", "100"), ("2", "50", "0")], printed
     assert all(float(c[3]) > 0 and int(c[4]) > 0 for c in calls)
     parts = dict(re.findall(r"^ {4}(\S.*?) +([\d.]+|nan) ms$", printed, flags=re.MULTILINE))
-    for part in ("k + v projections", "k/v stacked projection", "sdpa (default)", "sdpa math",
-                 "transformer block", "resnet block"):
+    for part in ("keys from the store", "keys as whole pages + cat", "k + v projections",
+                 "k/v stacked projection", "sdpa (default)", "sdpa math", "transformer block",
+                 "resnet block"):
         assert float(parts[part]) > 0, part
