@@ -56,7 +56,6 @@ from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs
-from worker.engines.cosyvoice.flow_state import FlowPages
 from worker.engines.cosyvoice.frontend import Frontend, VoicePrompt
 from worker.engines.cosyvoice.graphs import attention_without_cudnn
 from worker.engines.cosyvoice.hift import HiFTGenerator
@@ -578,12 +577,17 @@ class CosyVoiceEngine(SpeechEngine):
 
     def _streams_that_fit(self, llm: SpeechLM, flow: FlowModel, config: ModelConfig) -> int:
         """`DEFAULT_STREAMS` on this device, or fewer when their memory would not fit."""
-        estimator = flow.decoder.estimator
-        frame_bytes = flow_frame_bytes(self.flow_steps, estimator.attention_blocks,
-                                       estimator.cfg.channels[0],
-                                       torch.finfo(self.dtype).bits // 8)
-        return self._streams_in_memory(llm, frame_bytes,
+        return self._streams_in_memory(llm, self._frame_bytes(flow),
                                        config.mel.sampling_rate // config.mel.hop_size)
+
+    def _frame_bytes(self, flow: FlowModel) -> int:
+        """Bytes of flow state per mel frame."""
+        estimator = flow.decoder.estimator
+        return flow_frame_bytes(self.flow_steps, estimator.attention_blocks,
+                                estimator.cfg.channels[0], torch.finfo(self.dtype).bits // 8)
+
+    def _page_bytes(self, flow: FlowModel) -> int:
+        return self._frame_bytes(flow) * flow.cfg.estimator.static_chunk_size
 
     def _stream_pages(self, flow: FlowModel) -> int:
         """Pages of flow state a stream is planned on: `STREAM_BUDGET_S` of frames."""
@@ -595,11 +599,8 @@ class CosyVoiceEngine(SpeechEngine):
 
     def _pages_wanted(self, flow: FlowModel) -> int:
         """Pages for `max_streams` streams, the prompt cache and the scratch page."""
-        estimator = flow.decoder.estimator
-        page_bytes = FlowPages.page_bytes_of(
-            self.flow_steps, estimator.attention_blocks, estimator.cfg.channels[0],
-            flow.cfg.estimator.static_chunk_size, torch.finfo(self.dtype).bits // 8)
-        return self.max_streams * self._stream_pages(flow) + self._cache_pages(page_bytes) + 1
+        return (self.max_streams * self._stream_pages(flow)
+                + self._cache_pages(self._page_bytes(flow)) + 1)
 
     def _make_flow_pages(self, flow: FlowModel) -> None:
         """The flow states' store, made before the solver's graphs are captured over it: for
@@ -609,11 +610,7 @@ class CosyVoiceEngine(SpeechEngine):
         if self._size_streams_to_memory:
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
-            estimator = flow.decoder.estimator
-            page_bytes = FlowPages.page_bytes_of(
-                self.flow_steps, estimator.attention_blocks, estimator.cfg.channels[0],
-                flow.cfg.estimator.static_chunk_size, torch.finfo(self.dtype).bits // 8)
-            room = int(free - WORKING_SHARE * total) // page_bytes
+            room = int(free - WORKING_SHARE * total) // self._page_bytes(flow)
             pages = max(2, min(pages, room))
         store = flow.flow_pages(self.flow_steps, pages)
         logger.info("Flow states' store: %d pages of %.1f MB (%.1f GiB), %d streams of %d "

@@ -139,9 +139,9 @@ class SolverGraphs:
         for bucket in self._buckets.values():
             bucket.history.store = pages.flat()
         device = next(iter(self._buckets.values())).noise.device
-        pages.fixed = True
         capture_all(self._buckets.values(), self._run, device,
                     warm=lambda bucket: self._run(bucket, steps=1))
+        pages.fixed = True
 
     def later_width(self, frames: int) -> int:
         """The new frames' width of the buckets that `frames` new frames after earlier ones

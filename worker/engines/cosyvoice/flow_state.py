@@ -57,11 +57,6 @@ class FlowPages:
         self._free = list(range(self.pages - 1, 0, -1))
         self._lock = threading.Lock()
 
-    @staticmethod
-    def page_bytes_of(steps: int, blocks: int, channels: int, page_frames: int,
-                      element_size: int) -> int:
-        return steps * blocks * 2 * page_frames * channels * element_size
-
     @property
     def pages(self) -> int:
         return self.store.size(3)
@@ -122,7 +117,7 @@ class FlowPages:
     def read(self, state: FlowState) -> torch.Tensor:
         """A copy of what `state` holds: [steps, blocks, 2, frames, C]."""
         index = torch.tensor(state.pages, device=self.store.device, dtype=torch.long)
-        return self.store.index_select(3, index).flatten(3, 4)[:, :, :, : state.frames].clone()
+        return self.store.index_select(3, index).flatten(3, 4)[:, :, :, : state.frames]
 
 
 class _Held:
