@@ -6,6 +6,7 @@ Shared by the tests and the benchmarks (which must not import `tests`).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,11 +23,22 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+LISTEN_PORTS = range(20000, 32768)
+"""Where services started here listen: below Linux's ephemeral range (32768-60999 by default),
+so no outgoing connection is given the port between choosing it and the service binding it."""
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nothing listens on, drawn at random from `LISTEN_PORTS`."""
+    for _ in range(1000):
+        port = random.choice(LISTEN_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {LISTEN_PORTS}")
 
 
 @dataclass
