@@ -315,14 +315,14 @@ def test_a_prompt_prefilled_padded_decodes_as_unpadded(engine: CosyVoiceEngine) 
     """A lone prompt prefilled padded up to a bucket's length (as its graph does on a GPU) gets
     the first token, log-probabilities and cache of its unpadded prefill, and the steps after it
     draw the same tokens: its padding's keys and values are overwritten before any step reads
-    them. A few prompts at once are prefilled so one by one; with one longer than every bucket,
-    all together as they are."""
+    them. Prompts at once are prefilled in groups of one padded length; with one longer than
+    every bucket, all together as they are."""
     lm = engine._require()[0].decoder.lm
     sampling = engine._require()[0].decoder.sampling
     gen = torch.Generator().manual_seed(5)
     prompt = torch.randn(1, 9, lm.backbone.config.hidden_size, generator=gen)
     padded = BatchDecoder(lm, sampling, slots=4, positions=64, use_graphs=False,
-                          prefill_lengths=(16, 32, 128))
+                          prefill_lengths=(16, 32, 128), prefill_rows=(1,))
     assert [b.length for b in padded._prefills] == [16, 32]  # 128 exceeds the cache
     plain = BatchDecoder(lm, sampling, slots=4, positions=64, use_graphs=False)
     calls = []
@@ -359,6 +359,57 @@ def test_a_prompt_prefilled_padded_decodes_as_unpadded(engine: CosyVoiceEngine) 
     padded.prefill_rows([Row(slot=0, seed=1, min_len=0, max_len=8),
                          Row(slot=3, seed=2, min_len=0, max_len=8)], [prompt, long_prompt])
     assert calls == [16, 16, 32]
+
+
+def test_prompts_that_arrive_together_are_prefilled_in_padded_groups(
+    engine: CosyVoiceEngine,
+) -> None:
+    """Prompts of one padded length are prefilled as groups of a bucket's rows (the fewest that
+    hold them, the most at a time beyond): each prompt gets the first token, log-probabilities
+    and cache of its own unpadded prefill, and the rows that pad a group, repeating its last
+    prompt, write nowhere but that prompt's slot."""
+    lm = engine._require()[0].decoder.lm
+    sampling = engine._require()[0].decoder.sampling
+    hidden = lm.backbone.config.hidden_size
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randn(1, n, hidden, generator=gen) for n in (9, 14, 5, 20, 12, 7)]
+    grouped = BatchDecoder(lm, sampling, slots=8, positions=64, use_graphs=False,
+                           prefill_lengths=(16, 32), prefill_rows=(1, 2, 4))
+    calls = []
+    original = grouped._prefill_padded
+    grouped._prefill_padded = (
+        lambda bucket: calls.append((bucket.rows, bucket.length)) or original(bucket))
+    slots = (6, 0, 3, 5, 1, 4)
+    rows = [Row(slot=slot, seed=slot + 1, min_len=0, max_len=8) for slot in slots]
+    tokens = grouped.prefill_rows(rows, prompts)
+    # Five prompts pad to 16 (a group of 4, then one alone), one to 32.
+    assert calls == [(4, 16), (1, 16), (1, 32)]
+    for row, prompt, token in zip(rows, prompts, tokens, strict=True):
+        alone = BatchDecoder(lm, sampling, slots=8, positions=64, use_graphs=False)
+        single = Row(slot=row.slot, seed=row.seed, min_len=0, max_len=8)
+        assert alone.prefill(single, prompt) == token
+        assert row.position == prompt.size(1)
+        torch.testing.assert_close(grouped.last_logp(row.slot), alone.last_logp(row.slot),
+                                   atol=1e-5, rtol=1e-4)
+        for layer in range(len(lm.backbone.layers)):
+            n = prompt.size(1)
+            for cache, reference in ((grouped.pool.keys, alone.pool.keys),
+                                     (grouped.pool.values, alone.pool.values)):
+                torch.testing.assert_close(cache[layer][row.slot, :, :n],
+                                           reference[layer][row.slot, :, :n],
+                                           atol=1e-5, rtol=1e-4)
+    three = [Row(slot=slot, seed=1, min_len=0, max_len=8) for slot in (2, 0, 3)]
+    calls.clear()
+    grouped.prefill_rows(three, prompts[:3])
+    assert calls == [(4, 16)]  # three prompts in the 4-row bucket, one row repeating the third
+    alone = BatchDecoder(lm, sampling, slots=8, positions=64, use_graphs=False)
+    alone.prefill(Row(slot=3, seed=1, min_len=0, max_len=8), prompts[2])
+    for layer in range(len(lm.backbone.layers)):
+        for cache, reference in ((grouped.pool.keys, alone.pool.keys),
+                                 (grouped.pool.values, alone.pool.values)):
+            assert not cache[layer][7].any()
+            torch.testing.assert_close(cache[layer][3, :, :5], reference[layer][3, :, :5],
+                                       atol=1e-5, rtol=1e-4)
 
 
 async def test_a_shorter_first_chunk_comes_first_and_the_rest_follows(

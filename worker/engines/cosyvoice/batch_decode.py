@@ -6,9 +6,10 @@ sampled on the device with its own seed. Rows join and leave between steps. The 
 travel to the device as one small tensor and the new tokens come back as one; in between, on a
 GPU, the whole step (embedding, 24 layers, head, sampling) is one CUDA graph replay, captured at
 warm-up for each batch-size bucket (1, 2, 4, ... rows) and never while serving. So is the prefill
-of one prompt, padded up to one of a few lengths: eagerly it is some 400 kernels launched one by
-one, which a request waits for before its first token; a few prompts that arrive together are
-prefilled one after the other from these graphs, many at once eagerly in one pass.
+of a group of prompts, padded up to one of a few lengths and row counts: eagerly it is some 400
+kernels launched one by one, which a request waits for before its first token; prompts that
+arrive together are prefilled in groups of one padded length from these graphs, and only a
+prompt longer than every length eagerly.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol, cast
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,12 +35,12 @@ logger = logging.getLogger(__name__)
 _TOKEN, _POSITION, _SEED, _COUNTER, _ALLOW_EOS, _HISTORY = range(6)
 
 PREFILL_LENGTHS = (128, 256, 512)
-"""Prompt lengths (text and prompt tokens) that a prompt prefilled alone is padded up to and
-replayed at."""
+"""Prompt lengths (text and prompt tokens) that prompts prefilled from graphs are padded up to."""
 
-PREFILL_ALONE_ROWS = 8
-"""Up to this many prompts that arrive together are prefilled one by one from the graphs (a
-replay is ~3 ms on an H200; an eager pass over a few prompts 30-90 ms, bound by its launches)."""
+PREFILL_ROWS = (1, 4, 16)
+"""Prompts prefilled in one replay: a group of prompts of one padded length takes the graph of
+the fewest rows that holds it (16 at a time beyond). A replay of one prompt is ~3 ms on an H200;
+an eager pass over 19 prompts took 40-70 ms, bound by its launches."""
 
 
 class SpeechModel(Protocol):
@@ -75,14 +76,17 @@ class Row:
 
 @dataclass
 class _PrefillBucket:
-    """Static inputs of one request's prefill padded to `length` positions, and its outputs."""
+    """Static inputs of the prefill of `rows` prompts padded to `length` positions, and its
+    outputs. A group of fewer prompts fills the rows past it with its last prompt again (same
+    embeddings, slot and inputs): they write what that prompt writes, where it writes it."""
 
+    rows: int
     length: int
     x: torch.Tensor
-    """[1, length, H]: the prompt's embeddings, zero past them."""
+    """[rows, length, H]: the prompts' embeddings, zero past them."""
     slot: torch.Tensor
     last: torch.Tensor
-    """[1]: the position of the prompt's last embedding."""
+    """[rows]: the position of each prompt's last embedding."""
     inputs: torch.Tensor
     logp: torch.Tensor
     token: torch.Tensor
@@ -103,11 +107,12 @@ class BatchDecoder:
     def __init__(
         self, lm: SpeechModel, sampling: SamplingParams, slots: int, positions: int,
         use_graphs: bool, prefill_lengths: tuple[int, ...] = (),
+        prefill_rows: tuple[int, ...] = PREFILL_ROWS,
     ) -> None:
-        """`prefill_lengths`: the padded lengths a prompt is prefilled alone at (each at most
-        `positions`), replayed from graphs on a GPU (with `use_graphs`) and run padded, eagerly,
-        elsewhere; more than `PREFILL_ALONE_ROWS` prompts at once, or any longer than every
-        length, are prefilled together as they are."""
+        """`prefill_lengths` and `prefill_rows`: the padded lengths (each at most `positions`)
+        and row counts that groups of prompts are prefilled at, replayed from graphs on a GPU
+        (with `use_graphs`) and run padded, eagerly, elsewhere; prompts that arrive with one
+        longer than every length are prefilled together as they are."""
         self.lm = lm
         self.sampling = sampling
         self.pool = SlotPool(lm.backbone, slots, positions)
@@ -126,13 +131,13 @@ class BatchDecoder:
         dtype = lm.llm_decoder.weight.dtype
         self._prefills = [
             _PrefillBucket(
-                length=n, x=torch.zeros(1, n, hidden, device=self.device, dtype=dtype),
-                slot=torch.zeros(1, dtype=torch.long, device=self.device),
-                last=torch.zeros(1, dtype=torch.long, device=self.device),
-                inputs=torch.zeros(1, self.width, dtype=torch.long, device=self.device),
-                logp=torch.zeros(1, probe.size(1), device=self.device),
-                token=torch.zeros(1, dtype=torch.long, device=self.device))
-            for n in sorted(prefill_lengths) if n <= positions
+                rows=r, length=n, x=torch.zeros(r, n, hidden, device=self.device, dtype=dtype),
+                slot=torch.zeros(r, dtype=torch.long, device=self.device),
+                last=torch.zeros(r, dtype=torch.long, device=self.device),
+                inputs=torch.zeros(r, self.width, dtype=torch.long, device=self.device),
+                logp=torch.zeros(r, probe.size(1), device=self.device),
+                token=torch.zeros(r, dtype=torch.long, device=self.device))
+            for n in sorted(prefill_lengths) if n <= positions for r in sorted(prefill_rows)
         ]
 
     @property
@@ -172,7 +177,7 @@ class BatchDecoder:
         for size in reversed(buckets(self.slots)):
             self._graphs[size] = record(partial(self._compute, size))
         try:
-            for bucket in reversed(self._prefills):
+            for bucket in sorted(self._prefills, key=lambda b: -b.rows * b.length):
                 bucket.graph = record(partial(self._prefill_padded, bucket))
         except RuntimeError:
             logger.warning("Capturing the prefill's graphs failed; prompts are prefilled "
@@ -197,11 +202,19 @@ class BatchDecoder:
                     f"the cache's {self.positions} positions"
                 )
         lengths = [e.size(1) for e in embeds]
-        if len(rows) <= PREFILL_ALONE_ROWS:
-            fitted = [next((b for b in self._prefills if b.length >= n), None) for n in lengths]
-            if all(b is not None for b in fitted):
-                return [self._prefill_alone(cast(_PrefillBucket, b), row, e)
-                        for b, row, e in zip(fitted, rows, embeds, strict=True)]
+        padded = [next((b.length for b in self._prefills if b.length >= n), 0) for n in lengths]
+        if self._prefills and 0 not in padded:
+            tokens = [0] * len(rows)
+            for length in sorted(set(padded)):
+                waiting = [i for i, p in enumerate(padded) if p == length]
+                while waiting:
+                    bucket = self._bucket(length, len(waiting))
+                    group, waiting = waiting[: bucket.rows], waiting[bucket.rows :]
+                    drawn = self._prefill_group(bucket, [rows[i] for i in group],
+                                                [embeds[i] for i in group])
+                    for i, token in zip(group, drawn, strict=True):
+                        tokens[i] = token
+            return tokens
         x = embeds[0].new_zeros(len(rows), max(lengths), embeds[0].size(2))
         for i, e in enumerate(embeds):
             x[i, : e.size(1)] = e[0]
@@ -216,26 +229,39 @@ class BatchDecoder:
             self._logp[row.slot].copy_(logp[i])
         return [int(t) for t in self._sample(logp, inputs).tolist()]
 
-    def _prefill_alone(self, bucket: _PrefillBucket, row: Row, embeds: torch.Tensor) -> int:
-        """One prompt [1, L, H] prefilled padded to the bucket's length (its padding lands past
-        the prompt, where decoding overwrites it before any step attends to it)."""
-        n = embeds.size(1)
+    def _bucket(self, length: int, count: int) -> _PrefillBucket:
+        """The bucket of `length` with the fewest rows that holds `count` prompts, else the
+        most rows."""
+        fitting = [b for b in self._prefills if b.length == length]
+        return next((b for b in fitting if b.rows >= count), fitting[-1])
+
+    def _prefill_group(self, bucket: _PrefillBucket, rows: list[Row],
+                       embeds: list[torch.Tensor]) -> list[int]:
+        """Prompts [1, L, H] (at most the bucket's rows) prefilled padded to the bucket's length
+        (their padding lands past each prompt, where decoding overwrites it before any step
+        attends to it); the bucket's rows past them repeat the last."""
+        padded_rows = rows + [rows[-1]] * (bucket.rows - len(rows))
+        padded_embeds = embeds + [embeds[-1]] * (bucket.rows - len(rows))
         bucket.x.zero_()
-        bucket.x[:, :n].copy_(embeds)
-        bucket.slot.fill_(row.slot)
-        bucket.last.fill_(n - 1)
-        bucket.inputs.copy_(torch.from_numpy(self._host_inputs([row], 1, by_slot=False)))
+        for i, e in enumerate(padded_embeds):
+            bucket.x[i, : e.size(1)].copy_(e[0])
+        bucket.slot.copy_(torch.tensor([r.slot for r in padded_rows]))
+        bucket.last.copy_(torch.tensor([e.size(1) - 1 for e in padded_embeds]))
+        bucket.inputs.copy_(torch.from_numpy(
+            self._host_inputs(padded_rows, bucket.rows, by_slot=False)))
         if bucket.graph is not None:
             bucket.graph.replay()
         else:
             self._prefill_padded(bucket)
-        row.position = n
-        self._logp[row.slot].copy_(bucket.logp[0])
-        return int(bucket.token.item())
+        for i, (row, e) in enumerate(zip(rows, embeds, strict=True)):
+            row.position = e.size(1)
+            self._logp[row.slot].copy_(bucket.logp[i])
+        return [int(t) for t in bucket.token[: len(rows)].tolist()]
 
     def _prefill_padded(self, bucket: _PrefillBucket) -> None:
         hidden = self.decoder.prefill_rows(bucket.x, bucket.slot)
-        logp = self.lm.logp(hidden.index_select(1, bucket.last))
+        last = bucket.last.view(-1, 1, 1).expand(-1, 1, hidden.size(2))
+        logp = self.lm.logp(hidden.gather(1, last))
         bucket.logp.copy_(logp)
         bucket.token.copy_(self._sample(logp, bucket.inputs))
 
