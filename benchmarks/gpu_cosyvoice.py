@@ -263,10 +263,16 @@ def _set_gather_steps(engine: SpeechEngine, steps: int) -> None:
     engine._require()[0].gather_steps = steps
 
 
+def _set_decode_priority(engine: SpeechEngine, high: bool) -> None:
+    engine.decode_priority = high
+    engine._require()[0].decode_priority = high
+
+
 LIVE_OPTIONS: dict[str, Callable[[SpeechEngine, Any], None]] = {
     "later_chunk_hops": lambda engine, v: setattr(engine, "later_chunk_hops", v),
     "first_chunk_tokens": lambda engine, v: setattr(engine, "first_chunk_tokens", v),
     "first_chunk_gather_steps": _set_gather_steps,
+    "decode_priority": _set_decode_priority,
 }
 """Engine options a warm engine takes between levels (read when a request is planned, or by
 the scheduler's loops), and how to set each."""

@@ -221,7 +221,7 @@ class Scheduler:
     # -- decoding ---------------------------------------------------------------------------
 
     def _decode_loop(self) -> None:
-        with self._device_stream(high_priority=self.decode_priority):
+        with self._device_stream() as normal, self._device_stream(high_priority=True) as high:
             while True:
                 with self._lock:
                     while not (self._stopping or self._decoding
@@ -231,11 +231,15 @@ class Scheduler:
                         return
                     self._evict()
                     admitted = self._admit()
-                if admitted:
-                    self._start_utterances(admitted)
-                rows = [job for job in self._decoding if job.row is not None]
-                if rows:
-                    self._step(rows)
+                # Read at every iteration; the previous one's tokens came back to the host, so
+                # its work is done whichever stream the next runs on.
+                stream = high if self.decode_priority else normal
+                with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
+                    if admitted:
+                        self._start_utterances(admitted)
+                    rows = [job for job in self._decoding if job.row is not None]
+                    if rows:
+                        self._step(rows)
                 with self._lock:
                     self._lock.notify_all()
 
