@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -243,25 +244,50 @@ def test_encoder_graphs_cover_the_audio_calls_rows_by_default(
     assert engine.vocoder_graphs
 
 
-@pytest.mark.parametrize(("decode_priority", "priorities"), [(False, [0, 0]), (True, [-1, 0])])
-def test_the_decoding_loop_gets_the_high_priority_stream_when_asked(
-    monkeypatch: pytest.MonkeyPatch, decode_priority: bool, priorities: list[int],
+def test_the_decoding_loop_steps_on_the_high_priority_stream_while_asked(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from types import SimpleNamespace
-
+    """The decoding loop holds a stream of each priority and runs each iteration on the one
+    `decode_priority` names then, so a running engine takes a change at its next step; the
+    audio loop's stream is of the normal priority."""
     from worker.engines.cosyvoice.scheduler import Scheduler
 
     made: list[int] = []
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority: made.append(priority))
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    current: list[int] = []
+
+    class FakeStream:
+        def __init__(self, device: torch.device, priority: int) -> None:
+            self.priority = priority
+            made.append(priority)
+
+    @contextlib.contextmanager
+    def entered(stream: FakeStream) -> Iterator[None]:
+        current.append(stream.priority)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", entered)
     decoder = SimpleNamespace(device=torch.device("cuda"), lm=SimpleNamespace(eos=0),
                               slots=1)
-    scheduler = Scheduler(decoder, None, None, None,  # type: ignore[arg-type]
-                          decode_priority=decode_priority)
-    scheduler._stopping = True  # each loop enters its stream, then returns at once
+    scheduler = Scheduler(decoder, None, None, None)  # type: ignore[arg-type]
+    scheduler._decoding = [SimpleNamespace(row=object(), live=True)]  # type: ignore[list-item]
+    monkeypatch.setattr(scheduler, "_evict", lambda: None)
+    monkeypatch.setattr(scheduler, "_admit", list)
+    stepped: list[int] = []
+
+    def step(rows: list[object]) -> None:
+        stepped.append(current[-1])
+        scheduler.decode_priority = not scheduler.decode_priority
+        scheduler._stopping = len(stepped) == 3
+
+    monkeypatch.setattr(scheduler, "_step", step)
     scheduler._decode_loop()
+    assert sorted(made) == [-1, 0]
+    assert stepped == [0, -1, 0]
+    made.clear()
     scheduler._audio_loop()
-    assert made == priorities
+    assert made == [0]
 
 
 @pytest.mark.parametrize(("audio_left_s", "waits"), [(0.1, False), (5.0, True)])
