@@ -149,7 +149,7 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
     mask = bias.unsqueeze(1)
     t = args[3]
     temb = estimator.time_mlp(estimator.time_embeddings(t).to(t.dtype))
-    xc = x.transpose(1, 2).contiguous()
+    frame_mask = args[1].transpose(1, 2)  # [B, T, 1]: the estimator's blocks are channels last
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(
         b, new, -1)
     parts = {
@@ -165,7 +165,7 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
         "output projection": lambda: attn.to_out[0](out),
         "attention": lambda: attn(x, bias, keys),
         "transformer block": lambda: block(x, bias, history),
-        "resnet block": lambda: resnet(xc, args[1], temb, history),
+        "resnet block": lambda: resnet(x, frame_mask, temb, history),
     }
     if past % page == 0:  # earlier frames in whole pages, as the engine's states hold them
         parts["keys as whole pages + cat"] = gather_pages
