@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from contract.errors import ErrorCode
-from worker.engines.cosyvoice.flow_state import FlowMemoryFullError, FlowPages, paged_slots
+from worker.engines.cosyvoice.flow_decoder import CausalConv1d
+from worker.engines.cosyvoice.flow_state import (
+    FlowMemoryFullError,
+    FlowPages,
+    StepHistory,
+    as_words,
+    paged_slots,
+)
 
 
 def _store(pages: int = 4) -> FlowPages:
@@ -84,3 +91,49 @@ def test_slots_map_each_rows_frames_to_its_pages_and_padding_to_scratch() -> Non
     assert read[0, 10:].tolist() == write[0].tolist()
     assert (read[1, :10] < 5).all()
     assert (read[2] < 5).all()
+
+
+def test_frames_are_gathered_and_written_as_wide_words_bit_for_bit() -> None:
+    """`as_words` views a frame's channels as 16- or 8-byte words where the layout allows (and
+    leaves the tensor as it is elsewhere); a step's keys read through it are the frames written,
+    bit for bit."""
+    frames = torch.randn(2, 12, 256).to(torch.bfloat16)
+    assert as_words(frames).dtype == torch.complex128
+    assert as_words(frames[:, :, :12]).dtype == torch.int64  # 24 bytes a frame
+    assert as_words(frames[:, :, :3]).dtype == torch.bfloat16  # 6 bytes a frame
+    store = torch.zeros(1, 2, 10, 8, dtype=torch.bfloat16)  # one block, guided/unguided, slots
+    history = StepHistory(store, write_slots=torch.tensor([7, 2]),
+                          read_slots=torch.tensor([2, 7, 2]), tails=torch.zeros(0),
+                          tail_index=torch.zeros(0), tails_out=torch.zeros(0))
+    h = torch.randn(2, 2, 8).to(torch.bfloat16)  # guided row, unguided row; two new frames
+    keys = history.keys(0, h)
+    assert torch.equal(store[0, :, [7, 2]], h)
+    assert torch.equal(keys, h[:, [1, 0, 1]])
+
+
+def test_a_causal_convolution_channels_last_is_the_padded_convolution() -> None:
+    """`CausalConv1d` over [B, T, C] equals `conv1d` over the channels-first input padded by
+    two zero frames, or by the history's tail, whose two frames before each row's kept ones it
+    records; its frame-by-frame weight follows a change of the weight."""
+    gen = torch.Generator().manual_seed(3)
+    conv = CausalConv1d(6, 5, 3)
+    x = torch.randn(4, 9, 6, generator=gen)  # 2 rows, guided then unguided
+    reference = torch.nn.functional.conv1d(
+        torch.nn.functional.pad(x.transpose(1, 2), (2, 0)), conv.weight, conv.bias)
+    torch.testing.assert_close(conv(x), reference.transpose(1, 2))
+    tails = torch.randn(1, 2, 2, 7, 2, generator=gen)  # [convs, 2, rows, C_max, 2 frames]
+    tail_index = torch.tensor([3, 5, 3, 5]).view(4, 1, 1) + torch.arange(2).view(1, 1, 2)
+    tails_out = torch.zeros_like(tails)
+    history = StepHistory(torch.zeros(0), torch.zeros(0), torch.zeros(0), tails, tail_index,
+                          tails_out)
+    tail = tails[0, :, :, :6].reshape(4, 6, 2)
+    padded = torch.cat([tail, x.transpose(1, 2)], dim=2)
+    reference = torch.nn.functional.conv1d(padded, conv.weight, conv.bias)
+    torch.testing.assert_close(conv(x, history), reference.transpose(1, 2))
+    recorded = torch.stack([padded[r, :, i : i + 2] for r, i in enumerate((3, 5, 3, 5))])
+    torch.testing.assert_close(tails_out[0, :, :, :6], recorded.view(2, 2, 6, 2))
+    assert not tails_out[0, :, :, 6:].any()
+    before = conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    torch.testing.assert_close(conv(x), 2 * before - conv.bias)
