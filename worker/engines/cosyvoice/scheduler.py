@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -221,27 +221,26 @@ class Scheduler:
     # -- decoding ---------------------------------------------------------------------------
 
     def _decode_loop(self) -> None:
-        with self._device_stream() as normal, self._device_stream(high_priority=True) as high:
-            while True:
-                with self._lock:
-                    while not (self._stopping or self._decoding
-                               or (self._waiting and self._room() > 0)):
-                        self._lock.wait()
-                    if self._stopping:
-                        return
-                    self._evict()
-                    admitted = self._admit()
-                # Read at every iteration; the previous one's tokens came back to the host, so
-                # its work is done whichever stream the next runs on.
-                stream = high if self.decode_priority else normal
-                with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
-                    if admitted:
-                        self._start_utterances(admitted)
-                    rows = [job for job in self._decoding if job.row is not None]
-                    if rows:
-                        self._step(rows)
-                with self._lock:
-                    self._lock.notify_all()
+        normal, high = self._new_stream(), self._new_stream(high_priority=True)
+        while True:
+            with self._lock:
+                while not (self._stopping or self._decoding
+                           or (self._waiting and self._room() > 0)):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                self._evict()
+                admitted = self._admit()
+            # Read at every iteration; the previous one's tokens came back to the host, so
+            # its work is done whichever stream the next runs on.
+            with self._on(high if self.decode_priority else normal):
+                if admitted:
+                    self._start_utterances(admitted)
+                rows = [job for job in self._decoding if job.row is not None]
+                if rows:
+                    self._step(rows)
+            with self._lock:
+                self._lock.notify_all()
 
     def _evict(self) -> None:
         """Drop cancelled jobs, and waiting jobs past their deadline (under the lock)."""
@@ -369,7 +368,7 @@ class Scheduler:
     # -- audio ------------------------------------------------------------------------------
 
     def _audio_loop(self) -> None:
-        with self._device_stream():
+        with self._on(self._new_stream()):
             while True:
                 with self._lock:
                     while True:
@@ -454,16 +453,17 @@ class Scheduler:
         with self._lock:
             self._lock.notify_all()
 
-    @contextlib.contextmanager
-    def _device_stream(self, high_priority: bool = False) -> Iterator[Any]:
-        """A stream of the loop's own; a high-priority one has its kernels (graph replays
-        included) scheduled ahead of the other loop's whenever both have work queued."""
+    def _new_stream(self, high_priority: bool = False) -> Any:
+        """A stream of a loop's own (None off CUDA); a high-priority one has its kernels (graph
+        replays included) scheduled ahead of the other loop's whenever both have work queued."""
         device = self.decoder.device
         if device.type != "cuda":
-            yield None
-            return
+            return None
         priority = -1 if high_priority else 0
-        stream = torch.cuda.Stream(device=device, priority=priority)  # type: ignore[no-untyped-call]
-        with torch.cuda.stream(stream):
-            yield stream
+        return torch.cuda.Stream(device=device, priority=priority)  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    def _on(stream: Any) -> contextlib.AbstractContextManager[Any]:
+        """Work issued inside runs on `stream` (as it is where that is None)."""
+        return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
 
