@@ -298,6 +298,11 @@ def live_variants(parser: argparse.ArgumentParser, args: argparse.Namespace
                          "later_chunk_hops=1,2")
     defaults = create_engine(model_dir=args.model_dir, **args.engine_option)
     baseline = {name: getattr(defaults, name) for name in parsed}
+    built_hops = defaults.later_chunk_hops
+    if max(parsed.get("later_chunk_hops", [0])) > built_hops:
+        parser.error(f"the engine's graphs hold later chunks of up to {built_hops} hops (its "
+                     "later_chunk_hops); to sweep more, pass --engine-option "
+                     "later_chunk_hops=N with N the most swept")
     variants = []
     for name, values in parsed.items():
         for value in values:

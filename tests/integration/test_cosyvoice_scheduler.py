@@ -25,7 +25,7 @@ from worker.engines.cosyvoice.config import check_model_dir
 from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.engine import CosyVoiceEngine
 from worker.engines.cosyvoice.flow import FlowModel, FlowRow
-from worker.engines.cosyvoice.flow_graphs import SolverGraphs
+from worker.engines.cosyvoice.flow_graphs import SolverGraphs, later_chunk_widths
 from worker.engines.cosyvoice.flow_state import FlowPages
 from worker.engines.cosyvoice.hift import samples_per_frame
 from worker.engines.cosyvoice.hift_graphs import VocoderGraphs
@@ -440,10 +440,10 @@ async def test_later_chunks_take_two_hops_once_the_listener_has_audio(
 ) -> None:
     """By default a request's first two chunks are one hop of the grid each, as released, and
     every later one two hops (one flow call, one vocoder call for twice the audio);
-    `later_chunk_hops=1` streams every later chunk one hop. The same length either way."""
+    `later_chunk_hops=1` streams every later chunk one hop, 4 four. The same length each way."""
     tokens = 160  # a built-in speaker has no prompt: hops of 25, 25, 50, 50 and 10 left
     engines = {hops: CosyVoiceEngine(engine.model_dir, max_streams=2, later_chunk_hops=hops,
-                                     fixed_speech_tokens=tokens) for hops in (1, 2)}
+                                     fixed_speech_tokens=tokens) for hops in (1, 2, 4)}
     request = EngineRequest(text=TEXTS[1], voice="english_male", speed=1.0, seed=5)
     chunks = {}
     for hops, each in engines.items():
@@ -453,11 +453,12 @@ async def test_later_chunks_take_two_hops_once_the_listener_has_audio(
     hop = TOKEN_HOP * audio.ratio * samples_per_frame(audio.hift.cfg)
     assert [len(c) for c in chunks[2][1:-1]] == [hop, 2 * hop, 2 * hop]
     assert [len(c) for c in chunks[1][1:-1]] == [hop] * 5
-    assert sum(map(len, chunks[1])) == sum(map(len, chunks[2]))
+    assert [len(c) for c in chunks[4][1:-1]] == [hop, 4 * hop]
+    assert sum(map(len, chunks[1])) == sum(map(len, chunks[2])) == sum(map(len, chunks[4]))
     for each in chunks.values():
         assert float(np.abs(np.concatenate(each)).max()) > 1e-3
     with pytest.raises(ValueError, match="later_chunk_hops"):
-        CosyVoiceEngine(engine.model_dir, later_chunk_hops=3)
+        CosyVoiceEngine(engine.model_dir, later_chunk_hops=5)
 
 
 async def test_requests_admitted_steps_apart_get_first_audio_from_one_call(
@@ -670,16 +671,19 @@ def test_later_chunks_of_two_hops_stream_the_same_frames(engine: CosyVoiceEngine
     assert any(max(new) == 100 and min(new) == 50 for new in rows_new), rows_new
 
 
-def test_default_buckets_hold_streamed_chunks_with_little_padding(
-    engine: CosyVoiceEngine,
+@pytest.mark.parametrize("hops", [2, 4])
+def test_buckets_hold_streamed_chunks_with_little_padding(
+    engine: CosyVoiceEngine, hops: int,
 ) -> None:
-    """The solver's default buckets follow the 50-frame grid: first chunks from prompts'
-    states, later chunks of one hop and two and the final ones all fit one, and a call of whole
-    hops after earlier frames computes no more than the look-ahead's 6 frames past its widest
-    row (its earlier frames padded by less than 100)."""
+    """The solver's buckets follow the 50-frame grid, with the later widths an engine of
+    `later_chunk_hops` builds (2 is the default's): first chunks from prompts' states, later
+    chunks of one hop and of `hops` and the final ones all fit one, and a call of whole hops
+    after earlier frames computes no more than the look-ahead's 6 frames past its widest row
+    (its earlier frames padded by less than 100)."""
     flow = engine._require()[0].audio.flow
     graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
-                          rows=(1, 4), wide_rows=())
+                          rows=(1, 4), wide_rows=(),
+                          later_frames=later_chunk_widths(hops, flow.cfg))
     calls: list[tuple[int, int, int, int]] = []  # width, widest row, past width, most past
     solve = graphs.solve
 
@@ -698,8 +702,8 @@ def test_default_buckets_hold_streamed_chunks_with_little_padding(
     served = _count_calls(graphs, "solve")
     flow.solver_graphs = graphs
     try:
-        assert _stream_alongside(flow, _utterances(18, ((75, 160), (75, 121), (30, 97))),
-                                 from_prompts=True, later_hops=(2, 2, 1)) < 1e-4
+        assert _stream_alongside(flow, _utterances(18, ((75, 260), (75, 121), (30, 97))),
+                                 from_prompts=True, later_hops=(hops, hops, 1)) < 1e-4
     finally:
         flow.solver_graphs = None
     assert all(served), served
@@ -708,7 +712,8 @@ def test_default_buckets_hold_streamed_chunks_with_little_padding(
     assert whole_hops, later
     assert all(f - n <= 6 for f, n in whole_hops), later
     assert all(p - m < 100 for _, _, p, m in later), later
-    assert {106, 56} <= {f for f, _, _, _ in later}, later
+    assert {106, 56, 50 * hops + 6} <= {f for f, _, _, _ in later}, later
+    assert max(n for _, n, _, _ in later) == 50 * hops, later
 
 
 def test_first_chunks_from_prompt_states_stay_on_the_graphs(engine: CosyVoiceEngine) -> None:

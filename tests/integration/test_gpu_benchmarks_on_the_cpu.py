@@ -74,6 +74,20 @@ def test_live_options_are_swept_side_by_side_in_one_engine(tmp_path: Path) -> No
     assert f"{gathers[0]} / {hops[0]}" not in printed
 
 
+def test_live_hops_beyond_the_engines_graphs_are_refused(tmp_path: Path) -> None:
+    """A warm engine's graphs hold later chunks of up to the hops it was built with: a live
+    value beyond them is refused before the engine loads, naming the option that builds them."""
+    model_dir = cosyvoice_models.build_model_dir(tmp_path / "tiny")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_cosyvoice.py", "--model-dir", str(model_dir),
+         "--device", "cpu", "--dtype", "float32", "--live-option", "later_chunk_hops=2,4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "--engine-option later_chunk_hops=N" in done.stderr
+    assert "engine loaded" not in done.stdout
+
+
 def test_the_report_is_written_after_every_level(tmp_path: Path) -> None:
     """A sweep stopped at its time limit keeps the levels it finished: the report on disk holds
     every row as soon as it is made."""

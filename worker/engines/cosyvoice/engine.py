@@ -55,7 +55,7 @@ from worker.engines.cosyvoice.config import (
 from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.flow import FlowModel
-from worker.engines.cosyvoice.flow_graphs import SolverGraphs
+from worker.engines.cosyvoice.flow_graphs import SolverGraphs, later_chunk_widths
 from worker.engines.cosyvoice.frontend import Frontend, VoicePrompt
 from worker.engines.cosyvoice.graphs import attention_without_cudnn
 from worker.engines.cosyvoice.hift import HiFTGenerator
@@ -82,8 +82,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_STREAMS = {"cpu": 8, "cuda": 128}
 MIN_FIRST_CHUNK = 5
 """Tokens: below this, the vocoder's 8-frame overlap would hold back most of a first chunk."""
-MAX_LATER_HOPS = 2
-"""The solver's and vocoder's graphs hold later chunks of up to this many hops."""
 SPEAKERS_FILE = "spk2info.pt"
 WARM_UP_PROMPT_S = 2.0
 """A model without built-in speakers warms up cloning a synthetic recording this long."""
@@ -117,6 +115,8 @@ class SpeechEngine:
 
     utterance_type: type[Utterance] = Utterance
     speed_range: tuple[float, float] = (0.5, 2.0)
+    max_later_hops = 2
+    """Hops a later chunk may take: the most the flow's and vocoder's graphs are built for."""
 
     def __init__(
         self,
@@ -147,8 +147,8 @@ class SpeechEngine:
                 MIN_FIRST_CHUNK <= first_chunk_tokens <= TOKEN_HOP):
             raise ValueError(f"first_chunk_tokens must be {MIN_FIRST_CHUNK}..{TOKEN_HOP}, "
                              f"not {first_chunk_tokens}")
-        if not 1 <= later_chunk_hops <= MAX_LATER_HOPS:
-            raise ValueError(f"later_chunk_hops must be 1..{MAX_LATER_HOPS}, "
+        if not 1 <= later_chunk_hops <= self.max_later_hops:
+            raise ValueError(f"later_chunk_hops must be 1..{self.max_later_hops}, "
                              f"not {later_chunk_hops}")
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
@@ -517,6 +517,8 @@ def _warm_up_prompt() -> np.ndarray:
 class CosyVoiceEngine(SpeechEngine):
     """CosyVoice2 on this package's modules. See `create_engine` for the options."""
 
+    max_later_hops = 4
+
     def __init__(self, model_dir: str | Path, **options: Any) -> None:
         super().__init__(model_dir, **options)
         self._frames_per_second = 50.0
@@ -558,7 +560,8 @@ class CosyVoiceEngine(SpeechEngine):
             rows = buckets(self.max_audio_rows)
             flow.solver_graphs = SolverGraphs(
                 flow.solver, self.dtype, self.device, steps=self.flow_steps,
-                rows=tuple(r for r in rows if r <= 8), wide_rows=tuple(r for r in rows if r > 8))
+                rows=tuple(r for r in rows if r <= 8), wide_rows=tuple(r for r in rows if r > 8),
+                later_frames=later_chunk_widths(self.later_chunk_hops, config.flow))
             flow.encoder_graphs = EncoderGraphs(
                 flow.encode_tokens, config.flow.pre_lookahead_len,
                 config.flow.encoder.upsample_stride, self.device,
