@@ -19,13 +19,14 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from testbed.cosyvoice3_models import build_model_dir
 from tests.support.audio import decode
 from tests.support.processes import RunningProcess, free_port, python_service
 from worker.engines import create_engine
 from worker.engines.base import EngineRequest
-from worker.engines.cosyvoice.capacity import StreamCost, prompt_cache_bytes
+from worker.engines.cosyvoice.capacity import WORKING_SHARE, StreamCost
 from worker.engines.cosyvoice.config import ModelDirError
 from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.frontend import VoicePrompt
@@ -257,8 +258,8 @@ def test_capacity_counts_a_streams_flow_keys_and_values(
     assert per_frame == 10 * dit.depth * 2 * 2 * dit.heads * dit.dim_head * 4  # float32
     llm = engine._llm
     assert isinstance(llm, CosyVoice3LM)
-    # 15 s of flow state (750 frames) held in whole pages of 256 frames: 768
-    cost = SlotPool.row_bytes(llm.backbone, engine.max_positions) + 768 * per_frame
+    # 15 s of flow state: 750 frames, in whole chunks of the 50-frame grid
+    cost = SlotPool.row_bytes(llm.backbone, engine.max_positions) + 750 * per_frame
     # 3 streams once 15% is kept back for working tensors and 5% for prompt prefixes
     free, total = 15 * 10**7 + 5 * 10**7 + 3 * cost + 1000, 10**9
     monkeypatch.setattr("torch.cuda.mem_get_info", lambda device=None: (free, total))
@@ -269,9 +270,10 @@ def test_capacity_counts_a_streams_flow_keys_and_values(
 async def test_capacity_is_lowered_where_warm_up_left_too_little_memory(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sized at load, the capacity is checked again once warm-up has allocated its graphs and
-    buffers: streams whose flow states no longer fit are taken off what the engine states and
-    admits, and it serves on within the rest. A request holds its place until all its audio is
+    """Sized at load, the capacity is checked again once warm-up has made the flow's store of
+    keys and values in what the driver has free after the other graphs (the device's memory
+    stubbed): streams the store cannot hold are taken off what the engine states and admits,
+    and it serves on within the rest. A request holds its place until all its audio is
     spoken, not only while it decodes: its flow state lives that long."""
     built = create_engine("cosyvoice", model_dir=str(model_dir), max_streams=8)
     assert isinstance(built, CosyVoice3Engine)
@@ -281,15 +283,18 @@ async def test_capacity_is_lowered_where_warm_up_left_too_little_memory(
     assert isinstance(audio, V3AudioStage)
     per_frame = built._flow_frame_bytes(audio.flow)
     built._stream_cost = StreamCost(kv_row_bytes=10**9, flow_frame_bytes=per_frame,
-                                    frames_per_second=50, frame_quantum=256)
-    flow_state = 768 * per_frame  # 15 s in whole pages; the KV rows are already allocated
+                                    frames_per_second=50, frame_quantum=50)
+    monkeypatch.setattr(built, "_size_streams_to_memory", True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    page = built._page_bytes(audio.flow)
+    assert page * 10 == 50 * per_frame  # a page: one Euler step of a grid chunk
+    stream_pages = built._stream_pages(audio.flow)
+    assert stream_pages == 10 * 15  # 15 s: 15 chunks of the grid for each of 10 steps
     total = 10**12
-    kept_back = 15 * 10**10 + prompt_cache_bytes(built.prompt_cache_bytes, total)  # 15%, cache
+    store = (2 * stream_pages + built._cache_pages(page) + 1) * page  # 2 streams, cache, scratch
     monkeypatch.setattr("torch.cuda.mem_get_info",
-                        lambda device=None: (kept_back + 2 * flow_state + 10, total))
-    # Reserved but unallocated: the graphs' private pools, of no use to the streams.
-    monkeypatch.setattr("torch.cuda.memory_reserved", lambda device=None: 5 * flow_state)
-    monkeypatch.setattr("torch.cuda.memory_allocated", lambda device=None: 4 * flow_state)
+                        lambda device=None: (int(WORKING_SHARE * total) + store + 10, total))
+    built._make_flow_pages(audio.flow)
     built._fit_streams_after_warm_up(scheduler)
     assert built.max_streams == built.capabilities().max_streams == scheduler.capacity == 2
     monkeypatch.setattr("torch.cuda.mem_get_info", lambda device=None: (total, total))

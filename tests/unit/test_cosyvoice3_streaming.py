@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from testbed.cosyvoice3_models import build_model_dir
-from worker.engines.cosyvoice import v3_flow, v3_hift_stream
+from worker.engines.cosyvoice import v3_hift_stream
 from worker.engines.cosyvoice.v3_config import check_v3_model_dir
-from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, load_v3_flow
+from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, load_v3_flow, step_pages
 from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
 from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise, load_v3_hift
 from worker.engines.cosyvoice.v3_hift_graphs import V3VocoderGraphs
@@ -96,11 +96,7 @@ def _stream_together(flow: CosyVoice3Flow, reqs: list[Request], joins: tuple[int
     return pieces, streams
 
 
-@pytest.mark.parametrize("page_frames", [256, 24])  # released; a chunk's frames span pages
-def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(
-    flow: CosyVoice3Flow, page_frames: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(v3_flow, "PAGE_FRAMES", page_frames)
+def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(flow: CosyVoice3Flow) -> None:
     reqs = _requests()
     pieces, streams = _stream_together(flow, reqs)
     for req, got, stream in zip(reqs, pieces, streams, strict=True):
@@ -154,13 +150,9 @@ def _with_graphs(flow: CosyVoice3Flow, graphs: DiTStepGraphs, run: Callable[[], 
         flow.step_graphs = None
 
 
-@pytest.mark.parametrize("page_frames", [256, 24])
-def test_bucketed_steps_give_each_stream_its_own_frames(
-    flow: CosyVoice3Flow, page_frames: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bucketed_steps_give_each_stream_its_own_frames(flow: CosyVoice3Flow) -> None:
     """Calls that fit a graph bucket (padded rows, frames and earlier frames; run eagerly on
     the CPU) stream what the unbucketed estimator streams; calls that fit none run as before."""
-    monkeypatch.setattr(v3_flow, "PAGE_FRAMES", page_frames)
 
     def stream_all() -> list[torch.Tensor]:
         return [torch.cat(p, dim=1) for p in _stream_together(flow, _requests())[0]]
@@ -357,14 +349,24 @@ def test_hift_batch_rows_equal_each_row_alone(
 
 
 def test_flow_state_size_is_what_it_claims(flow: CosyVoice3Flow) -> None:
+    """A state holds, for each Euler step, one page per chunk of the grid of its frames, each
+    page every layer's keys and values of its frames; what the store lends it, it gets back
+    when the stream is dropped."""
     prompt, tokens, mel, emb = _requests()[0]
+    store = flow.flow_pages()
+    free = store.free_pages
     stream: FlowStream = flow.start(prompt, mel, emb)
     flow.advance([stream], [tokens[: (-20) % HOP + HOP + LOOK]], [False])
+    flow.advance([stream], [tokens[(-20) % HOP + HOP + LOOK:][:HOP]], [False])
     dit = flow.cfg.dit
     per_frame = 10 * dit.depth * 2 * 2 * dit.heads * dit.dim_head * 4
-    assert stream.capacity >= stream.frames == 100  # prompt frames included
-    assert stream.capacity % v3_flow.PAGE_FRAMES == 0
-    assert stream.nbytes >= per_frame * stream.frames
+    assert stream.frames == 150  # prompt frames included
+    assert stream.state is not None
+    assert len(stream.state.pages) == 10 * 3 == len(set(stream.state.pages))
+    assert stream.nbytes == per_frame * stream.frames + stream.state.tails.nbytes
+    assert store.free_pages == free - 30
+    del stream
+    assert store.free_pages == free
 
 
 def test_rotary_phases_stay_exact_in_bfloat16(model_dir: Path) -> None:
@@ -420,6 +422,13 @@ def test_a_stream_seeded_from_its_prompts_prefix_streams_what_one_solving_it_doe
         got = _stream(flow, stream, req)
         assert got.shape == want.shape
         assert (got - want).abs().max() <= FLOW_TOL
+    held = [step_pages(prefix.pages, k) for k in range(10)]
+    for stream in (solver, seeded):  # the prefix's pages read in place, never copied
+        assert stream.state is not None
+        assert [step_pages(stream.state.pages, k)[: len(held[k])] for k in range(10)] == held
+    assert solver.state is not None
+    assert seeded.state is not None
+    assert not set(solver.state.pages) - set(prefix.pages) & set(seeded.state.pages)
     short = flow.start(prompt[:LOOK + 10], mel[: 2 * (LOOK + 10)], emb)
     assert flow.solve_prefixes([short]) == [None]  # 20 free frames: no chunk line reached
     assert short.frames == 0

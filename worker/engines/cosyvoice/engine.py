@@ -56,6 +56,7 @@ from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.encoder_graphs import EncoderGraphs
 from worker.engines.cosyvoice.flow import FlowModel
 from worker.engines.cosyvoice.flow_graphs import SolverGraphs, later_chunk_widths
+from worker.engines.cosyvoice.flow_state import FlowPages
 from worker.engines.cosyvoice.frontend import Frontend, VoicePrompt
 from worker.engines.cosyvoice.graphs import attention_without_cudnn
 from worker.engines.cosyvoice.hift import HiFTGenerator
@@ -184,6 +185,8 @@ class SpeechEngine:
         if prompt_cache_mb < 0:
             raise ValueError(f"prompt_cache_mb must be 0 or more, not {prompt_cache_mb}")
         self.prompt_cache_bytes = prompt_cache_mb * 2**20
+        self._frames_per_second = 50.0
+        """Mel frames per second of audio (read from the model at load)."""
         self._stream_cost: StreamCost | None = None
         """What a stream costs, when the capacity was sized to the device's memory."""
         self._scheduler: Scheduler | None = None
@@ -322,21 +325,62 @@ class SpeechEngine:
             scheduler.limit_rows(streams)
             self.max_streams = streams
 
+    # -- the flow states' store ---------------------------------------------------------------
+
+    def _page_bytes(self, flow: Any) -> int:
+        """Bytes of one page of the flow states' store."""
+        raise NotImplementedError
+
+    def _stream_pages(self, flow: Any) -> int:
+        """Pages of the store a stream is planned on: `STREAM_BUDGET_S` of frames."""
+        raise NotImplementedError
+
+    def _flow_store(self, flow: Any, pages: int) -> FlowPages:
+        """The flow's store of states, made with `pages` pages if it has none yet."""
+        raise NotImplementedError
+
+    def _audio_flow(self) -> Any:
+        """The flow of the audio stage being served."""
+        raise NotImplementedError
+
+    def _cache_pages(self, page_bytes: int) -> int:
+        return -(-self.prompt_cache_bytes // page_bytes)
+
+    def _pages_wanted(self, flow: Any) -> int:
+        """Pages for `max_streams` streams, the prompt cache and the scratch page."""
+        return (self.max_streams * self._stream_pages(flow)
+                + self._cache_pages(self._page_bytes(flow)) + 1)
+
+    def _make_flow_pages(self, flow: Any) -> None:
+        """The flow states' store, made before the flow's graphs are captured over it: for
+        `max_streams` streams and the prompt cache, or (capacity sized to the device) fewer,
+        in what is free once the other stages' graphs are in place, less the working share.
+        Only what the driver has free counts: the blocks the graphs' private pools hold are
+        reserved but serve no other allocation."""
+        pages = self._pages_wanted(flow)
+        if self._size_streams_to_memory:
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(self.device)
+            room = int(free - WORKING_SHARE * total) // self._page_bytes(flow)
+            pages = max(2, min(pages, room))
+        store = self._flow_store(flow, pages)
+        logger.info("Flow states' store: %d pages of %.1f MB (%.1f GiB), %d streams of %d "
+                    "pages and the prompt cache's %d", store.pages, store.page_bytes / 1e6,
+                    store.pages * store.page_bytes / 2**30, self._streams_in_store(flow),
+                    self._stream_pages(flow), self._cache_pages(store.page_bytes))
+
+    def _streams_in_store(self, flow: Any) -> int:
+        store: FlowPages | None = flow.pages
+        assert store is not None
+        usable = store.pages - 1 - self._cache_pages(store.page_bytes)
+        return max(1, min(self.max_streams, usable // self._stream_pages(flow)))
+
     def _streams_once_warm(self) -> int:
-        """Streams whose flow states fit beside what warm-up allocated (graphs, their pools
-        and buffers); the KV rows are in place by now, so only the flow states are counted."""
-        assert self._stream_cost is not None
-        # Only what the driver has free counts: the blocks the graphs' private pools hold
-        # are reserved but not allocated, and serve no other allocation (on an H100, 23 GiB
-        # of them were once counted as room for streams, which then ran out of memory).
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        free = max(0, free - prompt_cache_bytes(self.prompt_cache_bytes, total))
-        flow_states = replace(self._stream_cost, kv_row_bytes=0)
-        streams = streams_that_fit(free, total, flow_states, self.max_streams)
+        """The streams whose flow states the store holds (the KV rows are in place)."""
+        streams = self._streams_in_store(self._audio_flow())
         if streams < self.max_streams:
-            logger.warning("Capacity lowered from %d to %d streams: %.1f GiB usable once warm",
-                           self.max_streams, streams, free / 2**30)
+            logger.warning("Capacity lowered from %d to %d streams: what the flow states' "
+                           "store holds", self.max_streams, streams)
         return streams
 
     # -- description --------------------------------------------------------------------------
@@ -521,8 +565,6 @@ class CosyVoiceEngine(SpeechEngine):
 
     def __init__(self, model_dir: str | Path, **options: Any) -> None:
         super().__init__(model_dir, **options)
-        self._frames_per_second = 50.0
-        """Mel frames per second of audio (read from the model at load)."""
         if self.dit_graphs is not None:
             raise ValueError("dit_graphs is CosyVoice3's option; CosyVoice2's flow replays its "
                              "graphs with cuda_graph")
@@ -569,8 +611,8 @@ class CosyVoiceEngine(SpeechEngine):
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
         self._bound_prompt_cache()
-        if flow.solver_graphs is None:  # else sized at warm-up, before the solver's capture
-            flow.flow_pages(self.flow_steps)  # small: with no graphs it grows as streams need
+        if self.device.type != "cuda":  # else sized at warm-up, before the solver's capture
+            flow.flow_pages(self.flow_steps)  # small: it grows as streams need
         audio = AudioStage(flow, hift, self.device, flow_steps=self.flow_steps,
                            prompt_state_bytes=self.prompt_cache_bytes)
         if self.vocoder_graphs and self.cuda_graph and self.device.type == "cuda":
@@ -593,49 +635,16 @@ class CosyVoiceEngine(SpeechEngine):
         return self._frame_bytes(flow) * flow.cfg.estimator.static_chunk_size
 
     def _stream_pages(self, flow: FlowModel) -> int:
-        """Pages of flow state a stream is planned on: `STREAM_BUDGET_S` of frames."""
         frames = int(STREAM_BUDGET_S * self._frames_per_second)
         return -(-frames // flow.cfg.estimator.static_chunk_size)
 
-    def _cache_pages(self, page_bytes: int) -> int:
-        return -(-self.prompt_cache_bytes // page_bytes)
+    def _flow_store(self, flow: FlowModel, pages: int) -> FlowPages:
+        return flow.flow_pages(self.flow_steps, pages)
 
-    def _pages_wanted(self, flow: FlowModel) -> int:
-        """Pages for `max_streams` streams, the prompt cache and the scratch page."""
-        return (self.max_streams * self._stream_pages(flow)
-                + self._cache_pages(self._page_bytes(flow)) + 1)
-
-    def _make_flow_pages(self, flow: FlowModel) -> None:
-        """The flow states' store, made before the solver's graphs are captured over it: for
-        `max_streams` streams and the prompt cache, or (capacity sized to the device) fewer,
-        in what is free once the other stages' graphs are in place, less the working share."""
-        pages = self._pages_wanted(flow)
-        if self._size_streams_to_memory:
-            torch.cuda.empty_cache()
-            free, total = torch.cuda.mem_get_info(self.device)
-            room = int(free - WORKING_SHARE * total) // self._page_bytes(flow)
-            pages = max(2, min(pages, room))
-        store = flow.flow_pages(self.flow_steps, pages)
-        logger.info("Flow states' store: %d pages of %.1f MB (%.1f GiB), %d streams of %d "
-                    "pages and the prompt cache's %d", store.pages, store.page_bytes / 1e6,
-                    store.pages * store.page_bytes / 2**30, self._streams_in_store(flow),
-                    self._stream_pages(flow), self._cache_pages(store.page_bytes))
-
-    def _streams_in_store(self, flow: FlowModel) -> int:
-        store = flow.pages
-        assert store is not None
-        usable = store.pages - 1 - self._cache_pages(store.page_bytes)
-        return max(1, min(self.max_streams, usable // self._stream_pages(flow)))
-
-    def _streams_once_warm(self) -> int:
-        """The streams whose flow states the store holds (the KV rows are in place)."""
+    def _audio_flow(self) -> FlowModel:
         audio = self._audio
         assert isinstance(audio, AudioStage)
-        streams = self._streams_in_store(audio.flow)
-        if streams < self.max_streams:
-            logger.warning("Capacity lowered from %d to %d streams: what the flow states' "
-                           "store holds", self.max_streams, streams)
-        return streams
+        return audio.flow
 
     def _capture_graphs(self) -> None:
         """The encoder's and the vocoder's graphs, then the flow states' store sized to what
@@ -646,7 +655,8 @@ class CosyVoiceEngine(SpeechEngine):
         flow = audio.flow
         self._capture_each(((flow, "encoder_graphs", "encoder"),
                             (audio, "vocoder_graphs", "vocoder")))
-        if flow.solver_graphs is not None:
+        if self.device.type == "cuda":
             self._make_flow_pages(flow)
+        if flow.solver_graphs is not None:
             flow.solver_graphs.pages = flow.pages
         self._capture_each(((flow, "solver_graphs", "flow"),))

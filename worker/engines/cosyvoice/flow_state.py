@@ -36,7 +36,9 @@ class FlowPages:
     """Every utterance's attention-block inputs, in pages of `page_frames` mel frames.
 
     `store` [steps, blocks, 2, pages, page_frames, C] holds, for every Euler step and attention
-    block, the normalised input of each frame, for the guided (0) and unguided (1) pass. Page 0
+    block, the normalised input of each frame, for the guided (0) and unguided (1) pass
+    (CosyVoice3's flow keeps its layers' keys and values here instead, as blocks of one step,
+    each Euler step in pages of its own: `v3_flow`). Page 0
     is scratch: padding frames are written there, and whatever is read from it is masked. A page
     is held by every state that covers it (a prompt's state and each stream started from it) and
     is free again once the last of them is dropped. Graphs replay reads and writes of the store
@@ -249,11 +251,32 @@ class StepHistory:
         """Record `h` [2R, N, C], attention block `block`'s input over the new frames, and
         return its keys' inputs [2R, K, C]: each row's earlier frames (padded), then its new
         ones."""
-        store = as_words(self.store[block])
-        channels = h.size(-1)
-        store.index_copy_(1, self.write_slots, as_words(h.reshape(2, -1, channels)))
-        keys = store.index_select(1, self.read_slots).view(h.dtype)
-        return keys.view(h.size(0), -1, channels)
+        return record_and_gather(self.store[block], self.write_slots, self.read_slots, h)
+
+
+def record_and_gather(store: torch.Tensor, write_slots: torch.Tensor, read_slots: torch.Tensor,
+                      new: torch.Tensor) -> torch.Tensor:
+    """Write `new` [2R, N, C] (rows guided then unguided) into `store` [2, slots, C] at
+    `write_slots` [R * N], and return the frames at `read_slots` [R * K] as [2R, K, C]: each
+    row's earlier frames, then its new ones."""
+    words = as_words(store)
+    channels = new.size(-1)
+    words.index_copy_(1, write_slots, as_words(new.reshape(2, -1, channels)))
+    frames = words.index_select(1, read_slots).view(new.dtype)
+    return frames.view(new.size(0), -1, channels)
+
+
+@dataclass
+class PagedFrames:
+    """Where one estimator step records and reads a batch's frames in a store of pages (see
+    `record_and_gather`): `store` [blocks, 2, slots, C], and the slots of `paged_slots`."""
+
+    store: torch.Tensor
+    write_slots: torch.Tensor
+    read_slots: torch.Tensor
+
+    def record_and_gather(self, block: int, new: torch.Tensor) -> torch.Tensor:
+        return record_and_gather(self.store[block], self.write_slots, self.read_slots, new)
 
 
 @dataclass

@@ -8,11 +8,12 @@ AdaLN-Zero modulation, rotary positions (applied, as in the released model, to t
 output norm. Attention is bidirectional or, when streaming, chunk-causal: a frame sees every frame
 before the end of its `static_chunk_size` chunk.
 
-Every call works on new frames after earlier ones: `StepCache` carries, per row, the rotated keys
-and values of the earlier frames at every layer and the last input frames of both position
-convolutions, and receives those of the new frames. A whole utterance is one call with an empty
-cache. Rows are padded on the right; padding never reaches a valid frame (convolutions look left,
-padded keys are masked).
+Every call works on new frames after earlier ones: `StepCache` carries, per row, where the
+rotated keys and values of its earlier frames lie in a store of pages (each layer's keys are
+block 2 * layer of it, its values block 2 * layer + 1), where the call records the new frames',
+and the last input frames of both position convolutions, and receives those of the new frames. A
+whole utterance is one call with no store. Rows are padded on the right; padding never reaches a
+valid frame (convolutions look left, padded keys are masked).
 """
 
 # Module calls are typed Any by torch; returns below are tensors by construction.
@@ -27,6 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from worker.engines.cosyvoice.flow_decoder import SinusoidalTime
+from worker.engines.cosyvoice.flow_state import PagedFrames
 from worker.engines.cosyvoice.v3_config import DiTConfig
 
 POS_KERNEL = 31
@@ -38,20 +40,18 @@ TIME_FREQ_DIM = 256
 class StepCache:
     """One estimator call's view of earlier frames, for a batch of rows.
 
-    `past_len` [B]: earlier frames per row; `keys`/`values`: per layer [B, heads, P + N,
-    dim_head], or None for a pass that keeps nothing (then no row has earlier frames): the first
-    P (P >= every past_len, P may be 0; entries beyond a row's past_len are ignored but must be
-    finite) hold the earlier frames, and the call writes the N new frames' into the rest, where
-    the caller reads them afterwards: attention reads one tensor, and nothing is copied twice;
-    `tails`: per position convolution [B, dim, kernel-1], the input frames just before the new
-    ones (zeros at the start). The call fills `new_tails`: each row's kernel-1 input frames
-    before its first `commit` new frames (all its valid ones when `commit` is None), where the
-    next call will continue.
+    `past_len` [B]: earlier frames per row; `frames`: the store's pages of the rows' keys and
+    values (`PagedFrames`, read as P earlier frames per row then the N new ones, P >= every
+    past_len, P may be 0; entries beyond a row's past_len are masked), where every layer records
+    its new frames' rotated keys and values before attending; None for a pass that keeps nothing
+    (then no row has earlier frames). `tails`: per position convolution [B, dim, kernel-1], the
+    input frames just before the new ones (zeros at the start). The call fills `new_tails`: each
+    row's kernel-1 input frames before its first `commit` new frames (all its valid ones when
+    `commit` is None), where the next call will continue.
     """
 
     past_len: torch.Tensor
-    keys: list[torch.Tensor] | None
-    values: list[torch.Tensor] | None
+    frames: PagedFrames | None
     tails: list[torch.Tensor]
     commit: torch.Tensor | None = None
     new_tails: list[torch.Tensor] = field(default_factory=list)
@@ -153,7 +153,7 @@ class DiTBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, cache: StepCache,
+        mask: torch.Tensor, frames: PagedFrames | None, layer: int,
     ) -> torch.Tensor:
         mod = self.attn_norm.linear(F.silu(t)).unsqueeze(1).chunk(6, dim=-1)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod
@@ -166,12 +166,10 @@ class DiTBlock(nn.Module):
         for a in (q, k):
             part = a[..., :rot]
             a[..., :rot] = (part * cos + _rotate_pairs(part) * sin).to(a.dtype)
-        q, k, v = (a.view(b, n, self.heads, self.dim_head).transpose(1, 2) for a in (q, k, v))
-        if past is not None:
-            keys, values = past
-            keys[:, :, keys.size(2) - n:] = k
-            values[:, :, values.size(2) - n:] = v
-            k, v = keys, values
+        if frames is not None:
+            k = frames.record_and_gather(2 * layer, k)
+            v = frames.record_and_gather(2 * layer + 1, v)
+        q, k, v = (a.view(b, -1, self.heads, self.dim_head).transpose(1, 2) for a in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.attn.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
         x = torch.addcmul(x, gate_a, out)
@@ -225,11 +223,10 @@ class DiT(nn.Module):
         h = self.input_embed.conv_pos_embed(h, lengths, cache) + h
         positions = cache.past_len.view(-1, 1) + torch.arange(n, device=x.device).view(1, -1)
         rope = self._rope(positions)
-        past = 0 if cache.keys is None else cache.keys[0].size(2) - n
+        frames = cache.frames
+        past = 0 if frames is None else frames.read_slots.numel() * 2 // x.size(0) - n
         mask = self._mask(cache, lengths, past, n, streaming)
         for i, block in enumerate(self.transformer_blocks):
-            kv = None if cache.keys is None or cache.values is None else (
-                cache.keys[i], cache.values[i])
-            h = block(h, temb, rope, mask, kv, cache)
+            h = block(h, temb, rope, mask, frames, i)
         scale, shift = self.norm_out.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
         return self.proj_out(torch.addcmul(shift, _norm(h), 1 + scale))

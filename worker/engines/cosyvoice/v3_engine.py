@@ -14,25 +14,20 @@ false, and the vocoder's decoder (`v3_hift_graphs`) unless `vocoder_graphs` is.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from worker.engines.cosyvoice.batch_decode import buckets
+from worker.engines.cosyvoice.capacity import STREAM_BUDGET_S
 from worker.engines.cosyvoice.engine import SPEAKERS_FILE, SpeechEngine
+from worker.engines.cosyvoice.flow_state import FlowPages
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend
 from worker.engines.cosyvoice.graphs import attention_without_cudnn
 from worker.engines.cosyvoice.sampling import SamplingParams
 from worker.engines.cosyvoice.v3_config import REQUIRED_FILES, V3ModelConfig, check_v3_model_dir
-from worker.engines.cosyvoice.v3_flow import (
-    NOISE_FRAMES,
-    PAGE_FRAMES,
-    STEPS,
-    CosyVoice3Flow,
-    load_v3_flow,
-)
+from worker.engines.cosyvoice.v3_flow import NOISE_FRAMES, STEPS, CosyVoice3Flow, load_v3_flow
 from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
 from worker.engines.cosyvoice.v3_frontend import COSYVOICE3
 from worker.engines.cosyvoice.v3_hift import HiFTNoise, load_v3_hift, samples_per_frame
@@ -61,6 +56,7 @@ class CosyVoice3Engine(SpeechEngine):
     def load(self) -> None:
         """Read and check every file; a missing or mismatched one raises `ModelDirError`."""
         config = check_v3_model_dir(self.model_dir)
+        self._frames_per_second = config.mel.sampling_rate / config.mel.hop_size
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -99,13 +95,36 @@ class CosyVoice3Engine(SpeechEngine):
         self._serve(llm, sampling, audio, config.flow.output_size, frontend, files)
 
     def _capture_graphs(self) -> None:
-        """The flow's per-step estimator graphs (unless `dit_graphs` is false) and the
-        vocoder's (unless `vocoder_graphs` is); a capture that fails leaves that stage eager,
-        with a warning."""
+        """The vocoder's graphs (unless `vocoder_graphs` is false), then the flow's store of
+        keys and values sized to what is left, then the flow's per-step estimator graphs over
+        it (unless `dit_graphs` is false); a capture that fails leaves that stage eager, with a
+        warning."""
         audio = self._audio
         assert isinstance(audio, V3AudioStage)
-        self._capture_each(((audio.flow, "step_graphs", "flow"),
-                            (audio, "vocoder_graphs", "vocoder")))
+        flow = audio.flow
+        self._capture_each(((audio, "vocoder_graphs", "vocoder"),))
+        if self.device.type == "cuda":
+            self._make_flow_pages(flow)
+        if flow.step_graphs is not None:
+            flow.step_graphs.pages = flow.pages
+        self._capture_each(((flow, "step_graphs", "flow"),))
+
+    def _page_bytes(self, flow: CosyVoice3Flow) -> int:
+        """One page: a chunk of the attention grid's keys and values at every layer, for one
+        Euler step (9.0 MB in bf16 on the released model)."""
+        return self._flow_frame_bytes(flow) // STEPS * flow.cfg.dit.static_chunk_size
+
+    def _stream_pages(self, flow: CosyVoice3Flow) -> int:
+        frames = int(STREAM_BUDGET_S * self._frames_per_second)
+        return STEPS * -(-frames // flow.cfg.dit.static_chunk_size)
+
+    def _flow_store(self, flow: CosyVoice3Flow, pages: int) -> FlowPages:
+        return flow.flow_pages(pages)
+
+    def _audio_flow(self) -> CosyVoice3Flow:
+        audio = self._audio
+        assert isinstance(audio, V3AudioStage)
+        return audio.flow
 
     def _vocoder_noise(self, config: V3ModelConfig) -> HiFTNoise:
         """The released vocoder's fixed noise, as long as the longest utterance the KV pool
@@ -121,15 +140,13 @@ class CosyVoice3Engine(SpeechEngine):
         (`_flow_frame_bytes` per mel frame) would not fit."""
         return self._streams_in_memory(llm, self._flow_frame_bytes(flow),
                                        config.mel.sampling_rate // config.mel.hop_size,
-                                       frame_quantum=PAGE_FRAMES)
+                                       frame_quantum=flow.cfg.dit.static_chunk_size)
 
     @staticmethod
     def _flow_frame_bytes(flow: CosyVoice3Flow) -> int:
         """Bytes of flow state a stream keeps per mel frame: one frame of its per-step keys and
-        values (1.8 MB in bf16 on the released model: 10 steps, 22 layers, guided and unguided
-        rows, 16 heads of 64), read from the state `start` makes (held in pages of
-        `PAGE_FRAMES`)."""
-        w = flow.input_embedding.weight
-        stream = flow.start(torch.zeros(0, dtype=torch.long), torch.zeros(0, flow.cfg.output_size),
-                            torch.zeros(flow.cfg.spk_embed_dim, device=w.device))
-        return math.prod(stream.page_shape) // PAGE_FRAMES * w.element_size()
+        values (1.8 MB in bf16 on the released model: 10 steps, 22 layers, keys and values,
+        guided and unguided rows, 16 heads of 64)."""
+        dit = flow.cfg.dit
+        element = flow.input_embedding.weight.element_size()
+        return STEPS * dit.depth * 2 * 2 * dit.heads * dit.dim_head * element

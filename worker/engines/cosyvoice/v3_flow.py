@@ -7,11 +7,12 @@ Each token becomes `token_mel_ratio` frames; a 10-step Euler solver with cosine 
 integrates the estimator's velocity from fixed noise (guided and unguided passes: one batch of 2B).
 
 Incremental streaming: a `FlowStream` per request keeps, for every Euler step, the keys and values
-of its frames at every layer and the tails of the position convolutions, so `advance` computes
-only new frames. Attention is chunk-causal on a `static_chunk_size` grid counted from the first
-prompt frame, so frames before the last grid line never change and are kept; frames after it
-(a call that ends off the grid) are returned but computed again, with what follows, by the next
-call, exactly as a recompute-everything stream would see them. The noise is a fixed buffer
+of its frames at every layer (in pages of the flow's store, `flow_state.FlowPages`, which the
+estimator reads and writes in place) and the tails of the position convolutions, so `advance`
+computes only new frames. Attention is chunk-causal on a `static_chunk_size` grid counted from
+the first prompt frame, so frames before the last grid line never change and are kept; frames
+after it (a call that ends off the grid) are returned but computed again, with what follows, by
+the next call, exactly as a recompute-everything stream would see them. The noise is a fixed buffer
 indexed by a frame's position in its utterance (prompt included), drawn once from seed 0 as the
 released recipe draws it, so requests share no state.
 """
@@ -21,13 +22,14 @@ released recipe draws it, so requests share no state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from worker.engines.cosyvoice.flow_state import FlowPages, FlowState, PagedFrames, paged_slots
 from worker.engines.cosyvoice.v3_config import V3FlowConfig
 from worker.engines.cosyvoice.v3_dit import POS_KERNEL, DiT, StepCache
 from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
@@ -36,12 +38,8 @@ from worker.engines.cosyvoice.weights import load_into, read_state
 STEPS = 10
 NOISE_FRAMES = 50 * 300
 NOISE_SEED = 0
-PAGE_FRAMES = 256
-"""Frames of a stream's keys and values per page (0.46 GB on the released model, bf16). States
-grow a page at a time and every page is the same size, so the caching allocator hands a
-finished stream's pages to the next as they are: states that grew by reallocation, each to its
-own size, copied everything at each growth and left blocks of every size behind (13-18 GB
-reserved but unusable when 64-80 streams ran out of memory on an H200; 3.5 GB in pages)."""
+DEFAULT_PAGES = 64
+"""Pages of the flow's store when no engine sized it (it grows while not fixed)."""
 
 
 def fixed_noise(channels: int = 80, frames: int = NOISE_FRAMES) -> torch.Tensor:
@@ -71,74 +69,38 @@ class _Decoder(nn.Module):
         self.estimator = DiT(cfg.dit)
 
 
+def step_pages(pages: tuple[int, ...], step: int) -> tuple[int, ...]:
+    """The pages of Euler step `step` among a state's `pages` (each step's in turn, as many
+    for every step)."""
+    per_step = len(pages) // STEPS
+    return pages[step * per_step: (step + 1) * per_step]
+
+
 @dataclass(eq=False)
 class FlowStream:
-    """One request's flow state. `pages`, each [steps, layers, 2 (k, v), 2 (guided, unguided),
-    heads, PAGE_FRAMES, dim_head], and `tails` [steps, 2 convs, 2, dim, 30] hold the
-    estimator's view of its first `frames` mel frames; `tokens` are all tokens received (prompt
-    first)."""
+    """One request's flow state: `state` (None until a call keeps frames) is the estimator's
+    view of its first `frames` mel frames: every Euler step's keys and values at every layer,
+    in pages of the flow's store (`step_pages`; each layer's keys are block 2 * layer, its values
+    2 * layer + 1), and the position convolutions' tails [steps, 2 convs, 2 (guided, unguided),
+    dim, 30]. A call replaces the state, never writes into it: its new frames go to pages of
+    their own. `tokens` are all tokens received (prompt first)."""
 
     tokens: torch.Tensor
     prompt_mel: torch.Tensor
     speaker: torch.Tensor
-    done_tokens: int
-    frames: int
-    page_shape: tuple[int, ...]
-    tails: torch.Tensor
-    pages: list[torch.Tensor] = field(default_factory=list)
+    done_tokens: int = 0
+    state: FlowState | None = None
     emitted: int = 0
     """Frames returned so far (prompt included), at or past `frames`."""
     finished: bool = False
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.pages, self.tails))
-
-    @property
-    def capacity(self) -> int:
-        return len(self.pages) * PAGE_FRAMES
-
-    def reserve(self, frames: int) -> None:
-        """Pages for `frames` frames, added to a new list (a copy of the stream keeps its own)."""
-        missing = -(-frames // PAGE_FRAMES) - len(self.pages)
-        if missing > 0:
-            self.pages = self.pages + [self.tails.new_zeros(self.page_shape)
-                                       for _ in range(missing)]
-
-    def copy_past(self, step: int, out: torch.Tensor) -> None:
-        """Its first `frames` keys and values of `step` into `out` [layers, 2, 2, heads,
-        >= frames, dim_head]: one copy per page."""
-        for page, start in zip(self.pages, range(0, self.frames, PAGE_FRAMES), strict=False):
-            n = min(PAGE_FRAMES, self.frames - start)
-            out[..., start: start + n, :] = page[step, ..., :n, :]
-
-    def write(self, step: int, new: torch.Tensor) -> None:
-        """Keys and values of `step` for the frames after its first `frames`, from `new`
-        [layers, 2, 2, heads, N, dim_head] (pages reserved): past the frames it holds, so a
-        call that fails part way leaves what it holds as it was."""
-        done, n = 0, new.size(-2)
-        while done < n:
-            page, offset = divmod(self.frames + done, PAGE_FRAMES)
-            take = min(n - done, PAGE_FRAMES - offset)
-            self.pages[page][step, ..., offset: offset + take, :] = new[..., done: done + take, :]
-            done += take
-
-
-@dataclass(eq=False)
-class PromptPrefix:
-    """A prompt's flow state over its first `frames` frames, up to the last chunk line its
-    look-ahead cannot reach: every request with that prompt computes it first, the same.
-    `kv` [steps, layers, 2 (k, v), 2 (guided, unguided), heads, frames, dim_head] and `tails`
-    [steps, 2 convs, 2, dim, 30] as a stream holds them."""
-
-    frames: int
-    kv: torch.Tensor
-    tails: torch.Tensor
+    def frames(self) -> int:
+        return 0 if self.state is None else self.state.frames
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size() + \
-            self.tails.numel() * self.tails.element_size()
+        return 0 if self.state is None else self.state.nbytes
 
 
 class CosyVoice3Flow(nn.Module):
@@ -154,10 +116,28 @@ class CosyVoice3Flow(nn.Module):
         self.register_buffer("noise", fixed_noise(cfg.output_size), persistent=False)
         self.step_graphs: DiTStepGraphs | None = None
         """Per-step graphs of the streamed estimator (set by the engine on a GPU)."""
+        self.pages: FlowPages | None = None
+        """The streams' keys and values (`flow_pages`): set by the engine, sized to its
+        capacity, or made on the first streamed call."""
 
     @property
     def estimator(self) -> DiT:
         return self.decoder.estimator
+
+    def flow_pages(self, pages: int = DEFAULT_PAGES) -> FlowPages:
+        """The store of the streams' keys and values, in pages of one chunk of the attention
+        grid for one Euler step (made with `pages` pages if there is none yet)."""
+        if self.pages is None:
+            dit = self.cfg.dit
+            weight = self.input_embedding.weight
+            self.pages = FlowPages(1, 2 * dit.depth, dit.heads * dit.dim_head,
+                                   dit.static_chunk_size, pages, weight.device, weight.dtype)
+        return self.pages
+
+    def tails_like(self) -> torch.Tensor:
+        """Zero position-convolution tails of a state: [steps, 2 convs, 2, dim, 30]."""
+        return self.input_embedding.weight.new_zeros(STEPS, 2, 2, self.cfg.dit.dim,
+                                                     POS_KERNEL - 1)
 
     def start(
         self, prompt_tokens: torch.Tensor, prompt_mel: torch.Tensor, embedding: torch.Tensor
@@ -167,13 +147,10 @@ class CosyVoice3Flow(nn.Module):
         if prompt_mel.size(0) != ratio * prompt_tokens.numel():
             raise ValueError(f"prompt mel has {prompt_mel.size(0)} frames, "
                              f"expected {ratio} per prompt token ({prompt_tokens.numel()})")
-        dit = self.cfg.dit
         w = self.input_embedding.weight
         speaker = self.spk_embed_affine_layer(F.normalize(embedding.view(1, -1).to(w), dim=1))
-        page_shape = (STEPS, dit.depth, 2, 2, dit.heads, PAGE_FRAMES, dit.dim_head)
-        tails = w.new_zeros(STEPS, 2, 2, dit.dim, POS_KERNEL - 1)
         return FlowStream(prompt_tokens.long().to(w.device).view(-1), prompt_mel.to(w),
-                          speaker[0], 0, 0, page_shape, tails)
+                          speaker[0])
 
     def prefix_frames(self, prompt_tokens: int) -> int:
         """Frames of a prompt of this many tokens that depend on the prompt alone: those of its
@@ -184,9 +161,10 @@ class CosyVoice3Flow(nn.Module):
         return max(0, free // chunk * chunk)
 
     @torch.inference_mode()
-    def solve_prefixes(self, streams: list[FlowStream]) -> list[PromptPrefix | None]:
+    def solve_prefixes(self, streams: list[FlowStream]) -> list[FlowState | None]:
         """Advance new streams over their prompts' prefixes (`prefix_frames`), in one batch,
-        and return each prefix's state (None where the prompt is too short to have one)."""
+        and return each prefix's state, to share (None where the prompt is too short to have
+        one): its pages are held by every stream that starts from it."""
         if any(s.frames for s in streams):
             raise ValueError("a prompt's prefix is solved on a new stream")
         ratio = self.cfg.token_mel_ratio
@@ -196,24 +174,20 @@ class CosyVoice3Flow(nn.Module):
             self._solve([streams[i] for i in rows],
                         [self._features(streams[i], ends[i] // ratio, False) for i in rows],
                         [False] * len(rows), True)
-        prefixes: list[PromptPrefix | None] = [None] * len(streams)
+        prefixes: list[FlowState | None] = [None] * len(streams)
         for i in rows:
-            s = streams[i]
-            kv = s.tails.new_empty(*s.page_shape[:5], s.frames, s.page_shape[6])
-            for step in range(STEPS):
-                s.copy_past(step, kv[step])
-            prefixes[i] = PromptPrefix(s.frames, kv, s.tails.clone())
+            state = streams[i].state
+            assert state is not None
+            prefixes[i] = state.to_share()
         return prefixes
 
-    def seed(self, stream: FlowStream, prefix: PromptPrefix) -> None:
-        """Start a new stream from its prompt's prefix, as if it had solved it itself."""
+    def seed(self, stream: FlowStream, prefix: FlowState) -> None:
+        """Start a new stream from its prompt's prefix, as if it had solved it itself: it
+        reads the prefix's pages and writes pages of its own."""
         if stream.frames:
             raise ValueError("a prompt's prefix seeds a new stream")
-        stream.reserve(prefix.frames)
-        for step in range(STEPS):
-            stream.write(step, prefix.kv[step])
-        stream.tails = prefix.tails.clone()
-        stream.frames = stream.emitted = prefix.frames
+        stream.state = prefix
+        stream.emitted = prefix.frames
         stream.done_tokens = prefix.frames // self.cfg.token_mel_ratio
 
     def _features(self, stream: FlowStream, end: int, final: bool) -> torch.Tensor:
@@ -226,34 +200,6 @@ class CosyVoice3Flow(nn.Module):
             x = F.pad(x, (0, 0, 0, end + look - first - ids.numel()))
         h = self.pre_lookahead_layer(x)[0, stream.done_tokens - first:]
         return h.repeat_interleave(self.cfg.token_mel_ratio, dim=0)
-
-    @staticmethod
-    def _gather(streams: list[FlowStream], step: int, past: int, frames: int,
-                lens: torch.Tensor) -> tuple[StepCache, torch.Tensor]:
-        """The call's view of `step` for its streams, and where it writes the new frames' keys
-        and values [layers, 2 (k, v), 2 (guided, unguided), B, heads, frames, dim_head]. `lens`
-        [2B]: each row's earlier frames (the same for every step of a call); the keys and values
-        have room for `frames` new ones after the `past` earlier."""
-        tails = torch.stack([s.tails[step] for s in streams], dim=2)  # [2 convs, 2, B, D, 30]
-        tails = tails.flatten(1, 2)
-        layers, _, _, heads, _, dim_head = streams[0].page_shape[1:]
-        # zeros: entries past a row's own frames are masked but must be finite
-        kv = tails.new_zeros(layers, 2, 2, len(streams), heads, past + frames, dim_head)
-        for i, s in enumerate(streams):
-            s.copy_past(step, kv[:, :, :, i])
-        rows = kv.flatten(2, 3)  # [layers, 2 (k, v), 2B, heads, past + frames, dim_head]
-        cache = StepCache(lens, list(rows[:, 0]), list(rows[:, 1]), [tails[0], tails[1]])
-        return cache, kv[..., past:, :]
-
-    @staticmethod
-    def _keep(streams: list[FlowStream], step: int, new_kv: torch.Tensor,
-              counts: list[int]) -> None:
-        """Copy each stream's new keys and values of `step` from `new_kv` [layers, 2 (k, v),
-        2 (guided, unguided), rows, heads, N, dim_head] into its state. Rows are taken as views,
-        one copy each: indexing with a list would move the index to the device, a
-        synchronisation per row."""
-        for i, (s, n) in enumerate(zip(streams, counts, strict=True)):
-            s.write(step, new_kv[:, :, :, i, :, :n])
 
     @staticmethod
     def _step_tails(new_tails: list[torch.Tensor], rows: int, unguided: int) -> torch.Tensor:
@@ -316,16 +262,67 @@ class CosyVoice3Flow(nn.Module):
             x[i, :c] = self.noise[s.frames: s.frames + c].to(dtype)
             prompt = s.prompt_mel[s.frames: s.frames + c]
             cond[i, : prompt.size(0)] = prompt
-        past = max(s.frames for s in streams)
-        if streaming:
-            for s, c in zip(streams, counts, strict=True):
-                s.reserve(s.frames + c)
-        spk = torch.stack([s.speaker for s in streams])
-        lengths = torch.tensor(counts, device=dev).repeat(2)
-        past_len = torch.tensor([s.frames for s in streams], device=dev).repeat(2)
+        past = [s.frames for s in streams]
         chunk = self.cfg.dit.static_chunk_size
-        commits = [c if fin or not streaming else (s.frames + c) // chunk * chunk - s.frames
-                   for s, c, fin in zip(streams, counts, final, strict=True)]
+        commits = [c if fin or not streaming else (p + c) // chunk * chunk - p
+                   for p, c, fin in zip(past, counts, final, strict=True)]
+        if not streaming:
+            x, _ = self._steps(x, mu, cond, streams, counts, commits, None)
+            return self._finish(streams, x, past, counts, commits, final)
+        store = self.flow_pages()
+        page = store.page_frames
+        taken: list[int] = []
+        try:
+            rows = []  # per stream, each step's pages for its frames so far and the new ones
+            for s, p, c in zip(streams, past, counts, strict=True):
+                own = [() if s.state is None else step_pages(s.state.pages, k)
+                       for k in range(STEPS)]
+                extra = -(-(p + c) // page) - len(own[0])
+                new = store.take(extra * STEPS)
+                taken += new
+                rows.append([(*own[k], *new[k * extra: (k + 1) * extra]) for k in range(STEPS)])
+            x, tails = self._steps(x, mu, cond, streams, counts, commits, (store, rows))
+            assert tails is not None
+            states = []
+            for i, (p, kept) in enumerate(zip(past, commits, strict=True)):
+                held = -(-(p + kept) // page)
+                pages = tuple(page_id for k in range(STEPS) for page_id in rows[i][k][:held])
+                states.append(store.state(p + kept, pages, tails[:, :, :, i].clone()))
+        finally:
+            store.release(taken)
+        for s, state in zip(streams, states, strict=True):
+            s.state = state
+        return self._finish(streams, x, past, counts, commits, final)
+
+    def _finish(self, streams: list[FlowStream], x: torch.Tensor, past: list[int],
+                counts: list[int], commits: list[int], final: list[bool]) -> list[torch.Tensor]:
+        """Each stream's new frames [80, n] from the solved `x` (after its `past` frames), its
+        counters moved on."""
+        out = []
+        for i, (s, p, c, kept, fin) in enumerate(zip(streams, past, counts, commits, final,
+                                                     strict=True)):
+            skip = max(s.prompt_mel.size(0), s.emitted) - p
+            out.append(x[i, skip:c].T.float())
+            s.emitted = p + c
+            s.done_tokens += kept // self.cfg.token_mel_ratio
+            s.finished = fin
+        return out
+
+    def _steps(
+        self, x: torch.Tensor, mu: torch.Tensor, cond: torch.Tensor, streams: list[FlowStream],
+        counts: list[int], commits: list[int],
+        paged: tuple[FlowPages, list[list[tuple[int, ...]]]] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Euler loop over new frames `x`, `mu`, `cond` [B, N, 80]: the solved frames and,
+        when streaming (`paged`: the store and each row's pages per step, which the new frames'
+        keys and values are recorded in), the position tails [steps, 2 convs, 2, B, dim, 30]
+        where each row's first `commits` frames end."""
+        b, n, _ = x.shape
+        dev, dtype = x.device, x.dtype
+        spk = torch.stack([s.speaker for s in streams])
+        past = [s.frames for s in streams]
+        lengths = torch.tensor(counts, device=dev).repeat(2)
+        past_len = torch.tensor(past, device=dev).repeat(2)
         commit = torch.tensor(commits, device=dev).repeat(2)
         t_span = torch.linspace(0, 1, STEPS + 1, device=dev, dtype=dtype)
         if self.cfg.t_scheduler == "cosine":
@@ -333,51 +330,50 @@ class CosyVoice3Flow(nn.Module):
         t, dt = t_span[0], t_span[1] - t_span[0]
         rate = self.cfg.inference_cfg_rate
         zeros = torch.zeros_like(mu)
-        graphs = self.step_graphs if streaming else None
-        bucket = None if graphs is None else graphs.usable_bucket(b, n, past, mu.is_cuda)
+        graphs = self.step_graphs if paged is not None else None
+        bucket = None if graphs is None else graphs.usable_bucket(b, n, max(past), mu.is_cuda)
+        if paged is not None:
+            store, rows = paged
+            padded = b if bucket is None else bucket.rows
+            width_past = max(past) if bucket is None else bucket.past
+            width_new = n if bucket is None else bucket.frames
+            slots = [paged_slots([r[k] for r in rows], past, counts, padded, width_past,
+                                 width_new, store.page_frames) for k in range(STEPS)]
+            write = torch.stack([w for w, _ in slots]).to(dev)
+            read = torch.stack([r for _, r in slots]).to(dev)
+            tails_in = torch.stack([self.tails_like() if s.state is None else s.state.tails
+                                    for s in streams], dim=3)  # [steps, 2, 2, B, dim, 30]
         step_tails = []
         for step in range(STEPS):
-            if graphs is not None and bucket is not None:
-                replayed = graphs.step(bucket, streams, step, x, mu, cond, spk, t, lengths[:b],
-                                       commit[:b])
-                self._keep(streams, step, replayed.kv, counts)
+            if paged is not None and graphs is not None and bucket is not None:
+                replayed = graphs.step(bucket, store, x, mu, cond, spk, t, lengths[:b],
+                                       commit[:b], past_len[:b], write[step], read[step],
+                                       tails_in[step])
                 step_tails.append(self._step_tails(replayed.tails, b, bucket.rows))
                 guided = replayed.velocity[:b, :n]
-                unguided = replayed.velocity[bucket.rows : bucket.rows + b, :n]
+                unguided = replayed.velocity[bucket.rows: bucket.rows + b, :n]
             else:
-                if streaming:
-                    cache, new_kv = self._gather(streams, step, past, n, past_len)
-                    cache.commit = commit
+                if paged is not None:
+                    conv_tails = tails_in[step].flatten(1, 2)
+                    cache = StepCache(past_len, PagedFrames(store.flat()[0], write[step],
+                                                            read[step]),
+                                      [conv_tails[0], conv_tails[1]], commit)
                 else:
-                    cache = StepCache(past_len, None, None, [zeros.new_zeros(
+                    cache = StepCache(past_len, None, [zeros.new_zeros(
                         2 * b, self.cfg.dit.dim, POS_KERNEL - 1)] * 2)
                 v = self.estimator(
                     torch.cat([x, x]), torch.cat([mu, zeros]), torch.cat([cond, zeros]),
                     torch.cat([spk, torch.zeros_like(spk)]), t.expand(2 * b), lengths, cache,
-                    streaming,
+                    paged is not None,
                 )
-                if streaming:
-                    self._keep(streams, step, new_kv, counts)
+                if paged is not None:
                     step_tails.append(self._step_tails(cache.new_tails, b, b))
                 guided, unguided = v.split(b)
             x = x + dt * ((1.0 + rate) * guided - rate * unguided)
             t = t + dt
             if step < STEPS - 1:
                 dt = t_span[step + 2] - t
-        # The tails change only once every step has run: a call that fails part way leaves
-        # each stream as it was (the keys and values it wrote lie past the stream's frames).
-        tails = torch.stack(step_tails) if step_tails else None
-        out = []
-        for i, (s, c, kept, fin) in enumerate(zip(streams, counts, commits, final, strict=True)):
-            skip = max(s.prompt_mel.size(0), s.emitted) - s.frames
-            out.append(x[i, skip:c].T.float())
-            if tails is not None:
-                s.tails = tails[:, :, :, i].clone()
-            s.emitted = s.frames + c
-            s.frames += kept
-            s.done_tokens += kept // self.cfg.token_mel_ratio
-            s.finished = fin
-        return out
+        return x, torch.stack(step_tails) if step_tails else None
 
     @torch.inference_mode()
     def whole(

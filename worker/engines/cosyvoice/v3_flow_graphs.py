@@ -3,42 +3,33 @@
 Eagerly, one estimator call is about 700 small kernels (22 blocks), and a chunk makes ten of
 them: at small batches the host launching them is the cost, not the GPU. A bucket holds static
 inputs for `rows` requests of up to `frames` new frames after up to `past` earlier ones, guided
-rows first and unguided ones `rows` later, as the solver stacks them; a step copies the rows'
-inputs and their earlier keys and values for that step in (padding rows have one valid frame and
-no past, so attention stays finite; their output is dropped) and replays the graph, which fills
-the new frames' velocity, keys, values and convolution tails.
-
-The graph is per step, not per chunk: the earlier keys and values of one step are a tenth of a
-request's state (1.8 MB per frame for all ten steps, released model, bf16), so a bucket's buffer
-is 64 rows x 906 frames x 0.18 MB = 10.4 GB at the largest size (the engine's rows are powers of
-two up to its `max_audio_rows`) instead of ten times that. The buffers of the earlier frames are
-shared by every bucket, as views of one allocation: replays never overlap, and each step's
-outputs are copied into the requests' states before the next. Nothing is captured while serving.
+rows first and unguided ones `rows` later, as the solver stacks them: the rows' inputs, where
+their keys and values lie in the flow's store of pages (`flow_state.paged_slots`: each Euler step
+has pages of its own, so one graph serves every step) and their convolution tails. A step copies
+those in and replays the graph, which reads each row's earlier keys and values from the store in
+place, records the new frames' there, and fills the velocity and the new tails (padding rows
+have one valid frame and no past, so attention stays finite, and write to the store's scratch
+page; their output is dropped). The store must stay where it was when the graphs were captured
+(`FlowPages.fixed`). Nothing is captured while serving.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from worker.engines.cosyvoice.flow_state import FlowPages, PagedFrames
 from worker.engines.cosyvoice.graphs import capture_all, replay, usable
 from worker.engines.cosyvoice.v3_dit import POS_KERNEL, DiT, StepCache
-
-if TYPE_CHECKING:
-    from worker.engines.cosyvoice.v3_flow import FlowStream
 
 
 @dataclass
 class DiTStep:
-    """A step's outputs for the rows of a call: velocity [2R, N, mel], the new frames' keys and
-    values [layers, 2 (k, v), 2 (guided, unguided), R, heads, N, dim_head] (a view of the shared
-    buffer, which the graph writes: no bucket holds memory of its own for them), and both
-    position convolutions' tails [2R, dim, 30]."""
+    """A step's outputs for the rows of a call: velocity [2R, N, mel] and both position
+    convolutions' tails [2R, dim, 30] (the new frames' keys and values are in the store)."""
 
     velocity: torch.Tensor
-    kv: torch.Tensor
     tails: list[torch.Tensor]
 
 
@@ -55,9 +46,10 @@ class _Bucket:
     lengths: torch.Tensor
     past_len: torch.Tensor
     commit: torch.Tensor
-    past_kv: torch.Tensor
-    """[layers, 2 (keys, values), 2 (guided, unguided), rows, heads, past + frames, dim_head]:
-    the earlier frames' keys and values, then room for the new frames'."""
+    write_slots: torch.Tensor
+    """[rows * frames]: where the new frames' keys and values go in the store."""
+    read_slots: torch.Tensor
+    """[rows * (past + frames)]: each row's earlier frames in the store, then its new ones."""
     tails: torch.Tensor
     """[2 convolutions, 2 (guided, unguided), rows, dim, kernel - 1]."""
     output: DiTStep | None = None
@@ -81,8 +73,9 @@ class DiTStepGraphs:
         self.rows = tuple(sorted(rows))
         self.frame_step = frame_step
         self.later_frames = tuple(sorted(later_frames))
+        self.pages: FlowPages | None = None
+        """The store the graphs are captured over (and fix)."""
         cfg = estimator.cfg
-        layers, heads, dim_head = cfg.depth, cfg.heads, cfg.dim_head
         sizes = [(r, f, 0) for r in self.rows
                  for f in range(frame_step, first_frames + 1, frame_step)]
         sizes += [(r, f, p) for r in self.rows for f in self.later_frames
@@ -91,9 +84,6 @@ class DiTStepGraphs:
                   for f in range(frame_step, prefixed_frames + 1, frame_step)
                   if f > self.later_frames[-1]
                   for p in range(frame_step, max_prefix + 1, frame_step)]
-        widest = max(r * (p + f) for r, f, p in sizes)
-        past_kv = torch.zeros(layers * 2 * 2 * widest * heads * dim_head, device=device,
-                              dtype=dtype)
 
         def zeros(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
             return torch.zeros(*shape, device=device, dtype=kind)
@@ -107,25 +97,30 @@ class DiTStepGraphs:
                 lengths=torch.ones(b, dtype=torch.long, device=device),
                 past_len=zeros(b, kind=torch.long),
                 commit=torch.ones(b, dtype=torch.long, device=device),
-                past_kv=past_kv[: layers * 2 * b * heads * (p + f) * dim_head].view(
-                    layers, 2, 2, r, heads, p + f, dim_head),
+                write_slots=zeros(r * f, kind=torch.long),
+                read_slots=zeros(r * (p + f), kind=torch.long),
                 tails=zeros(2, 2, r, cfg.dim, POS_KERNEL - 1),
             )
 
     def _run(self, bucket: _Bucket) -> DiTStep:
-        kv = bucket.past_kv.flatten(2, 3)  # [layers, 2, 2R, heads, past + frames, dim_head]
+        if self.pages is None:
+            raise RuntimeError("the estimator's graphs need the flow's store of pages")
         tails = bucket.tails.flatten(1, 2)
-        cache = StepCache(bucket.past_len, list(kv[:, 0]), list(kv[:, 1]), [tails[0], tails[1]],
-                          bucket.commit)
+        frames = PagedFrames(self.pages.flat()[0], bucket.write_slots, bucket.read_slots)
+        cache = StepCache(bucket.past_len, frames, [tails[0], tails[1]], bucket.commit)
         velocity = self.estimator(bucket.x, bucket.mu, bucket.cond, bucket.spks, bucket.t,
                                   bucket.lengths, cache, True)
-        return DiTStep(velocity, bucket.past_kv[..., bucket.past:, :], cache.new_tails)
+        return DiTStep(velocity, cache.new_tails)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Record every bucket's graph (CUDA only)."""
+        """Record every bucket's graph over the store of `pages` (CUDA only); the store is
+        fixed from then on."""
+        if self.pages is None:
+            raise RuntimeError("the estimator's graphs need the flow's store to capture over")
         device = next(iter(self._buckets.values())).x.device
         capture_all(self._buckets.values(), self._run, device)
+        self.pages.fixed = True
 
     def bucket_for(self, rows: int, frames: int, past: int) -> _Bucket | None:
         step = self.frame_step
@@ -142,34 +137,39 @@ class DiTStepGraphs:
 
     @torch.inference_mode()
     def step(
-        self, bucket: _Bucket, streams: list[FlowStream], step: int, x: torch.Tensor,
-        mu: torch.Tensor, cond: torch.Tensor, spks: torch.Tensor, t: torch.Tensor,
-        lengths: torch.Tensor, commit: torch.Tensor,
+        self, bucket: _Bucket, pages: FlowPages, x: torch.Tensor, mu: torch.Tensor,
+        cond: torch.Tensor, spks: torch.Tensor, t: torch.Tensor, lengths: torch.Tensor,
+        commit: torch.Tensor, past_len: torch.Tensor, write_slots: torch.Tensor,
+        read_slots: torch.Tensor, tails: torch.Tensor,
     ) -> DiTStep:
-        """Euler step `step` of the estimator for a call's streams: `x`, `mu`, `cond`
-        [B, N, mel] and `spks` [B, spk] of the guided rows (the unguided ones get zeros for all
-        but `x`), `t` the time, `lengths` and `commit` [B]; each stream's earlier frames come
-        from its own state. The outputs are the bucket's own tensors: valid until its next
+        """One Euler step of the estimator for a call's rows: `x`, `mu`, `cond` [B, N, mel]
+        and `spks` [B, spk] of the guided rows (the unguided ones get zeros for all but `x`),
+        `t` the time, `lengths`, `commit` and `past_len` (earlier frames) [B]; the step's
+        slots in `pages` for the bucket's rows (`paged_slots`) and the rows' tails [2 convs,
+        2, B, dim, 30]. The outputs are the bucket's own tensors: valid until its next
         replay."""
+        if self.pages is None:
+            self.pages = pages  # on the CPU: no capture fixed one
+        if pages is not self.pages:
+            raise ValueError("the estimator's graphs read the store they were captured over")
         b, n, _ = x.shape
         r = bucket.rows
-        for static in (bucket.x, bucket.mu, bucket.cond, bucket.spks, bucket.past_len):
+        for static in (bucket.x, bucket.mu, bucket.cond, bucket.spks, bucket.past_len,
+                       bucket.tails):
             static.zero_()
         bucket.lengths.fill_(1)
         bucket.commit.fill_(1)
         bucket.t.copy_(t.expand(2 * r))
-        frames = torch.tensor([s.frames for s in streams], device=x.device)
         for half in (slice(0, b), slice(r, r + b)):
             bucket.x[half, :n].copy_(x)
             bucket.lengths[half].copy_(lengths)
             bucket.commit[half].copy_(commit)
-            bucket.past_len[half].copy_(frames)
+            bucket.past_len[half].copy_(past_len)
         bucket.mu[:b, :n].copy_(mu)
         bucket.cond[:b, :n].copy_(cond)
         bucket.spks[:b].copy_(spks)
-        for i, stream in enumerate(streams):
-            bucket.tails[:, :, i].copy_(stream.tails[step])
-            if bucket.past:
-                stream.copy_past(step, bucket.past_kv[:, :, :, i])
+        bucket.write_slots.copy_(write_slots)
+        bucket.read_slots.copy_(read_slots)
+        bucket.tails[:, :, :b].copy_(tails)
         output: DiTStep = replay(bucket, self._run)
         return output

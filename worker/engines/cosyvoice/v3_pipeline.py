@@ -21,9 +21,10 @@ import torch
 
 from worker.engines.cosyvoice import v3_hift_stream
 from worker.engines.cosyvoice.batching import each_fails_alone
+from worker.engines.cosyvoice.flow_state import FlowState
 from worker.engines.cosyvoice.pipeline import Chunk, Utterance, next_chunk, tokens_due
 from worker.engines.cosyvoice.prompt_states import PromptStates, prompt_key
-from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, PromptPrefix
+from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream
 from worker.engines.cosyvoice.v3_hift import CausalHiFT, HiFTNoise
 from worker.engines.cosyvoice.v3_hift_graphs import V3VocoderGraphs
 from worker.engines.cosyvoice.v3_hift_stream import HiFTStream
@@ -51,7 +52,7 @@ class V3AudioStage:
         self.device = device
         self.lookahead = flow.cfg.pre_lookahead_len
         self.sample_rate = hift.cfg.sampling_rate
-        self.prompt_states: PromptStates[PromptPrefix] = PromptStates(prompt_state_bytes)
+        self.prompt_states: PromptStates[FlowState] = PromptStates(prompt_state_bytes)
         """New streams start from their prompt's prefix (`CosyVoice3Flow.solve_prefixes`),
         kept per prompt; a budget of 0 solves every prompt with its first chunk."""
         self.vocoder_graphs: V3VocoderGraphs | None = None
@@ -96,7 +97,7 @@ class V3AudioStage:
         keys = [prompt_key(u.flow_prompt_tokens, u.prompt_mel, u.embedding) for u, _ in fresh]
         solved: set[int] = set()
 
-        def solve(positions: list[int]) -> list[PromptPrefix | None]:
+        def solve(positions: list[int]) -> list[FlowState | None]:
             solved.update(positions)
             return self.flow.solve_prefixes([fresh[p][1] for p in positions])
 
