@@ -683,7 +683,7 @@ def test_buckets_hold_streamed_chunks_with_little_padding(
     flow = engine._require()[0].audio.flow
     graphs = SolverGraphs(flow.solver, torch.float32, torch.device("cpu"), steps=10,
                           rows=(1, 4), wide_rows=(),
-                          later_frames=later_chunk_widths(hops, flow.cfg))
+                          later_frames=later_chunk_widths(hops, 50, 6))
     calls: list[tuple[int, int, int, int]] = []  # width, widest row, past width, most past
     solve = graphs.solve
 

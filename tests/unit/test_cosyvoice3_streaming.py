@@ -188,6 +188,26 @@ def test_later_chunks_of_two_hops_replay_the_wider_buckets(flow: CosyVoice3Flow)
         assert (torch.cat(got, dim=1) - _whole(flow, req)).abs().max() <= FLOW_TOL
 
 
+def test_later_chunks_of_four_hops_replay_buckets_of_their_width(flow: CosyVoice3Flow) -> None:
+    """A stream whose later chunks take four hops, beside one of one hop: its 200-frame chunk
+    replays a bucket of the widest width (run eagerly on the CPU), and both get the frames of
+    their whole streaming pass."""
+    gen = torch.Generator().manual_seed(4)
+    reqs = [(torch.randint(0, 6561, (p,), generator=gen),
+             torch.randint(0, 6561, (n,), generator=gen),
+             torch.randn(2 * p, 80, generator=gen), torch.randn(192, generator=gen))
+            for p, n in ((20, 240), (13, 77))]
+    assert any(c.numel() == 4 * HOP for c in _chunks(reqs[0], 4))
+    graphs = DiTStepGraphs(flow.estimator, torch.device("cpu"), torch.float32, rows=(1, 2),
+                           frame_step=64, first_frames=128, later_frames=(64, 128, 256),
+                           max_past=320, max_prefix=64)
+    (pieces, _), replays = _with_graphs(
+        flow, graphs, lambda: _stream_together(flow, reqs, later_hops=(4, 1)))
+    assert any(frames == 256 and past > 64 for _, frames, past in replays), replays
+    for req, got in zip(reqs, pieces, strict=True):
+        assert (torch.cat(got, dim=1) - _whole(flow, req)).abs().max() <= FLOW_TOL
+
+
 def test_default_buckets_hold_streamed_chunks_with_little_padding(flow: CosyVoice3Flow) -> None:
     """The default buckets follow the 50-frame grid: every call of prompted streams of one hop
     and two fits one, and a call of whole hops after earlier frames computes no more than the

@@ -116,7 +116,7 @@ class SpeechEngine:
 
     utterance_type: type[Utterance] = Utterance
     speed_range: tuple[float, float] = (0.5, 2.0)
-    max_later_hops = 2
+    max_later_hops = 4
     """Hops a later chunk may take: the most the flow's and vocoder's graphs are built for."""
 
     def __init__(
@@ -561,8 +561,6 @@ def _warm_up_prompt() -> np.ndarray:
 class CosyVoiceEngine(SpeechEngine):
     """CosyVoice2 on this package's modules. See `create_engine` for the options."""
 
-    max_later_hops = 4
-
     def __init__(self, model_dir: str | Path, **options: Any) -> None:
         super().__init__(model_dir, **options)
         if self.dit_graphs is not None:
@@ -603,7 +601,9 @@ class CosyVoiceEngine(SpeechEngine):
             flow.solver_graphs = SolverGraphs(
                 flow.solver, self.dtype, self.device, steps=self.flow_steps,
                 rows=tuple(r for r in rows if r <= 8), wide_rows=tuple(r for r in rows if r > 8),
-                later_frames=later_chunk_widths(self.later_chunk_hops, config.flow))
+                later_frames=later_chunk_widths(
+                    self.later_chunk_hops, config.flow.estimator.static_chunk_size,
+                    config.flow.pre_lookahead_len * config.flow.token_mel_ratio))
             flow.encoder_graphs = EncoderGraphs(
                 flow.encode_tokens, config.flow.pre_lookahead_len,
                 config.flow.encoder.upsample_stride, self.device,

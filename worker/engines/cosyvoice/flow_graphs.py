@@ -25,19 +25,17 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engines.cosyvoice.config import FlowConfig
 from worker.engines.cosyvoice.flow_decoder import EulerSolver
 from worker.engines.cosyvoice.flow_state import CallPages, FlowPages, FlowState, SolverHistory
 from worker.engines.cosyvoice.graphs import capture_all, replay, usable
 
 
-def later_chunk_widths(hops: int, cfg: FlowConfig) -> tuple[int, ...]:
+def later_chunk_widths(hops: int, grid: int, lookahead: int) -> tuple[int, ...]:
     """New frames of the buckets for chunks after earlier frames, when later chunks take up to
-    `hops` hops of the grid: one hop and two (second chunks, first chunks from a prompt's state)
-    and `hops`, each with the frames of a final chunk's look-ahead (56, 106 and 206 frames for
-    four hops on the released model). A final chunk between two widths takes the wider."""
-    grid = cfg.estimator.static_chunk_size
-    lookahead = cfg.pre_lookahead_len * cfg.token_mel_ratio
+    `hops` hops of the `grid` frames: one hop and two (second chunks, first chunks from a
+    prompt's state) and `hops`, each with the `lookahead` frames a final chunk's look-ahead
+    tokens add (56, 106 and 206 frames for four hops on the released models). A final chunk
+    between two widths takes the wider."""
     return tuple(sorted({n * grid + lookahead for n in (1, 2, hops)}))
 
 

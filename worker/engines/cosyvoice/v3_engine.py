@@ -22,6 +22,7 @@ import torch
 from worker.engines.cosyvoice.batch_decode import buckets
 from worker.engines.cosyvoice.capacity import STREAM_BUDGET_S
 from worker.engines.cosyvoice.engine import SPEAKERS_FILE, SpeechEngine
+from worker.engines.cosyvoice.flow_graphs import later_chunk_widths
 from worker.engines.cosyvoice.flow_state import FlowPages
 from worker.engines.cosyvoice.frontend import END_OF_PROMPT, Frontend
 from worker.engines.cosyvoice.graphs import attention_without_cudnn
@@ -31,7 +32,7 @@ from worker.engines.cosyvoice.v3_flow import NOISE_FRAMES, STEPS, CosyVoice3Flow
 from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
 from worker.engines.cosyvoice.v3_frontend import COSYVOICE3
 from worker.engines.cosyvoice.v3_hift import HiFTNoise, load_v3_hift, samples_per_frame
-from worker.engines.cosyvoice.v3_hift_graphs import V3VocoderGraphs
+from worker.engines.cosyvoice.v3_hift_graphs import V3VocoderGraphs, chunk_frames
 from worker.engines.cosyvoice.v3_llm import CosyVoice3LM, load_v3_llm
 from worker.engines.cosyvoice.v3_pipeline import V3AudioStage, V3Utterance
 
@@ -81,16 +82,20 @@ class CosyVoice3Engine(SpeechEngine):
         sampling = SamplingParams(config.llm.top_p, config.llm.top_k, config.llm.win_size,
                                   config.llm.tau_r)
         if self.dit_graphs is not False and self.cuda_graph and self.device.type == "cuda":
-            flow.step_graphs = DiTStepGraphs(flow.estimator, self.device, self.dtype,
-                                             rows=tuple(buckets(self.max_audio_rows)))
+            flow.step_graphs = DiTStepGraphs(
+                flow.estimator, self.device, self.dtype, rows=tuple(buckets(self.max_audio_rows)),
+                later_frames=later_chunk_widths(
+                    self.later_chunk_hops, config.flow.dit.static_chunk_size,
+                    config.flow.pre_lookahead_len * config.flow.token_mel_ratio))
         if self._size_streams_to_memory:
             self.max_streams = self._streams_that_fit(llm, flow, config)
         self._bound_prompt_cache()
         audio = V3AudioStage(flow, hift, self._vocoder_noise(config), self.device,
                              prompt_state_bytes=self.prompt_cache_bytes)
         if self.vocoder_graphs and self.cuda_graph and self.device.type == "cuda":
-            audio.vocoder_graphs = V3VocoderGraphs(hift, self.device,
-                                                   rows=tuple(buckets(self.max_audio_rows)))
+            audio.vocoder_graphs = V3VocoderGraphs(
+                hift, self.device, rows=tuple(buckets(self.max_audio_rows)),
+                frames=chunk_frames(self.later_chunk_hops, config.flow.dit.static_chunk_size))
         files = REQUIRED_FILES + ((SPEAKERS_FILE,) if self._speakers else ())
         self._serve(llm, sampling, audio, config.flow.output_size, frontend, files)
 

@@ -31,6 +31,15 @@ FRAMES = (50, 100, 112)
 (46-94 after a released first chunk) and final chunks (up to two hops, the look-ahead and the
 frames kept from the last call) padded up to the nearest."""
 
+FINAL_EXTRA = 12
+"""Frames a final chunk adds to its hops: the flow's look-ahead and what the last call kept."""
+
+
+def chunk_frames(hops: int, hop_frames: int) -> tuple[int, ...]:
+    """`FRAMES`, and for later chunks of `hops` hops of `hop_frames` their frames and a final
+    chunk's of as many hops."""
+    return tuple(sorted({*FRAMES, hops * hop_frames, hops * hop_frames + FINAL_EXTRA}))
+
 
 class PaddedTails(Tails):
     """`Tails` for inputs padded on the right by `excess` mel frames (a 0-dim device tensor) past
