@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -9,8 +10,10 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
+from contract.errors import ErrorCode
 from testbed.cosyvoice3_models import build_model_dir
 from worker.engines.cosyvoice import v3_hift_stream
+from worker.engines.cosyvoice.flow_state import FlowMemoryFullError, FlowPages
 from worker.engines.cosyvoice.v3_config import check_v3_model_dir
 from worker.engines.cosyvoice.v3_flow import CosyVoice3Flow, FlowStream, load_v3_flow, step_pages
 from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
@@ -104,6 +107,48 @@ def test_incremental_flow_equals_whole_streaming_pass_in_a_batch(flow: CosyVoice
         assert all(p.size(1) > 0 for p in got)
         assert (torch.cat(got, dim=1) - want).abs().max() <= FLOW_TOL
         assert stream.frames == 2 * (req[0].numel() + req[1].numel())
+
+
+def test_a_full_store_refuses_a_call_and_gives_back_what_it_took(flow: CosyVoice3Flow) -> None:
+    """Once fixed (the DiT's graphs fix it on a GPU), a store with no free page for a call's new
+    frames refuses the call with 503 busy, gives back the pages it took and leaves each
+    stream's state as it was; a stream dropped gives its pages back, and a stream restored as
+    the engine restores it (a shallow copy) goes on to its whole pass."""
+    reqs = [_requests()[2], _requests()[1]]  # the first needs fewer pages than the second has
+    want = _whole(flow, reqs[0])
+    saved, flow.pages = flow.pages, None
+    try:
+        streams = [flow.start(p, m, e) for p, _, m, e in reqs]
+        schedules = [_chunks(r) for r in reqs]
+        first = flow.advance(streams, [s[0] for s in schedules], [False, False])
+        held = [len(s.state.pages) for s in streams if s.state is not None]
+        assert len(held) == 2
+        assert min(held) > 0
+        store = flow.flow_pages()
+        flow.pages = store = FlowPages(1, store.store.size(1), store.store.size(-1),
+                                       store.page_frames, 1 + sum(held) + 10,
+                                       store.store.device, store.store.dtype)
+        streams = [flow.start(p, m, e) for p, _, m, e in reqs]
+        assert [m.shape for m in flow.advance(streams, [s[0] for s in schedules],
+                                              [False, False])] == [m.shape for m in first]
+        store.fixed = True
+        assert store.free_pages == 10  # a page of each step: one stream's next chunk, not two
+        before = [copy.copy(s) for s in streams]
+        states = [s.state for s in streams]
+        with pytest.raises(FlowMemoryFullError) as full:
+            flow.advance(streams, [s[1] for s in schedules], [False, False])
+        assert full.value.code == ErrorCode.BUSY
+        assert store.free_pages == 10  # the first stream's pages given back
+        assert [s.state for s in streams] == states
+        del streams, states, before[1], full  # the traceback holds the call's frames
+        assert store.free_pages == 10 + held[1]
+        stream = before[0]
+        rest = [flow.advance([stream], [c], [k == len(schedules[0]) - 1])[0]
+                for k, c in enumerate(schedules[0][1:], start=1)]
+        got = torch.cat([first[0], *rest], dim=1)
+        assert (got - want).abs().max() <= FLOW_TOL
+    finally:
+        flow.pages = saved
 
 
 def test_first_and_later_chunks_are_solved_apart(flow: CosyVoice3Flow) -> None:
