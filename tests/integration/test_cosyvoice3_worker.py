@@ -26,7 +26,7 @@ from tests.support.audio import decode
 from tests.support.processes import RunningProcess, free_port, python_service
 from worker.engines import create_engine
 from worker.engines.base import EngineRequest
-from worker.engines.cosyvoice.capacity import WORKING_SHARE, StreamCost
+from worker.engines.cosyvoice.capacity import WORKING_SHARE
 from worker.engines.cosyvoice.config import ModelDirError
 from worker.engines.cosyvoice.decode import SlotPool
 from worker.engines.cosyvoice.frontend import VoicePrompt
@@ -282,8 +282,6 @@ async def test_capacity_is_lowered_where_warm_up_left_too_little_memory(
     audio = built._audio
     assert isinstance(audio, V3AudioStage)
     per_frame = built._flow_frame_bytes(audio.flow)
-    built._stream_cost = StreamCost(kv_row_bytes=10**9, flow_frame_bytes=per_frame,
-                                    frames_per_second=50, frame_quantum=50)
     monkeypatch.setattr(built, "_size_streams_to_memory", True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     page = built._page_bytes(audio.flow)

@@ -187,8 +187,6 @@ class SpeechEngine:
         self.prompt_cache_bytes = prompt_cache_mb * 2**20
         self._frames_per_second = 50.0
         """Mel frames per second of audio (read from the model at load)."""
-        self._stream_cost: StreamCost | None = None
-        """What a stream costs, when the capacity was sized to the device's memory."""
         self._scheduler: Scheduler | None = None
         self._audio: AudioStages | None = None
         self._llm: PromptedModel | None = None
@@ -236,7 +234,6 @@ class SpeechEngine:
             frames_per_second=frames_per_second,
             frame_quantum=frame_quantum,
         )
-        self._stream_cost = cost
         free, total = torch.cuda.mem_get_info(self.device)
         free = max(0, free - prompt_cache_bytes(self.prompt_cache_bytes, total))
         streams = streams_that_fit(free, total, cost, self.max_streams)
@@ -314,7 +311,7 @@ class SpeechEngine:
             produced = pool.submit(asyncio.run, run()).result()
         if produced == 0:
             raise RuntimeError("warm-up produced no audio")
-        if self._stream_cost is not None:
+        if self._size_streams_to_memory:
             self._fit_streams_after_warm_up(scheduler)
 
     def _fit_streams_after_warm_up(self, scheduler: Scheduler) -> None:
@@ -334,6 +331,10 @@ class SpeechEngine:
     def _stream_pages(self, flow: Any) -> int:
         """Pages of the store a stream is planned on: `STREAM_BUDGET_S` of frames."""
         raise NotImplementedError
+
+    def _budget_chunks(self, grid: int) -> int:
+        """Chunks of `grid` mel frames in `STREAM_BUDGET_S` of audio."""
+        return -(-int(STREAM_BUDGET_S * self._frames_per_second) // grid)
 
     def _flow_store(self, flow: Any, pages: int) -> FlowPages:
         """The flow's store of states, made with `pages` pages if it has none yet."""
@@ -635,8 +636,7 @@ class CosyVoiceEngine(SpeechEngine):
         return self._frame_bytes(flow) * flow.cfg.estimator.static_chunk_size
 
     def _stream_pages(self, flow: FlowModel) -> int:
-        frames = int(STREAM_BUDGET_S * self._frames_per_second)
-        return -(-frames // flow.cfg.estimator.static_chunk_size)
+        return self._budget_chunks(flow.cfg.estimator.static_chunk_size)
 
     def _flow_store(self, flow: FlowModel, pages: int) -> FlowPages:
         return flow.flow_pages(self.flow_steps, pages)

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from worker.engines.cosyvoice.batch_decode import buckets
-from worker.engines.cosyvoice.capacity import STREAM_BUDGET_S
 from worker.engines.cosyvoice.engine import SPEAKERS_FILE, SpeechEngine
 from worker.engines.cosyvoice.flow_graphs import later_chunk_widths
 from worker.engines.cosyvoice.flow_state import FlowPages
@@ -120,8 +119,7 @@ class CosyVoice3Engine(SpeechEngine):
         return self._flow_frame_bytes(flow) // STEPS * flow.cfg.dit.static_chunk_size
 
     def _stream_pages(self, flow: CosyVoice3Flow) -> int:
-        frames = int(STREAM_BUDGET_S * self._frames_per_second)
-        return STEPS * -(-frames // flow.cfg.dit.static_chunk_size)
+        return STEPS * self._budget_chunks(flow.cfg.dit.static_chunk_size)
 
     def _flow_store(self, flow: CosyVoice3Flow, pages: int) -> FlowPages:
         return flow.flow_pages(pages)
