@@ -158,8 +158,9 @@ async def stream_inproc(engine: SpeechEngine, request: EngineRequest) -> StreamS
 
 
 class StageTimer:
-    """Wall time and calls of the scheduler's batched stages (decode step, prefill, audio);
-    with `timeline`, each level's report also lists its first calls of each stage."""
+    """Wall time and calls of the scheduler's batched stages (decode step, prefill, audio) and
+    of its per-request prompt embedding; with `timeline`, each level's report also says when
+    its requests reached the scheduler and lists its first calls of each batched stage."""
 
     def __init__(self, engine: SpeechEngine, timeline: int = 0) -> None:
         scheduler = engine._require()[0]
@@ -171,6 +172,8 @@ class StageTimer:
         self._wrap(scheduler.decoder, "prefill_rows", lambda a: len(a[0]), lambda a: 0)
         self._wrap(scheduler.audio, "run", lambda a: len(a[0]),
                    lambda a: sum(1 for chunk in a[0] if chunk.utterance.offset == 0))
+        self._wrap(scheduler, "embed", lambda a: 1, lambda a: 0)
+        self._wrap(scheduler, "submit", lambda a: 1, lambda a: 0)
 
     def _wrap(self, owner: Any, name: str, rows: Any, first_rows: Any) -> None:
         original = getattr(owner, name)
@@ -211,12 +214,19 @@ class StageTimer:
 
     def _first_calls(self) -> list[dict[str, Any]]:
         """The level's first `timeline` prefill and audio calls, with the decode steps run
-        before each (start and duration in ms from the level's start)."""
+        before each (start and duration in ms from the level's start), after when the first
+        and the last request reached the scheduler."""
+        arrivals = sorted(1000 * start for name, start, *_ in self.events if name == "submit")
+        if arrivals:
+            print(f"    {len(arrivals)} requests reached the scheduler from {arrivals[0]:.1f} "
+                  f"to {arrivals[-1]:.1f} ms", flush=True)
         shown: list[dict[str, Any]] = []
         steps = 0
         step_ms = 0.0
         for name, start, duration, rows, first_rows in sorted(self.events,
                                                               key=lambda e: e[1]):
+            if name in ("submit", "embed"):
+                continue
             if name == "step":
                 steps += 1
                 step_ms += 1000 * duration

@@ -4,8 +4,8 @@ Reads the flow's configuration from `--model-dir` (a full-size random-weight Cos
 directory is built if it has none) and makes its estimator with random weights. For each
 `--shapes` entry rows:new:earlier it times one estimator call over a history as the streamed
 solver makes it (guided and unguided rows: twice `rows`), then, at that shape, the parts of one
-attention block: the query projection, the key and value projections (two products as the block
-runs them, and one product over the stacked weights), scaled-dot-product attention under each
+attention block: the query projection, the key and value projections (two products, and one
+product over the stacked weights, as the block runs them), scaled-dot-product attention under each
 backend that takes the block's mask (on keys and values that are views of the stacked product's
 halves, and without a mask, as a floor: every key visible), the
 output projection, the whole attention, a transformer block and a resnet block. On a GPU each
@@ -149,6 +149,7 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
     mask = bias.unsqueeze(1)
     t = args[3]
     temb = estimator.time_mlp(estimator.time_embeddings(t).to(t.dtype))
+    time_shift = estimator.time_shifts(temb)[1]  # the first mid block's resnet: the second
     frame_mask = args[1].transpose(1, 2)  # [B, T, 1]: the estimator's blocks are channels last
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(
         b, new, -1)
@@ -165,7 +166,7 @@ def attention_parts(estimator: Estimator, args: tuple[Any, ...], device: torch.d
         "output projection": lambda: attn.to_out[0](out),
         "attention": lambda: attn(x, bias, keys),
         "transformer block": lambda: block(x, bias, history),
-        "resnet block": lambda: resnet(x, frame_mask, temb, history),
+        "resnet block": lambda: resnet(x, frame_mask, time_shift, history),
     }
     if past % page == 0:  # earlier frames in whole pages, as the engine's states hold them
         parts["keys as whole pages + cat"] = gather_pages

@@ -448,7 +448,7 @@ def test_rotary_phases_stay_exact_in_bfloat16(model_dir: Path) -> None:
     positions = torch.tensor([[257, 513, 901]])
     cos, sin = estimator._rope(positions)
     reference = positions.double().unsqueeze(-1) * estimator.rotary_embed.inv_freq.double()
-    reference = reference.repeat_interleave(2, dim=-1)
+    reference = reference.repeat_interleave(2, dim=-1).unsqueeze(2)
     torch.testing.assert_close(cos.double(), reference.cos(), atol=1e-4, rtol=0)
     torch.testing.assert_close(sin.double(), reference.sin(), atol=1e-4, rtol=0)
 

@@ -13,6 +13,7 @@ from worker.engines.cosyvoice.flow_decoder import CausalConv1d
 from worker.engines.cosyvoice.flow_state import (
     FlowMemoryFullError,
     FlowPages,
+    PagedFrames,
     StepHistory,
     as_words,
     paged_slots,
@@ -98,9 +99,11 @@ def test_frames_are_gathered_and_written_as_wide_words_bit_for_bit() -> None:
     leaves the tensor as it is elsewhere); a step's keys read through it are the frames written,
     bit for bit."""
     frames = torch.randn(2, 12, 256).to(torch.bfloat16)
-    assert as_words(frames).dtype == torch.complex128
-    assert as_words(frames[:, :, :12]).dtype == torch.int64  # 24 bytes a frame
-    assert as_words(frames[:, :, :3]).dtype == torch.bfloat16  # 6 bytes a frame
+    assert as_words(frames)[0].dtype == torch.complex128
+    assert as_words(frames[:, :, :12])[0].dtype == torch.int64  # 24 bytes a frame
+    assert as_words(frames[:, :, :3])[0].dtype == torch.bfloat16  # 6 bytes a frame
+    # Tensors copied between take the widest word that every one of them allows.
+    assert [w.dtype for w in as_words(frames, frames[:, :, 4:])] == [torch.int64] * 2
     store = torch.zeros(1, 2, 10, 8, dtype=torch.bfloat16)  # one block, guided/unguided, slots
     history = StepHistory(store, write_slots=torch.tensor([7, 2]),
                           read_slots=torch.tensor([2, 7, 2]), tails=torch.zeros(0),
@@ -109,6 +112,25 @@ def test_frames_are_gathered_and_written_as_wide_words_bit_for_bit() -> None:
     keys = history.keys(0, h)
     assert torch.equal(store[0, :, [7, 2]], h)
     assert torch.equal(keys, h[:, [1, 0, 1]])
+
+
+def test_a_layers_keys_and_values_are_recorded_and_read_together_from_a_strided_view() -> None:
+    """CosyVoice3's layer keeps its keys in block 2 * layer and its values in the next one:
+    both are written from the strided view of the layer's projection (as it lies, no copy
+    first) and read back in one gather, each row's earlier frames then its new ones."""
+    store = torch.zeros(4, 2, 10, 8, dtype=torch.bfloat16)  # 2 layers x (keys, values)
+    earlier = torch.randn(2, 2, 10, 8).to(torch.bfloat16)
+    store[2:] = earlier
+    frames = PagedFrames(store, write_slots=torch.tensor([7, 2]),
+                         read_slots=torch.tensor([5, 7, 2]))
+    qkv = torch.randn(2, 2, 3, 8).to(torch.bfloat16)  # guided row, unguided row; 2 new frames
+    new = qkv[:, :, 1:].view(2, 2, 2, 8).permute(2, 0, 1, 3)  # keys / values, rows, frames
+    assert not new.is_contiguous()
+    read = frames.keys_values(1, new)
+    assert torch.equal(store[2:, :, [7, 2]], new)
+    assert torch.equal(store[:2], torch.zeros_like(store[:2]))  # layer 0 untouched
+    assert torch.equal(read[:, :, 0], earlier[:, :, 5])
+    assert torch.equal(read[:, :, 1:], new)
 
 
 def test_a_causal_convolution_channels_last_is_the_padded_convolution() -> None:

@@ -7,7 +7,9 @@ Inside the estimator every tensor is [B, T, C] (channels last), the layout its t
 blocks and layer norms want: the causal convolutions are one matrix product over each frame and
 the two before it (a strided view of the padded input, copied once), so nothing is transposed
 between blocks. In [B, C, T], each block's norm and cuDNN's convolutions transposed their input
-and output, some 18% of an Euler step on an H100.
+and output, some 18% of an Euler step on an H100. Products that share an input are one product
+over stacked weights (`derived`): an attention block's keys and values, and every resnet's
+projection of the time embedding.
 """
 
 # Module calls are typed Any by torch; returns below are tensors by construction.
@@ -23,6 +25,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from worker.engines.cosyvoice.config import EstimatorConfig
+from worker.engines.cosyvoice.derived import Derived, stacked
 from worker.engines.cosyvoice.flow_state import SolverHistory, StepHistory
 
 
@@ -63,17 +66,8 @@ class CausalConv1d(nn.Conv1d):
         assert kernel == 3, "histories keep two frames"
         self.index = 0
         """Position among the estimator's causal convolutions (set by the estimator)."""
-        self._by_frames: tuple[tuple[int, int, torch.device, torch.dtype], torch.Tensor] | None
-        self._by_frames = None
-
-    def frames_weight(self) -> torch.Tensor:
-        """The weight as [C_out, 3 * C_in], frame by frame (oldest first), made again only
-        when the weight changes."""
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
-        if self._by_frames is None or self._by_frames[0] != key:
-            self._by_frames = (key, w.detach().permute(0, 2, 1).reshape(w.size(0), -1))
-        return self._by_frames[1]
+        self._by_frames = Derived(lambda w: w.permute(0, 2, 1).reshape(w.size(0), -1))
+        """The weight as [C_out, 3 * C_in], frame by frame (oldest first)."""
 
     def forward(self, x: torch.Tensor, history: StepHistory | None = None) -> torch.Tensor:
         rows, frames, channels = x.shape
@@ -88,7 +82,7 @@ class CausalConv1d(nn.Conv1d):
         # Each frame beside the two before it: [B, T, 3 * C] as a view of [B, T + 2, C].
         windows = x.as_strided((rows, frames, 3 * channels), (x.stride(0), channels, 1))
         out = torch.addmm(cast(torch.Tensor, self.bias), windows.reshape(-1, 3 * channels),
-                          self.frames_weight().t())
+                          self._by_frames(self.weight).t())
         return out.view(rows, frames, -1)
 
 
@@ -106,24 +100,29 @@ class CausalBlock(nn.Module):
             nn.Mish(),
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+    def forward(self, masked: torch.Tensor, mask: torch.Tensor,
                 history: StepHistory | None = None) -> torch.Tensor:
+        """The block over `masked`, its input already multiplied by `mask`."""
         conv, _, norm, _, act = self.block
-        return act(norm(conv(x * mask, history))) * mask
+        return act(norm(conv(masked, history))) * mask
 
 
 class CausalResnet(nn.Module):
     def __init__(self, dim: int, dim_out: int, time_dim: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_dim, dim_out))
+        """The time embedding's projection: the estimator runs every resnet's as one product
+        (`Estimator.time_shifts`)."""
         self.block1 = CausalBlock(dim, dim_out)
         self.block2 = CausalBlock(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, time_shift: torch.Tensor,
                 history: StepHistory | None = None) -> torch.Tensor:
-        h = self.block1(x, mask, history) + self.mlp(t).unsqueeze(1)
-        return self.block2(h, mask, history) + _pointwise(self.res_conv, x * mask)
+        """`time_shift` [B, 1, C_out] is `mlp` of the time embedding."""
+        masked = x * mask
+        h = self.block1(masked, mask, history) + time_shift
+        return self.block2(h * mask, mask, history) + _pointwise(self.res_conv, masked)
 
 
 class Attention(nn.Module):
@@ -135,16 +134,17 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self._keys_values = stacked()
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention of x [B, T, C]; with `context` [B, K, C] (the earlier frames'
-        inputs, then x's), the keys and values are projected from the context."""
+        inputs, then x's), the keys and values are projected from the context (both in one
+        product)."""
         b, t, _ = x.shape
-        keys = x if context is None else context
         q = self.to_q(x)
-        k = self.to_k(keys)
-        v = self.to_v(keys)
+        weight = self._keys_values(self.to_k.weight, self.to_v.weight)
+        k, v = F.linear(x if context is None else context, weight).chunk(2, dim=-1)
         q, k, v = (y.view(b, -1, self.heads, y.size(-1) // self.heads).transpose(1, 2)
                    for y in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(1))
@@ -223,6 +223,8 @@ class Estimator(nn.Module):
         for kind in (TransformerBlock, CausalConv1d):
             for i, module in enumerate(m for m in self.modules() if isinstance(m, kind)):
                 module.index = i
+        self._resnets = [m for m in self.modules() if isinstance(m, CausalResnet)]
+        self._time_weights, self._time_biases = stacked(), stacked()
 
     @property
     def attention_blocks(self) -> int:
@@ -232,6 +234,15 @@ class Estimator(nn.Module):
     def convolutions(self) -> list[int]:
         """Input channels of each causal convolution, in order."""
         return [m.in_channels for m in self.modules() if isinstance(m, CausalConv1d)]
+
+    def time_shifts(self, temb: torch.Tensor) -> list[torch.Tensor]:
+        """Every resnet's `mlp` of the time embedding [B, T_dim], in one product: [B, 1, C]
+        each, in the resnets' order."""
+        linears = [cast(nn.Linear, r.mlp[1]) for r in self._resnets]
+        weight = self._time_weights(*(m.weight for m in linears))
+        bias = self._time_biases(*(cast(torch.Tensor, m.bias) for m in linears))
+        shifts = F.linear(F.mish(temb), weight, bias).unsqueeze(1)
+        return list(torch.split(shifts, [m.out_features for m in linears], dim=-1))
 
     @staticmethod
     def _attend(
@@ -255,21 +266,21 @@ class Estimator(nn.Module):
         """`bias` [B, T, K] is the additive attention mask over the K keys (the history's frames,
         then x's); `history` carries the earlier frames of a chunk-by-chunk utterance. Inputs and
         output are [B, C, T]."""
-        temb = self.time_mlp(self.time_embeddings(t).to(t.dtype))
+        shifts = iter(self.time_shifts(self.time_mlp(self.time_embeddings(t).to(t.dtype))))
         spk = spks.unsqueeze(-1).expand(-1, -1, x.size(-1))
         h = torch.cat([y.transpose(1, 2) for y in (x, mu, spk, cond)], dim=2)
         mask = mask.transpose(1, 2)
         resnet, blocks, down = cast(Any, self.down_blocks[0])
-        h = resnet(h, mask, temb, history)
+        h = resnet(h, mask, next(shifts), history)
         skip = self._attend(h, blocks, bias, history)
         h = down(skip * mask, history)
         for resnet, blocks in cast(Any, self.mid_blocks):
-            h = self._attend(resnet(h, mask, temb, history), blocks, bias, history)
+            h = self._attend(resnet(h, mask, next(shifts), history), blocks, bias, history)
         resnet, blocks, up = cast(Any, self.up_blocks[0])
-        h = resnet(torch.cat([h[:, : skip.size(1)], skip], dim=2), mask, temb, history)
+        h = resnet(torch.cat([h[:, : skip.size(1)], skip], dim=2), mask, next(shifts), history)
         h = up(self._attend(h, blocks, bias, history) * mask, history)
-        h = self.final_block(h, mask, history)
-        return (_pointwise(self.final_proj, h * mask) * mask).transpose(1, 2)
+        h = self.final_block(h * mask, mask, history)
+        return (_pointwise(self.final_proj, h) * mask).transpose(1, 2)  # h is masked
 
 
 class EulerSolver:

@@ -212,19 +212,20 @@ WORDS = (torch.complex128, torch.int64)
 """16- and 8-byte elements that a frame's channels are copied as, bit for bit."""
 
 
-def as_words(frames: torch.Tensor) -> torch.Tensor:
-    """`frames` [..., C] viewed as the widest of `WORDS` its layout allows along C, for copies
-    by index: a bf16 frame of 256 channels is then 32 elements, not 256, and `index_select`
-    moves it at the bandwidth of a plain copy (0.026 against 0.058 ms for 64 rows x 506 frames
-    on an H100)."""
-    size = frames.element_size()
+def as_words(*frames: torch.Tensor) -> list[torch.Tensor]:
+    """Each of `frames` [..., C] (one dtype) viewed as the widest of `WORDS` all their layouts
+    allow along C, for copies by index between them: a bf16 frame of 256 channels is then 32
+    elements, not 256, and `index_select` moves it at the bandwidth of a plain copy (0.026
+    against 0.058 ms for 64 rows x 506 frames on an H100)."""
+    def allows(t: torch.Tensor, width: int) -> bool:
+        size = t.element_size()
+        return t.stride(-1) == 1 and all(
+            (n * size) % width == 0 for n in (t.size(-1), t.storage_offset(), *t.stride()[:-1]))
+
     for word in WORDS:
-        width = word.itemsize
-        if frames.stride(-1) == 1 and all(
-                (n * size) % width == 0
-                for n in (frames.size(-1), frames.storage_offset(), *frames.stride()[:-1])):
-            return frames.view(word)
-    return frames
+        if all(allows(t, word.itemsize) for t in frames):
+            return [t.view(word) for t in frames]
+    return list(frames)
 
 
 @dataclass
@@ -251,32 +252,39 @@ class StepHistory:
         """Record `h` [2R, N, C], attention block `block`'s input over the new frames, and
         return its keys' inputs [2R, K, C]: each row's earlier frames (padded), then its new
         ones."""
-        return record_and_gather(self.store[block], self.write_slots, self.read_slots, h)
+        channels = h.size(-1)
+        frames = record_and_gather(self.store[block], self.write_slots, self.read_slots,
+                                   h.view(2, -1, channels))
+        return frames.view(h.size(0), -1, channels)
 
 
 def record_and_gather(store: torch.Tensor, write_slots: torch.Tensor, read_slots: torch.Tensor,
                       new: torch.Tensor) -> torch.Tensor:
-    """Write `new` [2R, N, C] (rows guided then unguided) into `store` [2, slots, C] at
-    `write_slots` [R * N], and return the frames at `read_slots` [R * K] as [2R, K, C]: each
-    row's earlier frames, then its new ones."""
-    words = as_words(store)
-    channels = new.size(-1)
-    words.index_copy_(1, write_slots, as_words(new.reshape(2, -1, channels)))
-    frames = words.index_select(1, read_slots).view(new.dtype)
-    return frames.view(new.size(0), -1, channels)
+    """Write `new` [..., R * N, C] into `store` [..., slots, C] (the same leading dimensions)
+    at `write_slots` [R * N], and return the frames at `read_slots` [R * K]: [..., R * K, C],
+    each row's earlier frames, then its new ones. `new` may be a strided view (its channels
+    contiguous): it is copied as it lies."""
+    words, new_words = as_words(store, new)
+    words.index_copy_(-2, write_slots, new_words)
+    return words.index_select(-2, read_slots).view(new.dtype)
 
 
 @dataclass
 class PagedFrames:
-    """Where one estimator step records and reads a batch's frames in a store of pages (see
-    `record_and_gather`): `store` [blocks, 2, slots, C], and the slots of `paged_slots`."""
+    """Where one estimator step records and reads a batch's keys and values in a store of pages
+    (see `record_and_gather`): `store` [blocks, 2, slots, C], each layer's keys in block
+    2 * layer and its values in 2 * layer + 1, and the slots of `paged_slots`."""
 
     store: torch.Tensor
     write_slots: torch.Tensor
     read_slots: torch.Tensor
 
-    def record_and_gather(self, block: int, new: torch.Tensor) -> torch.Tensor:
-        return record_and_gather(self.store[block], self.write_slots, self.read_slots, new)
+    def keys_values(self, layer: int, new: torch.Tensor) -> torch.Tensor:
+        """Record `new` [2 (keys, values), 2 (guided, unguided), R * N, C], a layer's keys and
+        values of the new frames, and return the layer's [2, 2, R * K, C] (both in one copy
+        each way: the two blocks are adjacent)."""
+        return record_and_gather(self.store[2 * layer: 2 * layer + 2], self.write_slots,
+                                 self.read_slots, new)
 
 
 @dataclass

@@ -10,10 +10,12 @@ before the end of its `static_chunk_size` chunk.
 
 Every call works on new frames after earlier ones: `StepCache` carries, per row, where the
 rotated keys and values of its earlier frames lie in a store of pages (each layer's keys are
-block 2 * layer of it, its values block 2 * layer + 1), where the call records the new frames',
-and the last input frames of both position convolutions, and receives those of the new frames. A
-whole utterance is one call with no store. Rows are padded on the right; padding never reaches a
-valid frame (convolutions look left, padded keys are masked).
+block 2 * layer of it, its values block 2 * layer + 1: both are written and read in one copy
+each way), where the call records the new frames', and the last input frames of both position
+convolutions, and receives those of the new frames. A whole utterance is one call with no
+store. Queries, keys and values are one product over stacked weights (`derived`). Rows are
+padded on the right; padding never reaches a valid frame (convolutions look left, padded keys
+are masked).
 """
 
 # Module calls are typed Any by torch; returns below are tensors by construction.
@@ -22,11 +24,13 @@ valid frame (convolutions look left, padded keys are masked).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from worker.engines.cosyvoice.derived import stacked
 from worker.engines.cosyvoice.flow_decoder import SinusoidalTime
 from worker.engines.cosyvoice.flow_state import PagedFrames
 from worker.engines.cosyvoice.v3_config import DiTConfig
@@ -105,6 +109,15 @@ class _Attention(nn.Module):
         self.to_k = nn.Linear(dim, inner)
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self._weights, self._biases = stacked(), stacked()
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values of `h` [B, N, D] in one product: [B, N, 3, inner]."""
+        weight = self._weights(self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        bias = self._biases(*(cast(torch.Tensor, m.bias) for m in (self.to_q, self.to_k,
+                                                                   self.to_v)))
+        out = F.linear(h, weight, bias)
+        return out.view(*out.shape[:-1], 3, -1)
 
 
 class _FeedForward(nn.Module):
@@ -152,23 +165,27 @@ class DiTBlock(nn.Module):
         self.ff = _FeedForward(cfg.dim, cfg.ff_mult)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        self, x: torch.Tensor, silu_t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor, frames: PagedFrames | None, layer: int,
     ) -> torch.Tensor:
-        mod = self.attn_norm.linear(F.silu(t)).unsqueeze(1).chunk(6, dim=-1)
+        """`silu_t` is SiLU of the time embedding (the same for every block), `rope` the
+        rotation's cos and sin [B, N, 1, dim_head]."""
+        mod = self.attn_norm.linear(silu_t).unsqueeze(1).chunk(6, dim=-1)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod
         h = torch.addcmul(shift_a, _norm(x), 1 + scale_a)
         b, n, _ = x.shape
         cos, sin = rope
         rot = self.dim_head
-        q, k, v = self.attn.to_q(h), self.attn.to_k(h), self.attn.to_v(h)
-        # Only the first `rot` channels turn: rotated where they are, the rest never copied.
-        for a in (q, k):
-            part = a[..., :rot]
-            a[..., :rot] = (part * cos + _rotate_pairs(part) * sin).to(a.dtype)
+        qkv = self.attn.project(h)
+        # Only the first `rot` channels of queries and keys turn: rotated where they are, the
+        # rest never copied.
+        part = qkv[:, :, :2, :rot]
+        qkv[:, :, :2, :rot] = (part * cos + _rotate_pairs(part) * sin).to(qkv.dtype)
+        q, k, v = qkv.unbind(2)
         if frames is not None:
-            k = frames.record_and_gather(2 * layer, k)
-            v = frames.record_and_gather(2 * layer + 1, v)
+            # [keys / values, guided / unguided rows, R * N, inner], as the store lays them.
+            new = qkv[:, :, 1:].view(2, b // 2 * n, 2, -1).permute(2, 0, 1, 3)
+            k, v = (a.view(b, -1, a.size(-1)) for a in frames.keys_values(layer, new))
         q, k, v = (a.view(b, -1, self.heads, self.dim_head).transpose(1, 2) for a in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.attn.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
@@ -188,9 +205,11 @@ class DiT(nn.Module):
         self.proj_out = nn.Linear(cfg.dim, cfg.mel_dim)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, N, 1, dim_head] of each frame's rotation (for queries and keys at
+        once)."""
         # In float32 whatever the module's dtype: bfloat16 holds integers exactly only to 256.
         freqs = positions.float().unsqueeze(-1) * self.rotary_embed.inv_freq.float()
-        freqs = freqs.repeat_interleave(2, dim=-1)
+        freqs = freqs.repeat_interleave(2, dim=-1).unsqueeze(2)
         return freqs.cos(), freqs.sin()
 
     def _mask(
@@ -226,7 +245,8 @@ class DiT(nn.Module):
         frames = cache.frames
         past = 0 if frames is None else frames.read_slots.numel() * 2 // x.size(0) - n
         mask = self._mask(cache, lengths, past, n, streaming)
+        silu_t = F.silu(temb)
         for i, block in enumerate(self.transformer_blocks):
-            h = block(h, temb, rope, mask, frames, i)
-        scale, shift = self.norm_out.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+            h = block(h, silu_t, rope, mask, frames, i)
+        scale, shift = self.norm_out.linear(silu_t).unsqueeze(1).chunk(2, dim=-1)
         return self.proj_out(torch.addcmul(shift, _norm(h), 1 + scale))
