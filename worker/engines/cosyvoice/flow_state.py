@@ -162,31 +162,36 @@ class FlowState:
 
 
 def paged_slots(pages: list[tuple[int, ...]], past: list[int], new: list[int], rows: int,
-                width_past: int, width_new: int, page_frames: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                width_past: int, width_new: int, page_frames: int,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a call's rows read and write the store's frames (slots of `FlowPages.flat`), for
     `rows` rows (those past `len(pages)` pad) of `width_new` new frames after `width_past`
     earlier ones: the new frames' slots [rows * width_new] (frame `past[r] + j` of row r), and
     the keys' slots [rows * (width_past + width_new)] (each row's earlier frames, then its new
-    ones). Padding reads and writes scratch slots of page 0."""
+    ones). Padding reads and writes scratch slots of page 0 (a row of no pages, no earlier and no
+    new frames is padding too). Computed on `device` (the store's), from one small copy of the
+    rows' pages and counts: a slot per frame is too many for the host to make and send."""
     count = len(pages)
-    most = max((len(p) for p in pages), default=0)
-    table = torch.zeros(rows, max(1, most), dtype=torch.long)
-    for r, row_pages in enumerate(pages):
-        table[r, : len(row_pages)] = torch.tensor(row_pages, dtype=torch.long)
-    starts = torch.zeros(rows, 1, dtype=torch.long)
-    counts = torch.zeros(rows, 1, dtype=torch.long)
-    starts[:count, 0] = torch.tensor(past, dtype=torch.long)
-    counts[:count, 0] = torch.tensor(new, dtype=torch.long)
+    most = max(1, max((len(p) for p in pages), default=0))
+    rows_in = torch.zeros(rows, most + 2, dtype=torch.long)  # pages, then past and new
+    if count:
+        rows_in[:count] = torch.tensor(
+            [(*p, *(0,) * (most - len(p)), b, n) for p, b, n in zip(pages, past, new,
+                                                                    strict=True)],
+            dtype=torch.long)
+    if device is not None and device.type == "cuda":  # no wait for the stream's earlier work
+        rows_in = rows_in.pin_memory().to(device, non_blocking=True)
+    table, starts, counts = rows_in[:, :most], rows_in[:, most:most + 1], rows_in[:, most + 1:]
 
     def slots(position: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        page = table.gather(1, (position // page_frames).clamp(max=table.size(1) - 1))
+        page = table.gather(1, torch.div(position, page_frames, rounding_mode="floor").clamp(
+            max=most - 1))
         found = page * page_frames + position % page_frames
         return torch.where(real, found, position % page_frames)
 
-    j = torch.arange(width_new).unsqueeze(0)
+    j = torch.arange(width_new, device=rows_in.device).unsqueeze(0)
     write = slots(starts + j, j < counts)
-    k = torch.arange(width_past).unsqueeze(0)
+    k = torch.arange(width_past, device=rows_in.device).unsqueeze(0)
     earlier = slots(k.expand(rows, -1), k < starts)
     return write.flatten(), torch.cat([earlier, write], dim=1).flatten()
 
@@ -205,7 +210,7 @@ class CallPages:
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """`paged_slots` for these rows, padded to `rows` x (`width_past`, `width_new`)."""
         return paged_slots(self.rows, self.past, self.new, rows, width_past, width_new,
-                           self.store.page_frames)
+                           self.store.page_frames, self.store.store.device)
 
 
 WORDS = (torch.complex128, torch.int64)

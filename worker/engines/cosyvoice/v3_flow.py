@@ -337,10 +337,14 @@ class CosyVoice3Flow(nn.Module):
             padded = b if bucket is None else bucket.rows
             width_past = max(past) if bucket is None else bucket.past
             width_new = n if bucket is None else bucket.frames
-            slots = [paged_slots([r[k] for r in rows], past, counts, padded, width_past,
-                                 width_new, store.page_frames) for k in range(STEPS)]
-            write = torch.stack([w for w, _ in slots]).to(dev)
-            read = torch.stack([r for _, r in slots]).to(dev)
+            pad = padded - b
+            # Every step's rows in one call, each step's padded with rows of nothing.
+            write, read = paged_slots(
+                [page_ids for k in range(STEPS) for page_ids in [*(r[k] for r in rows),
+                                                                 *[()] * pad]],
+                (past + [0] * pad) * STEPS, (counts + [0] * pad) * STEPS, STEPS * padded,
+                width_past, width_new, store.page_frames, store.store.device)
+            write, read = write.view(STEPS, -1), read.view(STEPS, -1)
             tails_in = torch.stack([self.tails_like() if s.state is None else s.state.tails
                                     for s in streams], dim=3)  # [steps, 2, 2, B, dim, 30]
         step_tails = []
