@@ -26,6 +26,7 @@ from worker.engines.cosyvoice.flow_state import (
     SolverHistory,
     incremental_mask,
 )
+from worker.engines.cosyvoice.transfer import to_device
 
 NOISE_FRAMES = 50 * 300
 """The released model starts every utterance from the same noise: N(0, 1) drawn with seed 0."""
@@ -128,14 +129,15 @@ class FlowModel(nn.Module):
             token_ids[i, :n] = torch.cat([r.prompt_tokens.long(), r.tokens.long()]).clamp(min=0)
             present[i, :n] = True
         valid = torch.arange(width).unsqueeze(0) < torch.tensor(frames_in).unsqueeze(1)
-        inputs = (token_ids.to(device), present.to(device), valid.to(device), streaming)
+        inputs = (to_device(token_ids, device), to_device(present, device),
+                  to_device(valid, device), streaming)
         h = None
         if self.encoder_graphs is not None:
             h = self.encoder_graphs.run(*inputs)
         if h is None:
             h = self.encode_tokens(*inputs)
         h_valid = inputs[2].repeat_interleave(self.encoder.cfg.upsample_stride, dim=1)
-        embeddings = torch.stack([r.embedding for r in rows]).to(device, dtype)
+        embeddings = to_device(torch.stack([r.embedding.cpu() for r in rows]), device).to(dtype)
         spks = self.spk_embed_affine_layer(F.normalize(embeddings, dim=1))
         ratio = self.cfg.token_mel_ratio
         return h.transpose(1, 2), h_valid, spks, [n * ratio for n in frames_in]
@@ -305,15 +307,20 @@ class FlowModel(nn.Module):
                 for f, p, n in zip(frames, past, new, strict=True)]
         b, channels, total = mu_all.shape
         width_new = max(new)
-        positions = (torch.tensor(past).unsqueeze(1) + torch.arange(width_new)).clamp(
-            max=total - 1).to(device)
+        positions = to_device((torch.tensor(past).unsqueeze(1) + torch.arange(width_new)).clamp(
+            max=total - 1), device)
         mu = mu_all.gather(2, positions.unsqueeze(1).expand(-1, channels, -1))
         noise = self.noise[0].to(dtype)[:, positions].permute(1, 0, 2)
-        cond = torch.zeros(b, channels, width_new, device=device, dtype=dtype)
-        for i, (r, p, n) in enumerate(zip(rows, past, new, strict=True)):
-            prompt = r.prompt_mel[p : p + n]
-            cond[i, :, : prompt.size(0)] = prompt.to(device, dtype).T
-        new_frames = torch.tensor(new, device=device)
+        prompts = [r.prompt_mel[p : p + n] for r, p, n in zip(rows, past, new, strict=True)]
+        if any(prompt.numel() for prompt in prompts):  # first chunks: the prompt's last frames
+            cond = torch.zeros(b, channels, width_new)
+            for i, prompt in enumerate(prompts):
+                cond[i, :, : prompt.size(0)] = prompt.cpu().T
+            cond = to_device(cond, device).to(dtype)
+        else:
+            cond = torch.zeros(b, channels, width_new, device=device, dtype=dtype)
+        counts = to_device(torch.tensor([past, new, kept]), device)
+        new_frames = counts[1]
         mask = (torch.arange(width_new, device=device) < new_frames.unsqueeze(1)).unsqueeze(1)
         store = self.flow_pages(steps)
         page = store.page_frames
@@ -326,9 +333,8 @@ class FlowModel(nn.Module):
                 taken += extra
                 row_pages.append((*own, *extra))
             feat, tails = self._solve_incremental(
-                noise, mask.to(dtype), mu, spks, cond, torch.tensor(past, device=device),
-                new_frames, torch.tensor(kept, device=device), states, grid, steps,
-                CallPages(store, row_pages, past, new))
+                noise, mask.to(dtype), mu, spks, cond, counts[0], new_frames, counts[2], states,
+                grid, steps, CallPages(store, row_pages, past, new))
             mels = [feat[i, :, s - p : n]
                     for i, (s, p, n) in enumerate(zip(start, past, new, strict=True))]
             updated = [store.state(p + k, pages[: -(-(p + k) // page)], tails[:, :, :, i].clone())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from contract.errors import ErrorCode, ServiceError
+from worker.engines.cosyvoice.transfer import to_device
 
 
 class FlowMemoryFullError(ServiceError):
@@ -179,8 +180,7 @@ def paged_slots(pages: list[tuple[int, ...]], past: list[int], new: list[int], r
             [(*p, *(0,) * (most - len(p)), b, n) for p, b, n in zip(pages, past, new,
                                                                     strict=True)],
             dtype=torch.long)
-    if device is not None and device.type == "cuda":  # no wait for the stream's earlier work
-        rows_in = rows_in.pin_memory().to(device, non_blocking=True)
+    rows_in = to_device(rows_in, device or rows_in.device)
     table, starts, counts = rows_in[:, :most], rows_in[:, most:most + 1], rows_in[:, most + 1:]
 
     def slots(position: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from worker.engines.cosyvoice.flow_state import FlowPages, FlowState, PagedFrames, paged_slots
+from worker.engines.cosyvoice.transfer import to_device
 from worker.engines.cosyvoice.v3_config import V3FlowConfig
 from worker.engines.cosyvoice.v3_dit import POS_KERNEL, DiT, StepCache
 from worker.engines.cosyvoice.v3_flow_graphs import DiTStepGraphs
@@ -83,7 +84,8 @@ class FlowStream:
     in pages of the flow's store (`step_pages`; each layer's keys are block 2 * layer, its values
     2 * layer + 1), and the position convolutions' tails [steps, 2 convs, 2 (guided, unguided),
     dim, 30]. A call replaces the state, never writes into it: its new frames go to pages of
-    their own. `tokens` are all tokens received (prompt first)."""
+    their own. `tokens` are all tokens received (prompt first), on the host: a call's token
+    ids go to the device as one batch."""
 
     tokens: torch.Tensor
     prompt_mel: torch.Tensor
@@ -149,8 +151,7 @@ class CosyVoice3Flow(nn.Module):
                              f"expected {ratio} per prompt token ({prompt_tokens.numel()})")
         w = self.input_embedding.weight
         speaker = self.spk_embed_affine_layer(F.normalize(embedding.view(1, -1).to(w), dim=1))
-        return FlowStream(prompt_tokens.long().to(w.device).view(-1), prompt_mel.to(w),
-                          speaker[0])
+        return FlowStream(prompt_tokens.long().cpu().view(-1), prompt_mel.to(w), speaker[0])
 
     def prefix_frames(self, prompt_tokens: int) -> int:
         """Frames of a prompt of this many tokens that depend on the prompt alone: those of its
@@ -171,9 +172,8 @@ class CosyVoice3Flow(nn.Module):
         ends = [self.prefix_frames(s.tokens.numel()) for s in streams]
         rows = [i for i, end in enumerate(ends) if end > 0]
         if rows:
-            self._solve([streams[i] for i in rows],
-                        [self._features(streams[i], ends[i] // ratio, False) for i in rows],
-                        [False] * len(rows), True)
+            chosen = [streams[i] for i in rows]
+            self._solve(chosen, [ends[i] // ratio for i in rows], [False] * len(rows), True)
         prefixes: list[FlowState | None] = [None] * len(streams)
         for i in rows:
             state = streams[i].state
@@ -190,16 +190,34 @@ class CosyVoice3Flow(nn.Module):
         stream.emitted = prefix.frames
         stream.done_tokens = prefix.frames // self.cfg.token_mel_ratio
 
-    def _features(self, stream: FlowStream, end: int, final: bool) -> torch.Tensor:
-        """Token features of tokens [done, end) as mel-rate rows [ratio * (end - done), 80]."""
-        look = self.cfg.pre_lookahead_len
-        first = max(stream.done_tokens - 2, 0)
-        ids = stream.tokens[first: end + look]
-        x = self.input_embedding(ids.clamp(min=0)).unsqueeze(0)
-        if final:
-            x = F.pad(x, (0, 0, 0, end + look - first - ids.numel()))
-        h = self.pre_lookahead_layer(x)[0, stream.done_tokens - first:]
-        return h.repeat_interleave(self.cfg.token_mel_ratio, dim=0)
+    def _features(self, streams: list[FlowStream], ends: list[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Token features of each stream's tokens [done, end) at the mel rate, for all streams
+        in one pass: [B, N, 80] (zeros past a row's frames), its [B, N] validity and each row's
+        frame count. A row's inputs reach none of another's: both convolutions are local."""
+        look, ratio = self.cfg.pre_lookahead_len, self.cfg.token_mel_ratio
+        # From two tokens before the first new one: the causal second convolution's context.
+        firsts = [max(s.done_tokens - 2, 0) for s in streams]
+        width = max(end + look - first for end, first in zip(ends, firsts, strict=True))
+        ids = torch.zeros(len(streams), width, dtype=torch.long)
+        present = torch.zeros(len(streams), width, dtype=torch.bool)
+        for i, (stream, first, end) in enumerate(zip(streams, firsts, ends, strict=True)):
+            row = stream.tokens[first: end + look]  # shorter at a final call: zeros after it
+            ids[i, : row.numel()] = row
+            present[i, : row.numel()] = True
+        counts = [ratio * (end - s.done_tokens) for s, end in zip(streams, ends, strict=True)]
+        frames = torch.arange(max(counts)).view(1, -1)
+        valid = frames < torch.tensor(counts).view(-1, 1)
+        # Frame f of row i is the feature of its token done + f // ratio.
+        index = (torch.tensor([s.done_tokens - f for s, f in zip(streams, firsts, strict=True)])
+                 .view(-1, 1) + torch.where(valid, frames, 0) // ratio)
+        weight = self.input_embedding.weight
+        ids, present, index, valid = (to_device(t, weight.device)
+                                      for t in (ids, present, index, valid))
+        x = self.input_embedding(ids.clamp(min=0)) * present.unsqueeze(-1).to(weight.dtype)
+        h = self.pre_lookahead_layer(x)
+        mu = h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.size(-1)))
+        return mu * valid.unsqueeze(-1).to(mu.dtype), valid, counts
 
     @staticmethod
     def _step_tails(new_tails: list[torch.Tensor], rows: int, unguided: int) -> torch.Tensor:
@@ -211,7 +229,8 @@ class CosyVoice3Flow(nn.Module):
 
     def _prepare(
         self, s: FlowStream, tokens: torch.Tensor, final: bool, streaming: bool
-    ) -> torch.Tensor:
+    ) -> int:
+        """Append `tokens` to the stream and return the token its frames end at."""
         if s.finished:
             raise ValueError("this request's flow has already finished")
         if not streaming and s.frames:
@@ -220,8 +239,8 @@ class CosyVoice3Flow(nn.Module):
         end = total if final else total - self.cfg.pre_lookahead_len
         if end * self.cfg.token_mel_ratio <= max(s.emitted, s.prompt_mel.size(0)):
             raise ValueError("a call must bring at least one new token past the look-ahead")
-        s.tokens = torch.cat([s.tokens, tokens.long().to(s.tokens.device).view(-1)])
-        return self._features(s, end, final)
+        s.tokens = torch.cat([s.tokens, tokens.long().cpu().view(-1)])
+        return end
 
     @torch.inference_mode()
     def advance(
@@ -237,31 +256,33 @@ class CosyVoice3Flow(nn.Module):
         chunk to the longest history."""
         first = [i for i, s in enumerate(streams) if s.emitted <= s.prompt_mel.size(0)]
         later = [i for i, s in enumerate(streams) if s.emitted > s.prompt_mel.size(0)]
-        mus = [self._prepare(s, tok, fin, True)
-               for s, tok, fin in zip(streams, new_tokens, final, strict=True)]
+        ends = [self._prepare(s, tok, fin, True)
+                for s, tok, fin in zip(streams, new_tokens, final, strict=True)]
         mels: dict[int, torch.Tensor] = {}
         for group in (g for g in (first, later) if g):
             mels.update(zip(group, self._solve([streams[i] for i in group],
-                                               [mus[i] for i in group],
+                                               [ends[i] for i in group],
                                                [final[i] for i in group], True), strict=True))
         return [mels[i] for i in range(len(streams))]
 
     def _solve(
-        self, streams: list[FlowStream], mus: list[torch.Tensor], final: list[bool],
-        streaming: bool,
+        self, streams: list[FlowStream], ends: list[int], final: list[bool], streaming: bool,
     ) -> list[torch.Tensor]:
-        counts = [m.size(0) for m in mus]
-        b, n = len(streams), max(counts)
-        dev, dtype = mus[0].device, mus[0].dtype
-        mu = torch.zeros(b, n, self.cfg.output_size, device=dev, dtype=dtype)
-        cond, x = torch.zeros_like(mu), torch.zeros_like(mu)
-        for i, (s, m, c) in enumerate(zip(streams, mus, counts, strict=True)):
-            if s.frames + c > self.noise.size(0):
-                raise ValueError(f"utterance exceeds {self.noise.size(0)} mel frames")
-            mu[i, :c] = m
-            x[i, :c] = self.noise[s.frames: s.frames + c].to(dtype)
+        """Solve each stream's frames up to token `ends[i]` (its tokens appended)."""
+        if any(s.frames + self.cfg.token_mel_ratio * (e - s.done_tokens) > self.noise.size(0)
+               for s, e in zip(streams, ends, strict=True)):
+            raise ValueError(f"utterance exceeds {self.noise.size(0)} mel frames")
+        mu, valid, counts = self._features(streams, ends)
+        n = mu.size(1)
+        dev, dtype = mu.device, mu.dtype
+        positions = (torch.tensor([s.frames for s in streams]).view(-1, 1)
+                     + torch.arange(n).view(1, -1)).clamp(max=self.noise.size(0) - 1)
+        x = self.noise[to_device(positions, dev)].to(dtype) * valid.unsqueeze(-1).to(dtype)
+        cond = torch.zeros_like(mu)
+        for i, (s, c) in enumerate(zip(streams, counts, strict=True)):
             prompt = s.prompt_mel[s.frames: s.frames + c]
-            cond[i, : prompt.size(0)] = prompt
+            if prompt.numel():
+                cond[i, : prompt.size(0)] = prompt
         past = [s.frames for s in streams]
         chunk = self.cfg.dit.static_chunk_size
         commits = [c if fin or not streaming else (p + c) // chunk * chunk - p
@@ -389,9 +410,9 @@ class CosyVoice3Flow(nn.Module):
         `inference` (a non-final pass holds back the look-ahead tokens, on the grid or not)."""
         streams = [self.start(p, m, e)
                    for p, m, e in zip(prompt_tokens, prompt_mels, embeddings, strict=True)]
-        mus = [self._prepare(s, tok, final, streaming)
-               for s, tok in zip(streams, tokens, strict=True)]
-        return self._solve(streams, mus, [True] * len(streams), streaming)
+        ends = [self._prepare(s, tok, final, streaming)
+                for s, tok in zip(streams, tokens, strict=True)]
+        return self._solve(streams, ends, [True] * len(streams), streaming)
 
 
 def load_v3_flow(model_dir: Path, cfg: V3FlowConfig) -> CosyVoice3Flow:
