@@ -241,7 +241,7 @@ class FlowModel(nn.Module):
         device = mu_all.device
         results: dict[int, tuple[torch.Tensor, FlowState]] = {}
         for group in self._solver_calls(states, frames, steps):
-            index = torch.tensor(group, device=device)
+            index = to_device(torch.tensor(group), device)
             group_mels, group_states = self._stream_group(
                 [rows[i] for i in group], mu_all.index_select(0, index),
                 spks.index_select(0, index), [frames[i] for i in group],

@@ -342,9 +342,8 @@ class CosyVoice3Flow(nn.Module):
         dev, dtype = x.device, x.dtype
         spk = torch.stack([s.speaker for s in streams])
         past = [s.frames for s in streams]
-        lengths = torch.tensor(counts, device=dev).repeat(2)
-        past_len = torch.tensor(past, device=dev).repeat(2)
-        commit = torch.tensor(commits, device=dev).repeat(2)
+        lengths, past_len, commit = to_device(torch.tensor([counts, past, commits]), dev).repeat(
+            1, 2)
         t_span = torch.linspace(0, 1, STEPS + 1, device=dev, dtype=dtype)
         if self.cfg.t_scheduler == "cosine":
             t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
