@@ -144,6 +144,24 @@ def test_streamed_mel_matches_upstream_at_every_chunk(
     assert state.frames == 2 * (prompt + tokens.numel()) // grid * grid  # what the grid holds
 
 
+def test_a_stream_continues_only_from_a_grid_line(ours: CosyVoiceEngine) -> None:
+    """A kept state ends on the attention grid, where a page ends: a stream whose state ended
+    off it would write its next frames into a page it shares (a prompt's) or has filled."""
+    flow = ours._require()[0].audio.flow
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 6561, (90,), generator=gen, dtype=torch.int32)
+    prompt_tokens = torch.randint(0, 6561, (9,), generator=gen, dtype=torch.int32)
+    prompt_feat = torch.randn(18, 80, generator=gen)
+    embedding = torch.randn(192, generator=gen)
+    row = FlowRow(tokens[:40], prompt_tokens, prompt_feat, embedding, False, True)
+    _, (state,) = flow.stream_batch([row], [None])
+    assert state.frames % flow.cfg.estimator.static_chunk_size == 0
+    forged = flow.flow_pages(10).state(state.frames - 1, state.pages, state.tails)
+    later = FlowRow(tokens[:70], prompt_tokens, prompt_feat, embedding, False, True)
+    with pytest.raises(ValueError, match="grid"):
+        flow.stream_batch([later], [forged])
+
+
 def test_hift_waveform_matches(upstream: dict[str, Any], ours: CosyVoiceEngine) -> None:
     stages, _ = ours._require()
     mel = torch.randn(1, 80, 40, generator=torch.Generator().manual_seed(3))

@@ -322,6 +322,20 @@ def test_off_grid_chunks_match_a_stream_that_recomputes_everything(
     assert refused.tokens.numel() == prompt.numel()  # a refused call leaves the state as it was
 
 
+def test_a_stream_continues_only_from_a_grid_line(flow: CosyVoice3Flow) -> None:
+    """A kept state ends on the attention grid, where a page ends: a stream whose state ended
+    off it would write its next frames into a page it shares (a prompt's) or has filled."""
+    prompt, tokens, mel, emb = _requests()[0]
+    stream = flow.start(prompt, mel, emb)
+    flow.advance([stream], [tokens[:60]], [False])
+    state = stream.state
+    assert state is not None
+    assert state.frames % 50 == 0
+    stream.state = flow.flow_pages().state(state.frames - 1, state.pages, state.tails)
+    with pytest.raises(ValueError, match="grid"):
+        flow.advance([stream], [tokens[60:90]], [False])
+
+
 def test_past_frames_do_not_depend_on_later_tokens(flow: CosyVoice3Flow) -> None:
     """What makes incremental streaming exact: chunk-causal attention and causal convolutions."""
     prompt, tokens, mel, emb = _requests()[0]

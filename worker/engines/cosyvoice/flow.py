@@ -303,6 +303,8 @@ class FlowModel(nn.Module):
         new = [f - p for f, p in zip(frames, past, strict=True)]
         if any(s >= f or s < p for s, f, p in zip(start, frames, past, strict=True)):
             raise ValueError("a chunk must add frames after those its state holds")
+        if grid > 0 and any(p % grid for p in past):  # its last page would be shared, or full
+            raise ValueError("a stream continues only from a line of the attention grid")
         kept = [(f // grid) * grid - p if grid > 0 else n
                 for f, p, n in zip(frames, past, new, strict=True)]
         b, channels, total = mu_all.shape

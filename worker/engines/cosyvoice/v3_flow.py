@@ -292,6 +292,8 @@ class CosyVoice3Flow(nn.Module):
             return self._finish(streams, x, past, counts, commits, final)
         store = self.flow_pages()
         page = store.page_frames
+        if any(p % page for p in past):  # its last page would be shared (a prompt's), or full
+            raise ValueError("a stream continues only from a line of the attention grid")
         taken: list[int] = []
         try:
             rows = []  # per stream, each step's pages for its frames so far and the new ones
