@@ -322,10 +322,11 @@ class CosyVoice3Flow(nn.Module):
         """Each stream's new frames [80, n] from the solved `x` (after its `past` frames), its
         counters moved on."""
         out = []
+        solved = x.float()  # one conversion for every stream; each takes a view of it
         for i, (s, p, c, kept, fin) in enumerate(zip(streams, past, counts, commits, final,
                                                      strict=True)):
             skip = max(s.prompt_mel.size(0), s.emitted) - p
-            out.append(x[i, skip:c].T.float())
+            out.append(solved[i, skip:c].T)
             s.emitted = p + c
             s.done_tokens += kept // self.cfg.token_mel_ratio
             s.finished = fin
