@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
@@ -315,11 +314,10 @@ class SolverHistory:
         row's tails are recorded where its first `kept_frames` new frames end (the frames its
         next state keeps)."""
         self.tails.zero_()
-        held = [i for i, state in enumerate(states) if state is not None]
+        held = [(i, state) for i, state in enumerate(states) if state is not None]
         if held:
-            rows_held = to_device(torch.tensor(held), self.tails.device)
-            self.tails.index_copy_(3, rows_held, torch.stack(
-                [cast(FlowState, states[i]).tails for i in held], dim=3))
+            rows_held = to_device(torch.tensor([i for i, _ in held]), self.tails.device)
+            self.tails.index_copy_(3, rows_held, torch.stack([s.tails for _, s in held], dim=3))
         self.write_slots.copy_(slots[0])
         self.read_slots.copy_(slots[1])
         rows = self.tail_index.size(0) // 2

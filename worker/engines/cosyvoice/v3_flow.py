@@ -269,13 +269,13 @@ class CosyVoice3Flow(nn.Module):
         self, streams: list[FlowStream], ends: list[int], final: list[bool], streaming: bool,
     ) -> list[torch.Tensor]:
         """Solve each stream's frames up to token `ends[i]` (its tokens appended)."""
-        if any(s.frames + self.cfg.token_mel_ratio * (e - s.done_tokens) > self.noise.size(0)
-               for s, e in zip(streams, ends, strict=True)):
-            raise ValueError(f"utterance exceeds {self.noise.size(0)} mel frames")
         mu, valid, counts = self._features(streams, ends)
+        past = [s.frames for s in streams]
+        if any(p + c > self.noise.size(0) for p, c in zip(past, counts, strict=True)):
+            raise ValueError(f"utterance exceeds {self.noise.size(0)} mel frames")
         n = mu.size(1)
         dev, dtype = mu.device, mu.dtype
-        positions = (torch.tensor([s.frames for s in streams]).view(-1, 1)
+        positions = (torch.tensor(past).view(-1, 1)
                      + torch.arange(n).view(1, -1)).clamp(max=self.noise.size(0) - 1)
         x = self.noise[to_device(positions, dev)].to(dtype) * valid.unsqueeze(-1).to(dtype)
         cond = torch.zeros_like(mu)
@@ -283,7 +283,6 @@ class CosyVoice3Flow(nn.Module):
             prompt = s.prompt_mel[s.frames: s.frames + c]
             if prompt.numel():
                 cond[i, : prompt.size(0)] = prompt
-        past = [s.frames for s in streams]
         chunk = self.cfg.dit.static_chunk_size
         commits = [c if fin or not streaming else (p + c) // chunk * chunk - p
                    for p, c, fin in zip(past, counts, final, strict=True)]
